@@ -1,0 +1,112 @@
+"""Attention K/V caches for inference: a full buffer for global layers, meta slots + a ring for local ones.
+
+Both keep the meta-token K/V in their first `num_meta` slots (the learned cache initialization, copied in at
+prefill). Slots are indexed by *padded* position: with left padding, row r's first `pad[r]` positions are
+padding, and a slot's RoPE position is `num_meta + padded_index - pad[r]` (or -1 when empty or padding).
+KV-consumer layers own no cache: they read their producer's `KVView` for the current step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class KVView:
+    """What an attention layer attends over this step: keys/values (b, hkv, lk, d) and key positions (b, lk)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class StepInfo:
+    """Per-forward bookkeeping shared by all layers of one model call."""
+    positions: torch.Tensor  # (b, l) RoPE positions of this chunk's queries (meta offset included)
+    start: int = 0  # padded index of the chunk's first token (inference); 0 in training
+    pad: Optional[torch.Tensor] = None  # (b,) left-padding per row (inference only)
+    token_mask: Optional[torch.Tensor] = None  # (b, l) False at padding (inference prefill only)
+    meta_phase: bool = False  # True while the meta tokens themselves are being cached
+    kv_bus: Optional[dict] = None  # producer layer index -> KVView, for KV-consumer layers
+
+    def __post_init__(self):
+        if self.kv_bus is None:
+            self.kv_bus = {}
+
+
+class _KVBuffer:
+    def __init__(self, batch: int, n_kv: int, slots: int, qk_dim: int, v_dim: int, num_meta: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_meta = num_meta
+        self.k = torch.zeros(batch, n_kv, num_meta + slots, qk_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, n_kv, num_meta + slots, v_dim, dtype=dtype, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
+    def write_meta(self, k: torch.Tensor, v: torch.Tensor) -> KVView:
+        m = self.num_meta
+        self.k[:, :, :m] = k.transpose(1, 2)
+        self.v[:, :, :m] = v.transpose(1, 2)
+        pos = torch.arange(m, device=k.device).expand(k.shape[0], m)
+        return KVView(k.transpose(1, 2), v.transpose(1, 2), pos)
+
+    def _meta_positions(self, batch: int, device) -> torch.Tensor:
+        return torch.arange(self.num_meta, device=device).expand(batch, self.num_meta)
+
+    def _token_positions(self, padded_idx: torch.Tensor, pad: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        pos = self.num_meta + padded_idx[None, :] - pad[:, None]
+        return torch.where(valid & (padded_idx[None, :] >= pad[:, None]), pos, torch.full_like(pos, -1))
+
+
+class GlobalKVCache(_KVBuffer):
+    """K/V for every position up to `max_len`; attends over the whole (statically shaped) buffer."""
+
+    def __init__(self, batch, n_kv, max_len, qk_dim, v_dim, num_meta, dtype, device):
+        super().__init__(batch, n_kv, max_len, qk_dim, v_dim, num_meta, dtype, device)
+        self.max_len = max_len
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, step: StepInfo) -> KVView:
+        """k, v: (b, l, hkv, d) post-RoPE for the chunk at padded positions [start, start + l)."""
+        if step.meta_phase:
+            return self.write_meta(k, v)
+        m, l, end = self.num_meta, k.shape[1], step.start + k.shape[1]
+        self.k[:, :, m + step.start:m + end] = k.transpose(1, 2)
+        self.v[:, :, m + step.start:m + end] = v.transpose(1, 2)
+        idx = torch.arange(self.max_len, device=k.device)
+        token_pos = self._token_positions(idx, step.pad, (idx < end)[None, :])
+        positions = torch.cat([self._meta_positions(k.shape[0], k.device), token_pos], dim=1)
+        return KVView(self.k, self.v, positions)
+
+
+class SlidingWindowKVCache(_KVBuffer):
+    """Meta-token K/V followed by a ring of `window` slots: slot s holds the latest padded index = s (mod window)."""
+
+    def __init__(self, batch, n_kv, window, qk_dim, v_dim, num_meta, dtype, device):
+        super().__init__(batch, n_kv, window, qk_dim, v_dim, num_meta, dtype, device)
+        self.window = window
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, step: StepInfo) -> KVView:
+        if step.meta_phase:
+            return self.write_meta(k, v)
+        m, w, b, l = self.num_meta, self.window, k.shape[0], k.shape[1]
+        device = k.device
+        # Attend over [ring as it was before this chunk] + [the chunk itself]; the mask drops what fell out.
+        slot = torch.arange(w, device=device)
+        last = step.start - 1
+        held = last - torch.remainder(last - slot, w)  # padded index each slot holds (negative: never written)
+        ring_pos = self._token_positions(held, step.pad, (held >= 0)[None, :])
+        chunk_idx = torch.arange(step.start, step.start + l, device=device)
+        chunk_pos = self._token_positions(chunk_idx, step.pad, torch.ones(1, l, dtype=torch.bool, device=device))
+        view = KVView(
+            torch.cat([self.k, k.transpose(1, 2)], dim=2),
+            torch.cat([self.v, v.transpose(1, 2)], dim=2),
+            torch.cat([self._meta_positions(b, device), ring_pos, chunk_pos], dim=1),
+        )
+        keep = min(l, w)
+        tail = chunk_idx[l - keep:]
+        self.k[:, :, m + torch.remainder(tail, w)] = k[:, l - keep:].transpose(1, 2)
+        self.v[:, :, m + torch.remainder(tail, w)] = v[:, l - keep:].transpose(1, 2)
+        return view

@@ -1,0 +1,134 @@
+"""HybridLM: one model class for every architecture of the roadmap, built from one `ModelConfig`.
+
+    tokens -> embedding -> [meta tokens ; x] -> N x (h += mixer(norm h); h += ffn(norm h)) -> norm
+           -> drop meta positions -> tied LM head
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .ffn import SwiGLU
+from .hybrid_mixer import HybridHeadMixer
+from .inference_state import InferenceState
+from .kv_cache import StepInfo
+from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
+from .meta_tokens import MetaTokens
+from .norms import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: LayerSpec, cfg: ModelConfig):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = HybridHeadMixer(spec, cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn_dim else None
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn_dim else None
+
+    def forward(self, h: torch.Tensor, step: StepInfo, kv_cache=None, ssm_state=None) -> torch.Tensor:
+        h = h + self.mixer(self.mixer_norm(h), step, kv_cache, ssm_state)
+        if self.ffn is not None:
+            h = h + self.ffn(self.ffn_norm(h))
+        return h
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.param_budget is not None:
+            from .param_count import solve_param_budget
+
+            cfg = solve_param_budget(cfg)
+        self.cfg = cfg.validate()
+        self.plan: LayerPlan = resolve_layer_plan(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.meta = MetaTokens(cfg.n_meta_tokens, cfg.d_model, cfg.init_std)
+        self.layers = nn.ModuleList(DecoderLayer(spec, cfg) for spec in self.plan)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith("dt_proj"):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+
+    def set_backend(self, backend: str) -> None:
+        """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op."""
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.final_norm(h)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
+
+    def _check_length(self, length: int) -> None:
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}; "
+                             f"raise model.max_seq_len or shorten data.seq_len")
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full forward (training): (b, L) -> (b, m + L, d) final hidden states, meta positions included."""
+        self._check_length(input_ids.shape[1])
+        h = self.meta.prepend(self.embed(input_ids))
+        positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+        step = StepInfo(positions=positions)
+        for layer in self.layers:
+            h = layer(h, step)
+        return h
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._logits(self.meta.strip(self.hidden_states(input_ids)))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # ---- inference -----------------------------------------------------------------------------------------
+    def _run_cached(self, h: torch.Tensor, step: StepInfo, state: InferenceState) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            h = layer(h, step, state.kv[i], state.ssm[i])
+        return h
+
+    @torch.no_grad()
+    def learned_cache_init(self, dtype: torch.dtype, device) -> InferenceState:
+        """Meta-token K/V and the SSM state after the meta tokens: the same for every prompt (paper §2.4)."""
+        state = InferenceState.allocate(self, 1, 0, dtype, device)
+        m = self.cfg.n_meta_tokens
+        if m:
+            h = self.meta.embeddings.to(dtype=dtype, device=device)[None]
+            step = StepInfo(positions=torch.arange(m, device=device)[None], pad=state.pad, meta_phase=True)
+            self._run_cached(h, step, state)
+        return state
+
+    def new_inference_state(self, batch: int, max_len: int, dtype: torch.dtype, device,
+                            learned_init: Optional[InferenceState] = None) -> InferenceState:
+        state = InferenceState.allocate(self, batch, max_len, dtype, device)
+        state.load_learned_init(learned_init or self.learned_cache_init(dtype, device))
+        return state
+
+    def forward_cached(self, input_ids: torch.Tensor, state: InferenceState,
+                       pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prefill (l > 1) or decode (l == 1) from `state`; `pad` (b,) = left padding of a prefill chunk."""
+        b, l = input_ids.shape
+        start = state.seq_len
+        if start + l > state.max_len:
+            raise ValueError(f"{start + l} tokens exceed the inference state's max_len={state.max_len}")
+        if pad is not None:
+            state.pad.copy_(pad)
+            state.max_pad = int(pad.max())
+        idx = start + torch.arange(l, device=input_ids.device)
+        real = idx[None, :] >= state.pad[:, None]
+        positions = torch.where(real, self.cfg.n_meta_tokens + idx[None, :] - state.pad[:, None], 0)
+        token_mask = real if start < state.max_pad else None
+        step = StepInfo(positions=positions, start=start, pad=state.pad, token_mask=token_mask)
+        h = self._run_cached(self.embed(input_ids), step, state)
+        state.seq_len += l
+        return self._logits(h)

@@ -1,0 +1,62 @@
+"""Attention with the Hymba mask: causal, optionally sliding-window, meta tokens always visible.
+
+Keys carry absolute positions (`-1` marks an empty or padded slot), so one mask rule serves training
+(keys = the sequence itself) and cached inference (keys = a ring buffer or a global buffer).
+
+Two paths: the reference (dense boolean mask through PyTorch SDPA's math, runs anywhere) and, on CUDA
+for full-sequence training forwards, FlexAttention with a block mask for local layers and causal SDPA
+(FlashAttention-style kernels) for global ones.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .backend import resolve_backend
+
+
+def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int], num_meta: int) -> torch.Tensor:
+    """Boolean mask (b, 1, lq, lk): key valid, not in the future, and a meta token or inside the window."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= (k < num_meta) | (q - k < window)
+    return allowed[:, None]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """q (b, hq, lq, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), allowed (b, 1, lq, lk) -> (b, hq, lq, dv)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@lru_cache(maxsize=32)
+def _flex_block_mask(seq_len: int, window: int, num_meta: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < num_meta) | (q_idx - kv_idx < window))
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       window: Optional[int], num_meta: int, backend: str = "auto") -> torch.Tensor:
+    """Full-sequence (training / no cache) attention where keys are the queries' own sequence."""
+    if resolve_backend(backend, q, "attention") == "kernel":
+        gqa = q.shape[1] != k.shape[1]
+        if window is None or window >= q.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        block_mask = _flex_block_mask(q.shape[2], window, num_meta, str(q.device))
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return attention_reference(q, k, v, allowed_keys(positions, positions, window, num_meta))

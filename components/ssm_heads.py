@@ -1,0 +1,183 @@
+"""SSM heads of a layer: Mamba-1 (selective scan) and Mamba-2 (SSD, scalar decay per head).
+
+Like the attention heads, each receives its slice of the layer's shared input projection and returns its
+output before the shared output projection. With an `SSMState` they run incrementally (prefill or one decode
+step); left-padded rows are handled so padding never touches the state: padded inputs are zeroed, their step
+size dt is zero (exp(0·A) = 1 keeps the state), and the conv sees the previous real inputs (see `_conv_window`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import StepInfo
+from .norms import RMSNorm
+from .ops.causal_conv import causal_conv1d, causal_conv1d_step
+from .ops.selective_scan import selective_scan, selective_state_update
+from .ops.ssd import ssd_scan, ssd_step
+
+
+@dataclass
+class SSMState:
+    conv: torch.Tensor  # (b, conv_channels, d_conv - 1): the last d_conv - 1 conv inputs
+    ssm: torch.Tensor  # Mamba-1: (b, d_inner, d_state); Mamba-2: (b, heads, head_dim, d_state)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.conv, self.ssm]
+
+
+def _conv_window(x: torch.Tensor, conv_state: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
+    """[conv_state ; x] with each row's left padding moved in front of the conv state.
+
+    x (b, c, l) is a left-padded chunk; the result (b, c, k-1+l) places the previous real inputs right before
+    the first real token, so a valid convolution over it equals the unpadded computation.
+    """
+    window = torch.cat([conv_state.to(x.dtype), x], dim=-1)
+    if pad is None or not bool((pad > 0).any()):
+        return window
+    hist, length = conv_state.shape[-1], window.shape[-1]
+    j = torch.arange(length, device=x.device)[None, :]
+    p = pad[:, None]
+    src = torch.where(j < p, hist + j, torch.where(j < p + hist, j - p, j))
+    return window.gather(-1, src[:, None, :].expand(-1, window.shape[1], -1))
+
+
+def _dt_bias_init(d: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
+    # Mamba's init: dt log-uniform in [dt_min, dt_max], stored through the inverse softplus.
+    dt = torch.exp(torch.rand(d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba1Heads(nn.Module):
+    """Mamba-1 selective-scan heads (Gu & Dao 2023), with the released Hymba's optional RMSNorm on dt/B/C."""
+
+    def __init__(self, d_model: int, d_inner: int, d_state: int, d_conv: int, dt_rank: int, dt_bc_norm: bool,
+                 eps: float):
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
+        self.proj_width = 2 * d_inner  # x | gate z
+        self.out_width = d_inner
+        self.conv_channels = d_inner
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.dt_norm = RMSNorm(dt_rank, eps) if dt_bc_norm else None
+        self.B_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
+        self.C_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
+        self.backend = "auto"
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(_dt_bias_init(d_inner))
+
+    def state_shapes(self, batch: int) -> tuple[tuple, tuple]:
+        return (batch, self.conv_channels, self.d_conv - 1), (batch, self.d_inner, self.d_state)
+
+    def _dt_b_c(self, xc: torch.Tensor):
+        dt, B, C = self.x_proj(xc.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_norm is not None:
+            dt, B, C = self.dt_norm(dt), self.B_norm(B), self.C_norm(C)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d, l); bias goes in as delta_bias
+        return dt, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+
+    def forward(self, proj: torch.Tensor, step: StepInfo, state: Optional[SSMState] = None) -> torch.Tensor:
+        x, z = proj.transpose(1, 2).split([self.d_inner, self.d_inner], dim=1)  # (b, d, l) each
+        A = -torch.exp(self.A_log.float())
+        weight = self.conv1d.weight.squeeze(1)
+        if state is None:
+            xc = causal_conv1d(x, weight, self.conv1d.bias, activation="silu", backend=self.backend)
+            dt, B, C = self._dt_b_c(xc)
+            y = selective_scan(xc, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                               delta_softplus=True, backend=self.backend)
+            return y.transpose(1, 2)
+        if x.shape[-1] == 1 and step.token_mask is None:  # one decode step
+            xc = causal_conv1d_step(x[..., 0], state.conv, weight, self.conv1d.bias, activation="silu",
+                                    backend=self.backend)[..., None]
+            dt, B, C = self._dt_b_c(xc)
+            y = selective_state_update(state.ssm, xc[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], self.D.float(),
+                                       z[..., 0], dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                                       backend=self.backend)
+            return y[:, None, :]
+        window = _conv_window(x, state.conv, step.pad)
+        xc = causal_conv1d(window, weight, self.conv1d.bias, activation="silu", backend=self.backend)
+        xc = xc[..., self.d_conv - 1:]
+        state.conv.copy_(window[..., -(self.d_conv - 1):])
+        dt, B, C = self._dt_b_c(xc)
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
+        if step.token_mask is not None:
+            keep = step.token_mask[:, None, :]
+            xc, delta = xc * keep, delta * keep
+        y, last = selective_scan(xc, delta.to(xc.dtype), A, B, C, self.D.float(), z,
+                                 initial_state=state.ssm, return_last_state=True, backend=self.backend)
+        state.ssm.copy_(last)
+        return y.transpose(1, 2)
+
+
+class Mamba2Heads(nn.Module):
+    """Mamba-2 SSD heads (Dao & Gu 2024): scalar decay per head, B/C shared within groups, gated RMSNorm."""
+
+    def __init__(self, d_model: int, d_inner: int, d_state: int, d_conv: int, head_dim: int, n_groups: int,
+                 chunk_size: int, eps: float):
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.head_dim, self.n_heads, self.n_groups, self.chunk_size = head_dim, d_inner // head_dim, n_groups, chunk_size
+        self.conv_channels = d_inner + 2 * n_groups * d_state  # x | B | C go through the conv
+        self.proj_width = d_inner + self.conv_channels + self.n_heads  # z | xBC | dt
+        self.out_width = d_inner
+        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.dt_bias = nn.Parameter(_dt_bias_init(self.n_heads))
+        self.norm = RMSNorm(d_inner, eps)
+        self.backend = "auto"
+
+    def state_shapes(self, batch: int) -> tuple[tuple, tuple]:
+        return (batch, self.conv_channels, self.d_conv - 1), (batch, self.n_heads, self.head_dim, self.d_state)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """xbc (b, l, c) -> x (b, l, h, p), B, C (b, l, g, n)."""
+        b, l, _ = xbc.shape
+        gn = self.n_groups * self.d_state
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        return (x.reshape(b, l, self.n_heads, self.head_dim), B.reshape(b, l, self.n_groups, self.d_state),
+                C.reshape(b, l, self.n_groups, self.d_state))
+
+    def _gated_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.norm(y * F.silu(z))
+
+    def forward(self, proj: torch.Tensor, step: StepInfo, state: Optional[SSMState] = None) -> torch.Tensor:
+        b, l, _ = proj.shape
+        z, xbc, dt = proj.split([self.d_inner, self.conv_channels, self.n_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        weight = self.conv1d.weight.squeeze(1)
+        if state is None:
+            xbc = causal_conv1d(xbc.transpose(1, 2), weight, self.conv1d.bias, activation="silu",
+                                backend=self.backend).transpose(1, 2)
+            x, B, C = self._split_xbc(xbc)
+            y = ssd_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(),
+                         dt_softplus=True, backend=self.backend)
+            return self._gated_out(y.reshape(b, l, self.d_inner), z)
+        if l == 1 and step.token_mask is None:
+            xc = causal_conv1d_step(xbc[:, 0], state.conv, weight, self.conv1d.bias, activation="silu",
+                                    backend=self.backend)
+            x, B, C = self._split_xbc(xc[:, None])
+            y = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D.float(),
+                         dt_bias=self.dt_bias.float(), dt_softplus=True, backend=self.backend)
+            return self._gated_out(y.reshape(b, 1, self.d_inner), z)
+        window = _conv_window(xbc.transpose(1, 2), state.conv, step.pad)
+        xc = causal_conv1d(window, weight, self.conv1d.bias, activation="silu", backend=self.backend)
+        xc = xc[..., self.d_conv - 1:].transpose(1, 2)
+        state.conv.copy_(window[..., -(self.d_conv - 1):])
+        delta = F.softplus(dt.float() + self.dt_bias.float())
+        if step.token_mask is not None:
+            xc, delta = xc * step.token_mask[..., None], delta * step.token_mask[..., None]
+        x, B, C = self._split_xbc(xc)
+        y, last = ssd_scan(x, delta.to(x.dtype), A, B, C, chunk_size=self.chunk_size, D=self.D.float(),
+                           initial_state=state.ssm, return_final_state=True, backend=self.backend)
+        state.ssm.copy_(last)
+        return self._gated_out(y.reshape(b, l, self.d_inner), z)
