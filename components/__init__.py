@@ -2,7 +2,7 @@
 from .config import ConfigError, ModelConfig
 from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
 from .model import HybridLM
-from .presets import PRESETS, preset
+from .presets import PRESET_NAMES, preset
 
-__all__ = ["ConfigError", "ModelConfig", "LayerPlan", "LayerSpec", "resolve_layer_plan", "HybridLM", "PRESETS",
+__all__ = ["ConfigError", "ModelConfig", "LayerPlan", "LayerSpec", "resolve_layer_plan", "HybridLM", "PRESET_NAMES",
            "preset"]

@@ -29,6 +29,7 @@ class AttentionHeads(nn.Module):
         self.num_meta = num_meta
         self.rope_theta = rope_theta
         self.backend = "auto"
+        self.captured_maps: Optional[list] = None  # set to a list to record attention probabilities (analysis)
         kv_width = n_kv_heads * (qk_dim + v_dim) if self.owns_kv else 0
         self.proj_width = n_heads * qk_dim + kv_width
         self.out_width = n_heads * v_dim
@@ -52,9 +53,18 @@ class AttentionHeads(nn.Module):
         else:
             view = step.kv_bus[self.kv_owner]
         q = q.transpose(1, 2)
+        if self.captured_maps is not None:
+            self.captured_maps.append(self._probabilities(q, view, step))
         if view.positions is step.positions:  # keys are this very sequence: training / full forward
             y = sequence_attention(q, view.k, view.v, step.positions, self.window, self.num_meta, self.backend)
         else:
             y = attention_reference(q, view.k, view.v,
                                     allowed_keys(step.positions, view.positions, self.window, self.num_meta))
         return y.transpose(1, 2).reshape(b, l, self.out_width)
+
+    def _probabilities(self, q: torch.Tensor, view: KVView, step: StepInfo) -> torch.Tensor:
+        """Attention probabilities (b, hq, lq, lk), spelled out for analysis (Fig. 8/9 of the paper)."""
+        k = view.k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).float()
+        scores = q.float() @ k.transpose(-1, -2) / self.qk_dim ** 0.5
+        allowed = allowed_keys(step.positions, view.positions, self.window, self.num_meta)
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)

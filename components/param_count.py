@@ -60,7 +60,7 @@ def counts_of(model) -> ParamCounts:
 
 
 def _ssm_granule(cfg: ModelConfig) -> int:
-    granule = 8
+    granule = 1
     if cfg.n_heads > 0 and cfg.fusion == "mean" and "hybrid" in cfg.layer_kinds() and cfg.v_head_dim is None:
         granule = math.lcm(granule, cfg.n_heads)
     if cfg.ssm == "mamba2":

@@ -18,7 +18,7 @@ from torch import nn
 from .kv_cache import StepInfo
 from .norms import RMSNorm
 from .ops.causal_conv import causal_conv1d, causal_conv1d_step
-from .ops.selective_scan import selective_scan, selective_state_update
+from .ops.selective_scan import selective_scan, selective_scan_implicit_attention, selective_state_update
 from .ops.ssd import ssd_scan, ssd_step
 
 
@@ -72,6 +72,7 @@ class Mamba1Heads(nn.Module):
         self.B_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.C_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.backend = "auto"
+        self.captured_maps: Optional[list] = None  # set to a list to record the implicit attention (analysis)
         with torch.no_grad():
             self.dt_proj.bias.copy_(_dt_bias_init(d_inner))
 
@@ -92,6 +93,8 @@ class Mamba1Heads(nn.Module):
         if state is None:
             xc = causal_conv1d(x, weight, self.conv1d.bias, activation="silu", backend=self.backend)
             dt, B, C = self._dt_b_c(xc)
+            if self.captured_maps is not None:
+                self.captured_maps.append(self._implicit_attention(dt, A, B, C))
             y = selective_scan(xc, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                                delta_softplus=True, backend=self.backend)
             return y.transpose(1, 2)
@@ -116,6 +119,12 @@ class Mamba1Heads(nn.Module):
                                  initial_state=state.ssm, return_last_state=True, backend=self.backend)
         state.ssm.copy_(last)
         return y.transpose(1, 2)
+
+
+    def _implicit_attention(self, dt, A, B, C) -> torch.Tensor:
+        """|implicit attention| averaged over channels, row-normalized: (b, 1, l, l), one "head" per layer."""
+        alpha = selective_scan_implicit_attention(dt, A, B, C, self.dt_proj.bias.float(), True).abs().mean(1)
+        return (alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-12))[:, None]
 
 
 class Mamba2Heads(nn.Module):

@@ -1,0 +1,74 @@
+"""Batched generation: left-padded prefill from the learned cache initialization, then token-by-token decode."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .inference_state import InferenceState
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated continuation of each prompt (cut after eos when one is given)
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # (b, vocab) per generated token, if kept
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generation needs at least one prompt and every prompt needs >= 1 token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
+    return ids, pad
+
+
+def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    if greedy:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Holds a model and its learned cache initialization (computed once, reused for every batch)."""
+
+    def __init__(self, model, dtype: Optional[torch.dtype] = None):
+        self.model = model
+        param = next(model.parameters())
+        self.dtype = dtype or param.dtype
+        self.device = param.device
+        self.learned_init: InferenceState = model.learned_cache_init(self.dtype, self.device)
+
+    def new_state(self, batch: int, max_len: int) -> InferenceState:
+        return self.model.new_inference_state(batch, max_len, self.dtype, self.device, self.learned_init)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
+                 temperature: float = 1.0, top_k: Optional[int] = None, eos_id: Optional[int] = None,
+                 pad_id: int = 0, seed: Optional[int] = None, keep_logits: bool = False) -> GenerationOutput:
+        ids, pad = left_pad(prompts, pad_id, self.device)
+        state = self.new_state(len(prompts), ids.shape[1] + max_new_tokens)
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        logits = self.model.forward_cached(ids, state, pad)[:, -1]
+        out, kept = [], []
+        for step in range(max_new_tokens):
+            if keep_logits:
+                kept.append(logits.float().cpu())
+            nxt = sample_next(logits, greedy, temperature, top_k, gen)
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self.model.forward_cached(nxt[:, None], state)[:, -1]
+        tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
+        if eos_id is not None:
+            tokens = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in tokens]
+        return GenerationOutput(tokens, kept)
