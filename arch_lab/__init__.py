@@ -1,0 +1,1 @@
+"""arch_lab: Hydra/Lightning/MLflow/Optuna lab for hybrid-head (attention + SSM) language models."""

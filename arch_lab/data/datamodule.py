@@ -1,0 +1,221 @@
+"""LightningDataModules for MQAR (synthetic recall) and plain-text language modelling.
+
+Batches are dicts: input_ids (B, L), labels (B, L) shifted for next-token prediction
+(-100 = ignored); MQAR batches also carry num_kv_pairs (B,) for per-slice accuracy.
+Training order comes from ResumableShuffleSampler (depends only on seed and epoch, and can skip
+what a resumed run already consumed) and num_workers defaults to 0, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from arch_lab.data.mqar import MQARConfig, count_shared_examples, generate_mqar
+from arch_lab.data.sampler import ResumableShuffleSampler
+from arch_lab.data.text import (
+    PackedTokenStream,
+    TextBlocks,
+    iter_documents,
+    iter_hf_documents,
+    tokenize_corpus,
+)
+from arch_lab.data.tokenizers import Tokenizer
+
+# Validation and test sets are generated from seed + offset: far from any training seed a
+# user would pick next to `seed`, so the three sets never share a random stream.
+MQAR_VAL_SEED_OFFSET = 1_000_003
+MQAR_TEST_SEED_OFFSET = 2_000_006
+TEXT_SOURCES = ("files", "hf")
+
+
+class TensorDictDataset(Dataset):
+    """Rows of equally long tensors, served as dicts (the default collate stacks them)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"all tensors need the same first dimension, got {sorted(lengths)}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.tensors.items()}
+
+
+class MQARDataModule(L.LightningDataModule):
+    """MQAR (Zoology, Arora et al. 2023): a training mixture over num_kv_pairs_train and
+    held-out val/test sets over num_kv_pairs_test, each from its own seed; setup() checks
+    that no held-out example also occurs in the training set."""
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        seq_len: int = 64,
+        train_examples: int = 100_000,
+        test_examples: int = 3_000,
+        num_kv_pairs_train: Sequence[int] = (4, 8, 16),
+        num_kv_pairs_test: Sequence[int] = (4, 8, 16, 32),
+        power_a: float = 0.01,
+        batch_size: int = 64,
+        seed: int = 0,
+        random_non_queries: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        split = partial(
+            MQARConfig,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            power_a=power_a,
+            random_non_queries=random_non_queries,
+        )
+        held_out = partial(split, num_kv_pairs=list(num_kv_pairs_test), num_examples=test_examples)
+        # Build the configs here so that bad settings fail at construction, not inside fit().
+        self.configs = {
+            "train": split(num_kv_pairs=list(num_kv_pairs_train), num_examples=train_examples, seed=seed),
+            "val": held_out(seed=seed + MQAR_VAL_SEED_OFFSET),
+            "test": held_out(seed=seed + MQAR_TEST_SEED_OFFSET),
+        }
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.datasets: dict[str, TensorDictDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        data = {name: generate_mqar(cfg) for name, cfg in self.configs.items()}
+        for held_out in ("val", "test"):
+            # generate_mqar returns slices in order; mix them once so that any prefix of the
+            # held-out batches (e.g. limit_val_batches) covers every slice.
+            order = torch.randperm(len(data[held_out]["input_ids"]), generator=torch.Generator().manual_seed(0))
+            data[held_out] = {name: tensor[order] for name, tensor in data[held_out].items()}
+        for held_out in ("val", "test"):
+            shared = count_shared_examples(data["train"]["input_ids"], data[held_out]["input_ids"])
+            if shared:
+                raise ValueError(
+                    f"{shared} MQAR {held_out} examples also occur in the training set; raise data.mqar.vocab_size "
+                    "or data.mqar.seq_len (or set random_non_queries) so examples stay distinct"
+                )
+        self.datasets = {name: TensorDictDataset(tensors) for name, tensors in data.items()}
+
+    def _loader(self, split: str, sampler: ResumableShuffleSampler | None = None) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", ResumableShuffleSampler(len(self.datasets["train"]), self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Next-token prediction on plain text.
+
+    source="files": train_path / valid_path are local files or directories (see iter_documents),
+    tokenized up front (the first max_train_tokens / max_eval_tokens tokens).
+    source="hf": training streams from the Hugging Face dataset hf_name (split hf_train_split)
+    and validation comes from hf_valid_split; both go through the same tokenizing/packing code.
+    test_paths are always local files, one test dataloader per name, in `test_names` order.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        batch_size: int,
+        train_path: str | None = None,
+        valid_path: str | None = None,
+        test_paths: dict[str, str] | None = None,
+        max_train_tokens: int | None = None,
+        max_eval_tokens: int | None = None,
+        source: str = "files",
+        hf_name: str | None = None,
+        hf_config: str | None = None,
+        hf_train_split: str = "train",
+        hf_valid_split: str = "validation",
+        text_field: str = "text",
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in TEXT_SOURCES:
+            raise ValueError(f"data.source must be one of {list(TEXT_SOURCES)}, got {source!r}")
+        if source == "files" and (train_path is None or valid_path is None):
+            raise ValueError("data.source=files needs data.train_path and data.valid_path")
+        if source == "hf" and hf_name is None:
+            raise ValueError("data.source=hf needs data.hf_name (a Hugging Face dataset name)")
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.train_path = train_path
+        self.valid_path = valid_path
+        self.test_paths = dict(test_paths or {})
+        self.max_train_tokens = max_train_tokens
+        self.max_eval_tokens = max_eval_tokens
+        self.source = source
+        self.hf_name = hf_name
+        self.hf_config = hf_config
+        self.hf_train_split = hf_train_split
+        self.hf_valid_split = hf_valid_split
+        self.text_field = text_field
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: TextBlocks | None = None
+        self.test_sets: dict[str, TextBlocks] = {}
+
+    @property
+    def test_names(self) -> list[str]:
+        return list(self.test_paths)
+
+    def _hf_documents(self, split: str) -> Iterable[str]:
+        return iter_hf_documents(self.hf_name, split, config_name=self.hf_config, text_field=self.text_field)
+
+    def _file_blocks(self, path: str, max_tokens: int | None) -> TextBlocks:
+        docs = iter_documents(path, text_field=self.text_field)
+        return TextBlocks(tokenize_corpus(docs, self.tokenizer, max_tokens), self.seq_len)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            if self.source == "files":
+                self.train_set = self._file_blocks(self.train_path, self.max_train_tokens)
+                self.val_set = self._file_blocks(self.valid_path, self.max_eval_tokens)
+            else:
+                make_docs = partial(self._hf_documents, self.hf_train_split)
+                self.train_set = PackedTokenStream(make_docs, self.tokenizer, self.seq_len, self.max_train_tokens)
+                valid_tokens = tokenize_corpus(
+                    self._hf_documents(self.hf_valid_split), self.tokenizer, self.max_eval_tokens
+                )
+                self.val_set = TextBlocks(valid_tokens, self.seq_len)
+        if stage in (None, "test") and not self.test_sets:
+            self.test_sets = {
+                name: self._file_blocks(path, self.max_eval_tokens) for name, path in self.test_paths.items()
+            }
+
+    def train_dataloader(self) -> DataLoader:
+        # A stream keeps its order; blocks of a tokenized corpus are shuffled.
+        is_stream = isinstance(self.train_set, PackedTokenStream)
+        sampler = None if is_stream else ResumableShuffleSampler(len(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def _eval_loader(self, dataset: TextBlocks) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(self.test_sets[name]) for name in self.test_names]
