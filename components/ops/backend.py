@@ -1,0 +1,96 @@
+"""Choosing between the pure-PyTorch reference ops and the fused GPU kernels.
+
+The kernel packages (``mamba_ssm``, ``causal_conv1d``) only import on a machine with
+CUDA and their compiled extensions, so they are imported lazily, once, and any failure
+(ImportError, but also e.g. an OSError from a broken CUDA library inside
+``mamba_ssm/__init__``) simply marks the kernel as unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import Literal, get_args
+
+import torch
+
+Backend = Literal["auto", "reference", "kernel"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+# The package whose kernel each op dispatches to.
+KERNEL_PACKAGE_OF_OP: dict[str, str] = {
+    "causal_conv1d": "causal_conv1d",
+    "causal_conv1d_step": "causal_conv1d",
+    "selective_scan": "mamba_ssm",
+    "selective_state_update": "mamba_ssm",
+    "ssd_scan": "mamba_ssm",
+    "ssd_step": "mamba_ssm",
+    "attention": "torch",  # FlexAttention / SDPA ship with torch: only CUDA is needed
+}
+KERNEL_PACKAGES: tuple[str, ...] = tuple(sorted(set(KERNEL_PACKAGE_OF_OP.values())))
+
+
+class BackendError(ValueError):
+    """An unknown backend name, or a kernel backend that cannot run here."""
+
+
+@lru_cache(maxsize=None)
+def _import_outcome(package: str) -> str:
+    """'ok', or why the package does not import (cached: importing is slow and sticky)."""
+    try:
+        importlib.import_module(package)
+    except Exception as error:  # noqa: BLE001 - any failure means "no kernel here"
+        return f"unavailable ({type(error).__name__}: {error})"
+    return "ok"
+
+
+def kernel_available(package: str) -> bool:
+    """Whether ``package`` imports on this machine."""
+    return _import_outcome(package) == "ok"
+
+
+def describe_backends() -> dict[str, str]:
+    """Which kernel packages import here, e.g. ``{"mamba_ssm": "ok", ...}`` (for run logs)."""
+    report = {package: _import_outcome(package) for package in KERNEL_PACKAGES}
+    report["cuda"] = "ok" if torch.cuda.is_available() else "unavailable"
+    return report
+
+
+def resolve_backend(requested: str, tensor: torch.Tensor, op: str) -> str:
+    """Map a requested backend to the one that runs: "kernel" or "reference".
+
+    "auto" picks the kernel when ``tensor`` is on CUDA and the op's kernel package
+    imports, else the reference. "kernel" insists on the kernel and raises if it cannot run.
+    """
+    if requested not in BACKENDS:
+        raise BackendError(f"backend must be one of {list(BACKENDS)}, got {requested!r} (op {op})")
+    if op not in KERNEL_PACKAGE_OF_OP:
+        raise ValueError(f"op must be one of {sorted(KERNEL_PACKAGE_OF_OP)}, got {op!r}")
+    if requested == "reference":
+        return "reference"
+    package = KERNEL_PACKAGE_OF_OP[op]
+    if not tensor.is_cuda:
+        if requested == "kernel":
+            raise BackendError(
+                f"backend='kernel' requested for {op} but its inputs are on {tensor.device}; "
+                f"the {package} kernel needs CUDA tensors. Use backend='auto' or 'reference'."
+            )
+        return "reference"
+    if kernel_available(package):
+        return "kernel"
+    if requested == "kernel":
+        raise BackendError(
+            f"backend='kernel' requested for {op} but {package} is {_import_outcome(package)}. "
+            "Use backend='auto' or 'reference'."
+        )
+    return "reference"
+
+
+class ShapeError(ValueError):
+    """An op input whose shape does not match the others."""
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """Raise ShapeError naming ``name`` unless ``tensor.shape == expected``."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise ShapeError(f"{name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}")

@@ -1,0 +1,226 @@
+"""GPU kernels (mamba_ssm, causal_conv1d) against the PyTorch references: outputs, states and
+every input gradient, in float32 and bfloat16. Skipped without CUDA or the kernel packages."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from components.ops.backend import describe_backends, kernel_available, resolve_backend
+from components.ops.causal_conv import causal_conv1d, causal_conv1d_step
+from components.ops.selective_scan import selective_scan, selective_state_update
+from components.ops.ssd import ssd_scan, ssd_step
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float32, torch.bfloat16]
+# ‖kernel − reference‖ / ‖reference‖ bounds.
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 1e-2}
+BATCH, SEQLEN = 2, 300  # 300: not a multiple of any chunk size
+
+
+def require(package: str) -> None:
+    # pytest.importorskip only skips on ImportError; mamba_ssm can also fail with OSError.
+    if not kernel_available(package):
+        pytest.skip(f"{package}: {describe_backends()[package]}")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def compare_kernel_with_reference(
+    op: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    inputs: dict[str, torch.Tensor],
+    low_precision: tuple[str, ...],
+    dtype: torch.dtype,
+    grad_of_outputs: tuple[int, ...],
+    **options,
+) -> None:
+    """Run ``op`` with backend="kernel" (``low_precision`` inputs in ``dtype``, the rest float32)
+    and backend="reference" (float32 copies of the same values); compare every output and
+    the gradient of every input of a random projection of the outputs ``grad_of_outputs``."""
+    kernel_inputs = {
+        name: (t.to(dtype) if name in low_precision else t.float()).detach().requires_grad_(True)
+        for name, t in inputs.items()
+    }
+    reference_inputs = {name: t.detach().float().requires_grad_(True) for name, t in kernel_inputs.items()}
+
+    def outputs_and_grads(backend: str, leaves: dict[str, torch.Tensor]):
+        outs = op(**leaves, **options, backend=backend)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        g = generator(99)
+        loss = sum((outs[i].float() * torch.randn(outs[i].shape, device="cuda", generator=g)).sum() for i in grad_of_outputs)
+        return outs, torch.autograd.grad(loss, list(leaves.values()))
+
+    kernel_outs, kernel_grads = outputs_and_grads("kernel", kernel_inputs)
+    reference_outs, reference_grads = outputs_and_grads("reference", reference_inputs)
+    tolerance = TOLERANCE[dtype]
+    for i, (actual, expected) in enumerate(zip(kernel_outs, reference_outs)):
+        assert actual.shape == expected.shape
+        assert rel_err(actual, expected) < tolerance, f"output {i}: {rel_err(actual, expected):.2e}"
+    for name, actual, expected in zip(kernel_inputs, kernel_grads, reference_grads):
+        assert rel_err(actual, expected) < tolerance, f"grad of {name}: {rel_err(actual, expected):.2e}"
+
+
+# ---------------------------------------------------------------- causal conv1d
+
+
+def conv_inputs(dim: int, width: int = 4) -> dict[str, torch.Tensor]:
+    g = generator(0)
+    return {
+        "x": torch.randn(BATCH, dim, SEQLEN, device="cuda", generator=g),
+        "weight": torch.randn(dim, width, device="cuda", generator=g) / width**0.5,
+        "bias": torch.randn(dim, device="cuda", generator=g),
+        "initial_state": torch.randn(BATCH, dim, width - 1, device="cuda", generator=g),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_conv1d_kernel_matches_reference(dtype: torch.dtype) -> None:
+    require("causal_conv1d")
+    inputs = conv_inputs(dim=256)  # several channel blocks of the kernel in both dtypes
+    assert resolve_backend("auto", inputs["x"], "causal_conv1d") == "kernel"
+    stateless = {k: v for k, v in inputs.items() if k != "initial_state"}
+    compare_kernel_with_reference(causal_conv1d, stateless, ("x",), dtype, (0,), return_final_state=True)
+    # A transposed (b, l, d) projection, as Mamba feeds it, runs the channel-last variant.
+    channel_last = dict(stateless, x=inputs["x"].transpose(1, 2).contiguous().transpose(1, 2))
+    compare_kernel_with_reference(causal_conv1d, channel_last, ("x",), dtype, (0,))
+    # Initial states need the channel-last variant too.
+    compare_kernel_with_reference(
+        causal_conv1d, inputs, ("x", "initial_state"), dtype, (0, 1), return_final_state=True
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_conv1d_step_kernel_matches_reference(dtype: torch.dtype) -> None:
+    require("causal_conv1d")
+    inputs = conv_inputs(dim=256)
+    x = inputs["x"].to(dtype)
+    states = {backend: inputs["initial_state"].to(dtype).clone() for backend in ("kernel", "reference")}
+    for t in range(8):
+        y = {
+            backend: causal_conv1d_step(x[..., t], states[backend], inputs["weight"], inputs["bias"], backend=backend)
+            for backend in states
+        }
+        assert rel_err(y["kernel"], y["reference"]) < TOLERANCE[dtype]
+    assert rel_err(states["kernel"], states["reference"]) == 0.0  # the state only shifts inputs
+
+
+# ---------------------------------------------------------------- selective scan (Mamba-1)
+
+SCAN_DIM, SCAN_STATE = 64, 16
+
+
+def scan_inputs() -> dict[str, torch.Tensor]:
+    g = generator(1)
+    shape = (BATCH, SCAN_DIM, SEQLEN)
+    return {
+        "u": torch.randn(shape, device="cuda", generator=g),
+        "delta": 0.5 * torch.randn(shape, device="cuda", generator=g),  # pre-softplus
+        "A": -torch.exp(torch.randn(SCAN_DIM, SCAN_STATE, device="cuda", generator=g)),
+        "B": torch.randn(BATCH, SCAN_STATE, SEQLEN, device="cuda", generator=g),
+        "C": torch.randn(BATCH, SCAN_STATE, SEQLEN, device="cuda", generator=g),
+        "D": torch.randn(SCAN_DIM, device="cuda", generator=g),
+        "z": torch.randn(shape, device="cuda", generator=g),
+        "delta_bias": -3.0 + 0.5 * torch.randn(SCAN_DIM, device="cuda", generator=g),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selective_scan_kernel_matches_reference(dtype: torch.dtype) -> None:
+    require("mamba_ssm")
+    inputs = scan_inputs()
+    assert resolve_backend("auto", inputs["u"], "selective_scan") == "kernel"
+    # mamba_ssm's backward ignores gradients into last_state: only output 0 gets a loss.
+    compare_kernel_with_reference(
+        selective_scan, inputs, ("u", "delta", "B", "C", "z"), dtype, (0,),
+        delta_softplus=True, return_last_state=True,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_optional", [True, False])
+def test_selective_state_update_kernel_matches_reference(dtype: torch.dtype, with_optional: bool) -> None:
+    require("mamba_ssm")
+    inputs = scan_inputs()
+    start = torch.randn(BATCH, SCAN_DIM, SCAN_STATE, device="cuda", generator=generator(2))
+    states = {b: start.clone() for b in ("kernel", "reference")}
+    optional = ("D", "z", "delta_bias") if with_optional else ()
+    for t in range(8):
+        step = {
+            "x": inputs["u"][..., t].to(dtype),
+            "dt": inputs["delta"][..., t].to(dtype),
+            "A": inputs["A"],
+            "B": inputs["B"][..., t].to(dtype),
+            "C": inputs["C"][..., t].to(dtype),
+        }
+        if with_optional:
+            step.update(D=inputs["D"], z=inputs["z"][..., t].to(dtype), dt_bias=inputs["delta_bias"])
+        y = {b: selective_state_update(states[b], **step, dt_softplus=True, backend=b) for b in states}
+        assert rel_err(y["kernel"], y["reference"]) < TOLERANCE[dtype], (t, optional)
+    assert rel_err(states["kernel"], states["reference"]) < TOLERANCE[torch.float32]
+
+
+# ---------------------------------------------------------------- SSD (Mamba-2)
+
+HEADS, HEADDIM, GROUPS, SSD_STATE = 8, 32, 2, 64
+
+
+def ssd_inputs() -> dict[str, torch.Tensor]:
+    g = generator(4)
+    return {
+        "x": torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device="cuda", generator=g),
+        "dt": -3.0 + 0.5 * torch.randn(BATCH, SEQLEN, HEADS, device="cuda", generator=g),  # pre-softplus
+        "A": -torch.exp(torch.randn(HEADS, device="cuda", generator=g)),
+        "B": torch.randn(BATCH, SEQLEN, GROUPS, SSD_STATE, device="cuda", generator=g),
+        "C": torch.randn(BATCH, SEQLEN, GROUPS, SSD_STATE, device="cuda", generator=g),
+        "D": torch.randn(HEADS, device="cuda", generator=g),
+        "z": torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device="cuda", generator=g),
+        "dt_bias": 0.5 * torch.randn(HEADS, device="cuda", generator=g),
+        "initial_state": torch.randn(BATCH, HEADS, HEADDIM, SSD_STATE, device="cuda", generator=g),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ssd_scan_kernel_matches_reference(dtype: torch.dtype) -> None:
+    require("mamba_ssm")
+    inputs = ssd_inputs()
+    assert resolve_backend("auto", inputs["x"], "ssd_scan") == "kernel"
+    compare_kernel_with_reference(
+        ssd_scan, inputs, ("x", "dt", "B", "C", "z"), dtype, (0, 1),
+        chunk_size=64, dt_softplus=True, return_final_state=True,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D_shape", ["heads", "channels", None])
+def test_ssd_step_kernel_matches_reference(dtype: torch.dtype, D_shape: str | None) -> None:
+    require("mamba_ssm")
+    inputs = ssd_inputs()
+    D = {"heads": inputs["D"], "channels": inputs["D"][:, None].expand(HEADS, HEADDIM) * 0.5, None: None}[D_shape]
+    dt_bias = None if D_shape is None else inputs["dt_bias"]
+    states = {b: inputs["initial_state"].clone() for b in ("kernel", "reference")}
+    for t in range(8):
+        step = {
+            "x": inputs["x"][:, t].to(dtype),
+            "dt": inputs["dt"][:, t].to(dtype),
+            "A": inputs["A"],
+            "B": inputs["B"][:, t].to(dtype),
+            "C": inputs["C"][:, t].to(dtype),
+            "D": D,
+            "z": inputs["z"][:, t].to(dtype),
+            "dt_bias": dt_bias,
+        }
+        y = {b: ssd_step(states[b], **step, dt_softplus=True, backend=b) for b in states}
+        assert rel_err(y["kernel"], y["reference"]) < TOLERANCE[dtype], t
+    assert rel_err(states["kernel"], states["reference"]) < TOLERANCE[torch.float32]
