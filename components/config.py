@@ -117,7 +117,7 @@ class ModelConfig:
         else:
             need(len(self.layers) == self.n_layers, "layers",
                  f"lists {len(self.layers)} layers but model.n_layers={self.n_layers}")
-            bad = [k for k in self.layers if k not in LAYER_KINDS]
+            bad = sorted({str(k) for k in self.layers if k not in LAYER_KINDS})
             need(not bad, "layers", f"unknown layer kind(s) {bad}; allowed: {', '.join(LAYER_KINDS)}")
         kinds = self.layer_kinds()
         uses_attn = any(k in ("hybrid", "attention") for k in kinds)

@@ -39,18 +39,56 @@ def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_k: O
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class CUDAGraphDecoder:
+    """One decode step captured as a CUDA graph, so each later step is one replay instead of hundreds of kernel
+    launches (small-batch and SSM-heavy decoding is launch-bound otherwise).
+
+    Capturing runs real steps on `state`, so the state is rewound to the learned initialization afterwards;
+    create the decoder before the prefill.
+    """
+
+    def __init__(self, model, state: InferenceState, learned_init: InferenceState):
+        self.model, self.state = model, state
+        self.tokens = torch.zeros(state.batch, 1, dtype=torch.long, device=state.pad.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: autotuning and lazy initialisation stay out of the graph
+            for _ in range(2):
+                model.forward_cached(self.tokens, state)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.forward_cached(self.tokens, state)
+        state.load_learned_init(learned_init)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.state.seq_len + 1 > self.state.max_len:
+            raise ValueError(f"{self.state.seq_len + 1} tokens exceed the inference state's max_len={self.state.max_len}")
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.state.seq_len += 1
+        return self.logits
+
+
 class Generator:
     """Holds a model and its learned cache initialization (computed once, reused for every batch)."""
 
-    def __init__(self, model, dtype: Optional[torch.dtype] = None):
+    def __init__(self, model, dtype: Optional[torch.dtype] = None, cuda_graph: Optional[bool] = None):
         self.model = model
         param = next(model.parameters())
         self.dtype = dtype or param.dtype
         self.device = param.device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.learned_init: InferenceState = model.learned_cache_init(self.dtype, self.device)
 
     def new_state(self, batch: int, max_len: int) -> InferenceState:
         return self.model.new_inference_state(batch, max_len, self.dtype, self.device, self.learned_init)
+
+    def decoder(self, state: InferenceState):
+        """A callable running one decode step on `state`: a CUDA-graph replay on GPUs, eager otherwise."""
+        if self.cuda_graph:
+            return CUDAGraphDecoder(self.model, state, self.learned_init).step
+        return lambda tokens: self.model.forward_cached(tokens, state)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
@@ -58,6 +96,7 @@ class Generator:
                  pad_id: int = 0, seed: Optional[int] = None, keep_logits: bool = False) -> GenerationOutput:
         ids, pad = left_pad(prompts, pad_id, self.device)
         state = self.new_state(len(prompts), ids.shape[1] + max_new_tokens)
+        decode = self.decoder(state)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         logits = self.model.forward_cached(ids, state, pad)[:, -1]
         out, kept = [], []
@@ -67,7 +106,7 @@ class Generator:
             nxt = sample_next(logits, greedy, temperature, top_k, gen)
             out.append(nxt)
             if step + 1 < max_new_tokens:
-                logits = self.model.forward_cached(nxt[:, None], state)[:, -1]
+                logits = decode(nxt[:, None])[:, -1]
         tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
         if eos_id is not None:
             tokens = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in tokens]

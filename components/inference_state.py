@@ -21,7 +21,8 @@ class InferenceState:
                  device: torch.device):
         self.kv, self.ssm = kv, ssm
         self.batch, self.max_len = batch, max_len
-        self.seq_len = 0  # padded token positions consumed so far (meta tokens not included)
+        self.seq_len = 0  # padded token positions consumed so far (meta tokens not included), host copy
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # the same on the device (graph-safe)
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_pad = 0  # host-side copy of pad.max(), so decode steps never sync with the device
 
@@ -54,7 +55,12 @@ class InferenceState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def load_learned_init(self, template: "InferenceState") -> None:
-        """Copy the meta-token K/V and the post-meta SSM states (computed once per model) into every row."""
+        """Copy the meta-token K/V and the post-meta SSM states (computed once per model) into every row, and
+        rewind to position 0 (in place: a captured CUDA graph keeps pointing at these tensors)."""
+        self.seq_len = 0
+        self.position.zero_()
+        self.pad.zero_()
+        self.max_pad = 0
         for mine, theirs in zip(self.kv, template.kv):
             if mine is not None and mine.num_meta:
                 mine.k[:, :, :mine.num_meta] = theirs.k[:, :, :theirs.num_meta]

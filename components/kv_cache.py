@@ -25,7 +25,7 @@ class KVView:
 class StepInfo:
     """Per-forward bookkeeping shared by all layers of one model call."""
     positions: torch.Tensor  # (b, l) RoPE positions of this chunk's queries (meta offset included)
-    start: int = 0  # padded index of the chunk's first token (inference); 0 in training
+    start: Optional[torch.Tensor] = None  # 0-dim: padded index of the chunk's first token (inference only)
     pad: Optional[torch.Tensor] = None  # (b,) left-padding per row (inference only)
     token_mask: Optional[torch.Tensor] = None  # (b, l) False at padding (inference prefill only)
     meta_phase: bool = False  # True while the meta tokens themselves are being cached
@@ -48,8 +48,8 @@ class _KVBuffer:
 
     def write_meta(self, k: torch.Tensor, v: torch.Tensor) -> KVView:
         m = self.num_meta
-        self.k[:, :, :m] = k.transpose(1, 2)
-        self.v[:, :, :m] = v.transpose(1, 2)
+        self.k[:, :, :m] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[:, :, :m] = v.transpose(1, 2).to(self.v.dtype)
         pos = torch.arange(m, device=k.device).expand(k.shape[0], m)
         return KVView(k.transpose(1, 2), v.transpose(1, 2), pos)
 
@@ -72,11 +72,13 @@ class GlobalKVCache(_KVBuffer):
         """k, v: (b, l, hkv, d) post-RoPE for the chunk at padded positions [start, start + l)."""
         if step.meta_phase:
             return self.write_meta(k, v)
-        m, l, end = self.num_meta, k.shape[1], step.start + k.shape[1]
-        self.k[:, :, m + step.start:m + end] = k.transpose(1, 2)
-        self.v[:, :, m + step.start:m + end] = v.transpose(1, 2)
+        # Tensor indices only (no host syncs), so a decode step can be captured in a CUDA graph.
+        m, l = self.num_meta, k.shape[1]
+        slots = m + step.start + torch.arange(l, device=k.device)
+        self.k.index_copy_(2, slots, k.transpose(1, 2).to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.transpose(1, 2).to(self.v.dtype))
         idx = torch.arange(self.max_len, device=k.device)
-        token_pos = self._token_positions(idx, step.pad, (idx < end)[None, :])
+        token_pos = self._token_positions(idx, step.pad, (idx < step.start + l)[None, :])
         positions = torch.cat([self._meta_positions(k.shape[0], k.device), token_pos], dim=1)
         return KVView(self.k, self.v, positions)
 
@@ -106,7 +108,7 @@ class SlidingWindowKVCache(_KVBuffer):
             torch.cat([self._meta_positions(b, device), ring_pos, chunk_pos], dim=1),
         )
         keep = min(l, w)
-        tail = chunk_idx[l - keep:]
-        self.k[:, :, m + torch.remainder(tail, w)] = k[:, l - keep:].transpose(1, 2)
-        self.v[:, :, m + torch.remainder(tail, w)] = v[:, l - keep:].transpose(1, 2)
+        slots = m + torch.remainder(chunk_idx[l - keep:], w)
+        self.k.index_copy_(2, slots, k[:, l - keep:].transpose(1, 2).to(self.k.dtype))
+        self.v.index_copy_(2, slots, v[:, l - keep:].transpose(1, 2).to(self.v.dtype))
         return view

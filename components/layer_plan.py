@@ -62,12 +62,15 @@ class LayerPlan:
         return [asdict(s) for s in self.layers]
 
     def to_table(self) -> str:
-        head = f"{'layer':>5}  {'mixer':<9}  {'attention':<9}  {'reads KV of':<11}  {'meta':>4}"
+        def scope(s: LayerSpec) -> str:
+            return "-" if s.scope is None else (s.scope if s.scope == "global" else f"local({self.window})")
+
+        width = max([9] + [len(scope(s)) for s in self.layers])
+        head = f"{'layer':>5}  {'mixer':<9}  {'attention':<{width}}  {'reads KV of':<11}  {'meta':>4}"
         rows = [head, "-" * len(head)]
         for s in self.layers:
-            scope = "-" if s.scope is None else (s.scope if s.scope == "global" else f"local({self.window})")
             owner = "-" if s.kv_owner is None else ("self" if s.owns_kv else f"layer {s.kv_owner}")
-            rows.append(f"{s.index:>5}  {s.kind:<9}  {scope:<9}  {owner:<11}  {s.meta_tokens:>4}")
+            rows.append(f"{s.index:>5}  {s.kind:<9}  {scope(s):<{width}}  {owner:<11}  {s.meta_tokens:>4}")
         return "\n".join(rows)
 
 
@@ -117,7 +120,8 @@ def _kv_groups(cfg: ModelConfig, local_layers: list[int], global_layers: set[int
             raise ConfigError(f"model.kv_share: group {g} must be a non-empty list of layer indices")
         if any(i in global_layers for i in g):
             raise ConfigError(f"model.kv_share: group {g} contains global layer(s) "
-                              f"{sorted(set(g) & global_layers)}; only local (sliding-window) layers may share KV")
+                              f"{sorted(set(g) & global_layers)}; only local (sliding-window) layers may share KV; "
+                              f"allowed: local attention layers {local_layers}")
         if any(i not in attn for i in g):
             raise ConfigError(f"model.kv_share: group {g} has layers without attention heads; "
                               f"allowed: local attention layers {local_layers}")

@@ -104,7 +104,8 @@ class HybridLM(nn.Module):
         m = self.cfg.n_meta_tokens
         if m:
             h = self.meta.embeddings.to(dtype=dtype, device=device)[None]
-            step = StepInfo(positions=torch.arange(m, device=device)[None], pad=state.pad, meta_phase=True)
+            step = StepInfo(positions=torch.arange(m, device=device)[None], start=state.position, pad=state.pad,
+                            meta_phase=True)
             self._run_cached(h, step, state)
         return state
 
@@ -124,11 +125,12 @@ class HybridLM(nn.Module):
         if pad is not None:
             state.pad.copy_(pad)
             state.max_pad = int(pad.max())
-        idx = start + torch.arange(l, device=input_ids.device)
+        idx = state.position + torch.arange(l, device=input_ids.device)
         real = idx[None, :] >= state.pad[:, None]
         positions = torch.where(real, self.cfg.n_meta_tokens + idx[None, :] - state.pad[:, None], 0)
         token_mask = real if start < state.max_pad else None
-        step = StepInfo(positions=positions, start=start, pad=state.pad, token_mask=token_mask)
+        step = StepInfo(positions=positions, start=state.position.clone(), pad=state.pad, token_mask=token_mask)
         h = self._run_cached(self.embed(input_ids), step, state)
         state.seq_len += l
+        state.position += l
         return self._logits(h)

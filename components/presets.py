@@ -19,7 +19,7 @@ HYMBA_1_5B_KV_GROUPS = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 
 
 # Per size: shared dims, then head counts per structure (MHA for the Transformer, GQA in hybrids as Table 9 row 5).
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(dims=dict(vocab_size=512, d_model=64, n_layers=4, qk_head_dim=16, ffn_dim=128, d_state=8,
+    "tiny": dict(dims=dict(vocab_size=512, d_model=64, n_layers=6, qk_head_dim=16, ffn_dim=128, d_state=8,
                            ssm_head_dim=8, max_seq_len=1024),
                  mha=(4, 4), hybrid=(2, 1), sequential=(4, 2), window=16, meta=4),
     "small": dict(dims=dict(vocab_size=8192, d_model=384, n_layers=8, qk_head_dim=64, ffn_dim=1024, d_state=16,
@@ -100,6 +100,10 @@ def preset_values(name: str, size: str = "tiny") -> dict[str, Any]:
 
 
 def preset(name: str, size: str = "tiny", **overrides: Any) -> ModelConfig:
+    from .layer_plan import resolve_layer_plan
+
     values = preset_values(name, size)
     values.update(overrides)
-    return ModelConfig.from_dict(values).validate()
+    cfg = ModelConfig.from_dict(values).validate()
+    resolve_layer_plan(cfg)  # global-layer and KV-group rules fail here, not at model build time
+    return cfg

@@ -47,6 +47,11 @@ def _conv_window(x: torch.Tensor, conv_state: torch.Tensor, pad: Optional[torch.
     return window.gather(-1, src[:, None, :].expand(-1, window.shape[1], -1))
 
 
+def _chunk_padding(step: StepInfo, length: int) -> Optional[torch.Tensor]:
+    """Left padding that falls inside this chunk (a later prefill chunk starts past the padding)."""
+    return None if step.token_mask is None else (step.pad - step.start).clamp(0, length)
+
+
 def _dt_bias_init(d: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
     # Mamba's init: dt log-uniform in [dt_min, dt_max], stored through the inverse softplus.
     dt = torch.exp(torch.rand(d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
@@ -106,7 +111,7 @@ class Mamba1Heads(nn.Module):
                                        z[..., 0], dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
                                        backend=self.backend)
             return y[:, None, :]
-        window = _conv_window(x, state.conv, step.pad)
+        window = _conv_window(x, state.conv, _chunk_padding(step, x.shape[-1]))
         xc = causal_conv1d(window, weight, self.conv1d.bias, activation="silu", backend=self.backend)
         xc = xc[..., self.d_conv - 1:]
         state.conv.copy_(window[..., -(self.d_conv - 1):])
@@ -178,7 +183,7 @@ class Mamba2Heads(nn.Module):
             y = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D.float(),
                          dt_bias=self.dt_bias.float(), dt_softplus=True, backend=self.backend)
             return self._gated_out(y.reshape(b, 1, self.d_inner), z)
-        window = _conv_window(xbc.transpose(1, 2), state.conv, step.pad)
+        window = _conv_window(xbc.transpose(1, 2), state.conv, _chunk_padding(step, l))
         xc = causal_conv1d(window, weight, self.conv1d.bias, activation="silu", backend=self.backend)
         xc = xc[..., self.d_conv - 1:].transpose(1, 2)
         state.conv.copy_(window[..., -(self.d_conv - 1):])
