@@ -1,0 +1,238 @@
+"""Timed measurements on real inference and training code, device ceilings, and the out-of-memory batch halving.
+
+Every timing synchronizes the device before reading the clock and keeps warm-up (kernel selection, allocator
+growth, compilation) out of the timed region.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from components.generation import Generator
+from components.inference_state import InferenceState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Measured ceilings (/work/shared/ENVIRONMENT.md): bf16 8192^3 matmul on the H100.
+KNOWN_PEAK_TFLOPS = {"H100": 790.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_ids(vocab_size: int, shape: tuple[int, ...], device: torch.device, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, shape, device=device,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+
+
+# ---- out-of-memory handling ------------------------------------------------------------------------------------
+class BatchDoesNotFitError(RuntimeError):
+    """A measurement ran out of memory at the smallest batch it was allowed to try."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def halve_batch_on_oom(measure: Callable[[int], T], batch: int, what: str, enabled: bool = True) -> tuple[T, int]:
+    """Run `measure(batch)`, halving the batch after each out-of-memory error (the paper's protocol).
+
+    Returns the result and the batch that fitted. Raises BatchDoesNotFitError when batch 1 does not fit, or at
+    the first out-of-memory error when halving is disabled.
+    """
+    while True:
+        try:
+            return measure(batch), batch
+        except Exception as error:  # noqa: BLE001 - anything but an out-of-memory error is re-raised
+            if not is_out_of_memory(error):
+                raise
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # Outside the except block: the traceback (and the tensors its frames hold) is gone before freeing.
+        free_device_memory()
+        if not enabled:
+            raise BatchDoesNotFitError(f"{what}: batch {batch} ran out of memory ({reason}) and halve_on_oom=false; "
+                                       f"set halve_on_oom=true or lower the batch")
+        if batch == 1:
+            raise BatchDoesNotFitError(f"{what}: even batch 1 runs out of memory ({reason}); lower the context "
+                                       f"length or benchmark a smaller model")
+        log.warning("%s: batch %d ran out of memory; retrying with batch %d", what, batch, batch // 2)
+        batch //= 2
+
+
+# ---- inference --------------------------------------------------------------------------------------------------
+@dataclass
+class DecodeTiming:
+    batch: int
+    context: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode_ms_per_step: float
+    state_bytes: int = 0  # InferenceState.nbytes() of the timed run
+
+    def as_metrics(self, prefix: str = "throughput") -> dict[str, float]:
+        return {f"{prefix}/prefill_tok_s": self.prefill_tokens_per_s,
+                f"{prefix}/decode_tok_s": self.decode_tokens_per_s,
+                f"{prefix}/decode_ms_per_step": self.decode_ms_per_step,
+                f"{prefix}/decode_batch": self.batch}
+
+
+def _prefill(model, ids: torch.Tensor, state: InferenceState, chunk: Optional[int]) -> torch.Tensor:
+    """Cached prefill in chunks of `chunk` tokens (None: one call); returns the last position's logits.
+
+    Chunking bounds the memory of the score matrix and the logits of one call, which at 8k tokens and batch 128
+    would otherwise exceed the GPU (a serving engine prefills in chunks for the same reason).
+    """
+    step = chunk or ids.shape[1]
+    for start in range(0, ids.shape[1], step):
+        logits = model.forward_cached(ids[:, start:start + step], state)[:, -1]
+    return logits
+
+
+@torch.no_grad()
+def measure_cached_decode(model, batch: int, context: int, new_tokens: int, generator: Generator | None = None,
+                          warmup_steps: int = 2, seed: int = 0, prefill_chunk: Optional[int] = None) -> DecodeTiming:
+    """Prefill `context` random tokens for `batch` rows, then decode `new_tokens` greedily from the cache.
+
+    Decoding runs through `Generator.decoder`, i.e. exactly as generation does (one CUDA-graph replay per step on
+    a GPU), so the numbers are those of the lab's own generation path.
+    """
+    gen = generator or Generator(model)
+    device = gen.device
+    ids = _random_ids(model.cfg.vocab_size, (batch, context), device, seed)
+    for _ in range(warmup_steps):  # kernels, allocator and autotuning out of the timed region
+        state = gen.new_state(batch, context + new_tokens)
+        logits = _prefill(model, ids[:, :prefill_chunk or context], state, None)
+        model.forward_cached(logits.argmax(-1)[:, None], state)
+        del state, logits  # before the timed state is allocated: two caches at once could run out of memory
+    state = gen.new_state(batch, context + new_tokens)
+    decode = gen.decoder(state)  # the Generator's decode step (a CUDA graph on GPUs); made before the prefill
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = _prefill(model, ids, state, prefill_chunk)
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = decode(logits.argmax(-1)[:, None])[:, -1]
+    _sync(device)
+    t2 = time.perf_counter()
+    return DecodeTiming(batch, context, new_tokens, batch * context / (t1 - t0), batch * new_tokens / (t2 - t1),
+                        1000 * (t2 - t1) / new_tokens, state.nbytes())
+
+
+def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Full forward without a cache, projecting only the last position (all a generation step needs)."""
+    h = model.meta.strip(model.hidden_states(ids))[:, -1:]
+    return model._logits(h)[:, -1]
+
+
+@torch.no_grad()
+def measure_recompute_decode(model, batch: int, context: int, new_tokens: int, seed: int = 0) -> float:
+    """Tokens/s of generation without a cache: every step re-runs the full forward over the whole prefix."""
+    device = next(model.parameters()).device
+    prompt = _random_ids(model.cfg.vocab_size, (batch, context), device, seed)
+
+    def generate() -> None:
+        ids = prompt
+        for _ in range(new_tokens):
+            nxt = _last_logits(model, ids).argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+
+    generate()  # warm-up at the very lengths timed (compiled kernels specialize on the length)
+    _sync(device)
+    t0 = time.perf_counter()
+    generate()
+    _sync(device)
+    return batch * new_tokens / (time.perf_counter() - t0)
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+def measure_train_throughput(model, batch: int, seq_len: int, steps: int, warmup_steps: int = 2,
+                             autocast_dtype: Optional[torch.dtype] = None, compile: bool = False,
+                             seed: int = 0) -> float:
+    """Training tokens/s: AdamW steps on random tokens (forward, next-token loss, backward, update).
+
+    `autocast_dtype` (e.g. bfloat16) runs the forward under autocast with float32 master weights, as
+    bf16-mixed training does; `compile` wraps the forward in torch.compile, as the training run can.
+    """
+    device = next(model.parameters()).device
+    forward = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = _random_ids(model.cfg.vocab_size, (batch, seq_len + 1), device, seed)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    model.train()
+
+    def train_step() -> None:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = forward(inputs)
+        F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(warmup_steps):
+            train_step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step()
+        _sync(device)
+        return batch * seq_len * steps / (time.perf_counter() - t0)
+    finally:
+        model.zero_grad(set_to_none=True)  # an out-of-memory retry must not inherit this batch's gradients
+        model.eval()
+
+
+# ---- device ceilings --------------------------------------------------------------------------------------------
+def measure_copy_bandwidth_gbs(device: torch.device, nbytes: Optional[int] = None, repeats: int = 10) -> float:
+    """Device memory bandwidth (1e9 B/s) of a large device-to-device copy, counting bytes read + written."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
+                          repeats: int = 10) -> float:
+    """Dense n x n x n matmul throughput in TFLOP/s (2 n^3 FLOPs each)."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, device_name: str) -> float:
+    """The device's dense matmul ceiling for `dtype`: the recorded value for known half-precision GPUs, else measured."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        for chip, tflops in KNOWN_PEAK_TFLOPS.items():
+            if chip in device_name:
+                return tflops
+    return measure_matmul_tflops(device, dtype)

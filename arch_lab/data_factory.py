@@ -1,0 +1,60 @@
+"""Build the tokenizer and LightningDataModule that a `data` config describes, with errors naming its keys."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .data.datamodule import MQARDataModule, TextDataModule
+from .data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
+from .data.text import iter_documents
+
+DATA_KINDS = ("mqar", "text")
+
+
+def build_tokenizer(data_cfg: dict[str, Any]) -> Optional[Tokenizer]:
+    if data_cfg["kind"] != "text":
+        return None
+    kind = data_cfg.get("tokenizer", "byte")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if data_cfg["source"] != "files":
+            raise ValueError("data.tokenizer=bpe is trained on local files: use data.source=files")
+        return BPETokenizer.train(iter_documents(data_cfg["train_path"], data_cfg.get("text_field", "text")),
+                                  data_cfg["bpe_vocab_size"])
+    raise ValueError(f"data.tokenizer must be one of byte, bpe; got {kind!r}")
+
+
+def _check_path(key: str, path: Optional[str]) -> None:
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{key}: no such file or directory: {path} (set data_root=... or {key}=...)")
+
+
+def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[Tokenizer]):
+    kind = data_cfg.get("kind")
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data.kind must be one of {', '.join(DATA_KINDS)}; got {kind!r}")
+    if kind == "mqar":
+        return MQARDataModule(vocab_size=data_cfg["vocab_size"], seq_len=data_cfg["seq_len"],
+                              train_examples=data_cfg["train_examples"], test_examples=data_cfg["test_examples"],
+                              num_kv_pairs_train=data_cfg["num_kv_pairs_train"],
+                              num_kv_pairs_test=data_cfg["num_kv_pairs_test"], power_a=data_cfg["power_a"],
+                              batch_size=data_cfg["batch_size"], seed=seed,
+                              random_non_queries=data_cfg["random_non_queries"])
+    if data_cfg["source"] == "files":
+        _check_path("data.train_path", data_cfg["train_path"])
+        _check_path("data.valid_path", data_cfg["valid_path"])
+        for name, path in (data_cfg.get("test_paths") or {}).items():
+            _check_path(f"data.test_paths.{name}", path)
+    return TextDataModule(tokenizer=tokenizer, seq_len=data_cfg["seq_len"], batch_size=data_cfg["batch_size"],
+                          train_path=data_cfg["train_path"], valid_path=data_cfg["valid_path"],
+                          test_paths=data_cfg.get("test_paths") or {}, max_train_tokens=data_cfg["max_train_tokens"],
+                          max_eval_tokens=data_cfg["max_eval_tokens"], source=data_cfg["source"],
+                          hf_name=data_cfg.get("hf_name"), hf_config=data_cfg.get("hf_config"),
+                          hf_train_split=data_cfg.get("hf_train_split", "train"),
+                          hf_valid_split=data_cfg.get("hf_valid_split", "validation"),
+                          text_field=data_cfg.get("text_field", "text"), seed=seed)
+
+
+def data_vocab_size(data_cfg: dict[str, Any], tokenizer: Optional[Tokenizer]) -> int:
+    return data_cfg["vocab_size"] if data_cfg["kind"] == "mqar" else tokenizer.vocab_size

@@ -1,0 +1,106 @@
+"""End-of-run evaluation: every number a run reports, under stable metric names (README "Metrics")."""
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from components.analysis import attention_entropy_per_layer, attention_share, effective_receptive_field
+from components.attention_maps import collect_attention_maps
+from components.cache_accounting import paper_cache_mb
+
+from .data.mqar import mqar_accuracy_by_slice
+from .data.passkey import make_passkey_examples, passkey_accuracy_by_depth
+
+
+def _model_fn(model):
+    device = next(model.parameters()).device
+    return lambda ids: model(ids.to(device)).float().cpu()
+
+
+@torch.no_grad()
+def mean_loss(model, loader, max_batches: Optional[int] = None) -> float:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = model(batch["input_ids"].to(device)).float()
+        labels = batch["labels"].to(device)
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def mqar_metrics(model, loader) -> dict[str, float]:
+    logits, labels, slices = [], [], []
+    fn = _model_fn(model)
+    for batch in loader:
+        logits.append(fn(batch["input_ids"]))
+        labels.append(batch["labels"])
+        slices.append(batch["num_kv_pairs"])
+    by_slice = mqar_accuracy_by_slice(torch.cat(logits), torch.cat(labels), torch.cat(slices))
+    labels_all = torch.cat(labels)
+    hits = (torch.cat(logits).argmax(-1) == labels_all) & (labels_all != -100)
+    metrics = {"recall/mqar_acc": hits.sum().item() / max(int((labels_all != -100).sum()), 1)}
+    metrics.update({f"recall/mqar_acc_kv{k}": v for k, v in sorted(by_slice.items())})
+    return metrics
+
+
+def perplexity_metrics(model, datamodule, max_batches: Optional[int]) -> dict[str, float]:
+    loss = mean_loss(model, datamodule.val_dataloader(), max_batches)
+    metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    datamodule.setup("test")
+    for name, loader in zip(datamodule.test_names, datamodule.test_dataloader() or []):
+        test_loss = mean_loss(model, loader, max_batches)
+        metrics[f"test/{name}/loss"] = test_loss
+        metrics[f"test/{name}/ppl"] = math.exp(min(test_loss, 50.0))
+    return metrics
+
+
+def _read_text(path: str, max_chars: int = 2_000_000) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {path}")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+        return f.read(max_chars)
+
+
+def passkey_metrics(model, tokenizer, cfg: dict[str, Any], seed: int) -> dict[str, float]:
+    examples = make_passkey_examples(_read_text(cfg["haystack_path"]), tokenizer, cfg["seq_len"],
+                                     list(cfg["depths"]), cfg["num_per_depth"], seed)
+    by_depth = passkey_accuracy_by_depth(_model_fn(model), examples)
+    metrics = {"recall/passkey_acc": sum(by_depth.values()) / len(by_depth)}
+    metrics.update({f"recall/passkey_acc_depth{int(round(d * 100)):03d}": v for d, v in sorted(by_depth.items())})
+    return metrics
+
+
+def cache_metrics(model, lengths: list[int]) -> dict[str, float]:
+    return {f"cache/mb_{n // 1024}k": paper_cache_mb(model, n) for n in lengths}
+
+
+def analysis_metrics(model, input_ids: torch.Tensor) -> tuple[dict[str, float], Any]:
+    """ERF, attention entropy and attention share (paper §2.2.2, Fig. 8, Fig. 9) on one batch."""
+    maps = collect_attention_maps(model, input_ids)
+    metrics: dict[str, float] = {}
+    if maps.attention:
+        layers = [maps.attention[i] for i in sorted(maps.attention)]
+        metrics["analysis/erf"] = effective_receptive_field(layers)
+        entropy = attention_entropy_per_layer(layers, num_meta=maps.num_meta)
+        metrics["analysis/attn_entropy"] = entropy.mean().item()
+        for i, layer_entropy in zip(sorted(maps.attention), entropy):
+            metrics[f"analysis/attn_entropy_layer{i}"] = layer_entropy.mean().item()
+        shares = [attention_share(m, maps.num_meta) for m in layers]
+        for key in shares[0]:
+            metrics[f"analysis/attn_share_{key}"] = sum(s[key] for s in shares) / len(shares)
+    if maps.ssm:
+        shares = [attention_share(maps.ssm[i], maps.num_meta) for i in sorted(maps.ssm)]
+        for key in shares[0]:
+            metrics[f"analysis/ssm_share_{key}"] = sum(s[key] for s in shares) / len(shares)
+    return metrics, maps

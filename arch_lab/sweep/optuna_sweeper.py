@@ -1,0 +1,673 @@
+"""A Hydra Sweeper that runs an Optuna 5 study through its ask/tell API.
+
+Modelled on Hydra's BasicSweeper (hydra/_internal/core_plugins/basic_sweeper.py: jobs go through
+`self.launcher.launch(batch, initial_job_idx)`) and hydra-optuna-sweeper's _impl.py (search space
+from config and overrides), which pins optuna<3 and cannot be used here.
+
+Hydra instantiates sweepers only from the `hydra_plugins` namespace, so the class Hydra sees is
+`hydra_plugins.arch_lab_optuna_sweeper.ArchLabOptunaSweeper`, a subclass of `OptunaSweeper`;
+this module registers its config as `hydra/sweeper=arch_lab_optuna`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import optuna
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import MISSING, DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, GridSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from arch_lab.sweep.pareto import Objective, log_front
+from arch_lab.sweep.search_space import (
+    PARAMS_KEY,
+    SearchSpace,
+    SearchSpaceError,
+    SweepConfigError,
+    build_search_space,
+    override_value,
+)
+from arch_lab.sweep.study_tracking import (
+    ENV_TRIAL_NUMBER,
+    PrunerConf,
+    SweepTracker,
+    make_pruner,
+    open_storage,
+    redact_url,
+    resolve_storage_url,
+    resolve_tracking_uri,
+    sweep_environment,
+)
+
+log = logging.getLogger(__name__)
+
+SWEEPER_TARGET = "hydra_plugins.arch_lab_optuna_sweeper.ArchLabOptunaSweeper"
+SAMPLER_KINDS = ("tpe", "nsgaii", "random", "grid")
+DIRECTIONS = ("maximize", "minimize")
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+FAIL_REASON_ATTR = "fail_reason"
+RUN_ID_ATTR = "mlflow_run_id"
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+_PARENT_WAIT_S = 120.0
+_MAX_REASON_LEN = 2000
+
+
+class SweepFailedError(RuntimeError):
+    """The sweep stopped because too many of its trials failed."""
+
+
+@dataclass
+class SamplerConf:
+    """`hydra.sweeper.sampler`. Options a kind does not use must stay null."""
+
+    kind: str = "tpe"
+    seed: Optional[int] = None
+    n_startup_trials: Optional[int] = None  # tpe: random trials before the model kicks in
+    population_size: Optional[int] = None  # nsgaii: trials per generation
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = SWEEPER_TARGET
+    study_name: str = MISSING
+    storage: Optional[str] = None  # null → sqlite file optuna.db in the launch directory
+    n_trials: int = 10  # target number of COMPLETE + PRUNED trials in the study
+    n_jobs: int = 1  # trials launched together per batch (parallel with a parallel launcher)
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    pruner: PrunerConf = field(default_factory=PrunerConf)
+    directions: dict[str, str] = field(default_factory=dict)  # metric name → maximize|minimize
+    params: dict[str, Any] = field(default_factory=dict)
+    constraints: list[str] = field(default_factory=list)
+    max_failed_trials: Optional[int] = None  # stop (parent run FAILED) after this many FAIL trials; null → n_trials
+    tracking_uri: Optional[str] = None  # null → MLFLOW_TRACKING_URI, else sqlite file mlruns.db
+    experiment_name: Optional[str] = None  # null → MLFLOW_EXPERIMENT_NAME/_ID, else MLflow's Default
+    heartbeat_interval: int = 60  # seconds; a silent worker's trial is failed and re-run after
+    grace_period: Optional[int] = None  # … this many seconds (null → 2 × heartbeat_interval)
+    poll_interval: float = 1.0  # seconds between checks while other workers finish the study
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="arch_lab_optuna", node=OptunaSweeperConf, provider="arch_lab")
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The metrics the task returns that the study optimises, in order."""
+
+    items: tuple[Objective, ...]
+
+    @classmethod
+    def parse(cls, directions: Any) -> Objectives:
+        where = "hydra.sweeper.directions"
+        if isinstance(directions, DictConfig):
+            directions = OmegaConf.to_container(directions, resolve=True)
+        if not isinstance(directions, Mapping) or not directions:
+            raise SweepConfigError(
+                f"{where} must map at least one metric name the task returns to maximize|minimize, "
+                f"e.g. {{recall/mqar_acc: maximize}}; got {directions!r}"
+            )
+        items = []
+        for name, direction in directions.items():
+            if direction not in DIRECTIONS:
+                raise SweepConfigError(f"{where}.{name} must be one of {list(DIRECTIONS)}, got {direction!r}")
+            items.append(Objective(str(name), direction))
+        return cls(tuple(items))
+
+    @property
+    def names(self) -> list[str]:
+        return [objective.name for objective in self.items]
+
+    @property
+    def directions(self) -> list[str]:
+        return [objective.direction for objective in self.items]
+
+    def values_from(self, returned: Any) -> tuple[Optional[list[float]], Optional[str]]:
+        """(objective values, None), or (None, why the trial fails)."""
+        if not isinstance(returned, Mapping):
+            return None, (
+                f"the task returned {type(returned).__name__}, not a mapping of metric name → value "
+                f"holding {self.names} (hydra.sweeper.directions)"
+            )
+        values = []
+        for name in self.names:
+            if name not in returned:
+                return None, (
+                    f"metric '{name}' (hydra.sweeper.directions) is missing from the task's return value; "
+                    f"it returned {sorted(map(str, returned))}"
+                )
+            try:
+                value = float(returned[name])
+            except (TypeError, ValueError):
+                return None, f"metric '{name}' is not a number: {returned[name]!r}"
+            if not math.isfinite(value):
+                return None, f"metric '{name}' is {value}"
+            values.append(value)
+        return values, None
+
+
+class OptunaSweeper(Sweeper):
+    """Runs `n_trials` trials of an Optuna study, each a Hydra job, tracked in MLflow (see `arch_lab.sweep`)."""
+
+    def __init__(
+        self,
+        study_name: str,
+        storage: Optional[str],
+        n_trials: int,
+        n_jobs: int,
+        sampler: Any,
+        pruner: Any,
+        directions: Any,
+        params: Any,
+        constraints: Any,
+        max_failed_trials: Optional[int],
+        tracking_uri: Optional[str],
+        experiment_name: Optional[str],
+        heartbeat_interval: int,
+        grace_period: Optional[int],
+        poll_interval: float,
+    ) -> None:
+        super().__init__()
+        for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs), ("heartbeat_interval", heartbeat_interval)):
+            if not isinstance(value, int) or value < 1:
+                raise SweepConfigError(f"hydra.sweeper.{key} must be a positive integer, got {value!r}")
+        if max_failed_trials is not None and (not isinstance(max_failed_trials, int) or max_failed_trials < 1):
+            raise SweepConfigError(
+                f"hydra.sweeper.max_failed_trials must be a positive integer or null, got {max_failed_trials!r}"
+            )
+        self.study_name = study_name
+        self.storage = storage
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.sampler_conf = _dataclass_from(SamplerConf, sampler, "hydra.sweeper.sampler")
+        self.pruner_conf = _dataclass_from(PrunerConf, pruner, "hydra.sweeper.pruner")
+        self.directions = directions
+        self.params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else params
+        self.constraints = list(constraints or [])
+        self.max_failed_trials = max_failed_trials
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.poll_interval = poll_interval
+        self.hydra_context: Optional[HydraContext] = None
+        self.config: Optional[DictConfig] = None
+        self.launcher: Optional[Launcher] = None
+        self._in_flight: dict[int, optuna.Trial] = {}
+        self._heartbeats: Optional[_Heartbeats] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        space, fixed_arguments = self._search_space(arguments)
+        objectives = Objectives.parse(self.directions)
+        if self.pruner_conf.kind != "none" and len(objectives.items) > 1:
+            raise SweepConfigError(
+                "hydra.sweeper.pruner.kind must be none with several hydra.sweeper.directions: "
+                "Optuna prunes single-objective studies only"
+            )
+        pruner = make_pruner(self.pruner_conf)
+        sampler = make_sampler(self.sampler_conf, space)
+        target = self.n_trials
+        if isinstance(sampler, GridSampler):
+            grid_size = math.prod(len(values) for values in space.grid().values())
+            if grid_size < target:
+                log.info("grid has %d points: n_trials lowered from %d", grid_size, target)
+                target = grid_size
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        storage_url = resolve_storage_url(self.storage, Path.cwd())
+        storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period)
+        study, created = self._open_study(storage, sampler, pruner, objectives)
+        tracker = SweepTracker(resolve_tracking_uri(self.tracking_uri, Path.cwd()))
+        parent_run_id = self._parent_run(study, created, tracker, storage_url, space, objectives, target)
+        log.info(
+            "study %s in %s: %s, directions %s, target %d trials, parent MLflow run %s",
+            self.study_name, redact_url(storage_url), _sampler_label(self.sampler_conf),
+            dict(zip(objectives.names, objectives.directions)), target, parent_run_id,
+        )
+
+        returns: list[Sequence[JobReturn]] = []
+        status, stop_reason, loop_done = "FAILED", None, False
+        environment = sweep_environment(
+            self.study_name, storage_url, parent_run_id, tracker.parent_experiment_id(parent_run_id),
+            tracker.tracking_uri, self.pruner_conf,
+        )
+        self._heartbeats = _Heartbeats(storage, self.study_name, self.heartbeat_interval)
+        with _sigterm_raises_keyboard_interrupt(), environment, self._heartbeats:
+            try:
+                stop_reason = self._run_trials(
+                    study, space, objectives, target, fixed_arguments, tracker, parent_run_id, returns
+                )
+                status, loop_done = ("FINISHED" if stop_reason is None else "FAILED"), True
+            except BaseException as error:
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                self._fail_in_flight(study, tracker, parent_run_id, f"interrupted by {type(error).__name__}: {error}")
+                raise
+            finally:
+                self._close(study, tracker, parent_run_id, objectives, target, status, summarize=loop_done)
+        if stop_reason is not None:
+            raise SweepFailedError(stop_reason)
+        return returns
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _search_space(self, arguments: list[str]) -> tuple[SearchSpace, list[str]]:
+        assert self.hydra_context is not None and self.config is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(arguments)
+        fixed = [(text, o) for text, o in zip(arguments, overrides) if not o.is_sweep_override()]
+        sweeps = [o for o in overrides if o.is_sweep_override()]
+        space = build_search_space(self.params or {}, self.constraints, sweeps, {o.key_or_group for _, o in fixed})
+        if not space.params:
+            raise SearchSpaceError(f"{PARAMS_KEY} is empty and no command-line sweep was given: nothing to search")
+        space.check_names(self.config)
+        return space, [text for text, _ in fixed]
+
+    def _open_study(
+        self, storage: Any, sampler: BaseSampler, pruner: optuna.pruners.BasePruner, objectives: Objectives
+    ) -> tuple[optuna.Study, bool]:
+        """Create the study, or join it; `created` is True for exactly one of racing workers."""
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
+                directions=objectives.directions,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(objectives.names)
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner)
+        existing = [d.name.lower() for d in study.directions]
+        names = study.metric_names
+        if existing != objectives.directions or (names is not None and names != objectives.names):
+            raise SweepConfigError(
+                f"hydra.sweeper.directions {dict(zip(objectives.names, objectives.directions))} does not match "
+                f"study '{self.study_name}' in its storage (metrics {names}, directions {existing}); "
+                "use another hydra.sweeper.study_name"
+            )
+        return study, False
+
+    def _parent_run(
+        self, study: optuna.Study, created: bool, tracker: SweepTracker, storage_url: str,
+        space: SearchSpace, objectives: Objectives, target: int,
+    ) -> str:
+        """The study's one parent run: made by the worker that created the study, reused by all others."""
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        deadline = time.monotonic() + _PARENT_WAIT_S
+        while run_id is None and not created and not study.get_trials(deepcopy=False) and time.monotonic() < deadline:
+            time.sleep(self.poll_interval)  # the creating worker is still making the parent run
+            run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id is not None and tracker.reopen_parent(run_id):
+            return run_id
+        tags = {
+            "sweep.storage": redact_url(storage_url),
+            "sweep.sampler": _sampler_label(self.sampler_conf),
+            "sweep.pruner": self.pruner_conf.kind,
+            "sweep.directions": ",".join(f"{o.name}:{o.direction}" for o in objectives.items),
+            "sweep.n_trials": str(target),
+        }
+        run_id = tracker.create_parent(tracker.experiment_id(self.experiment_name), self.study_name, tags)
+        tracker.client.log_dict(run_id, _space_summary(space, objectives), "sweep/search_space.json")
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        return run_id
+
+    # ------------------------------------------------------------------ the trial loop
+
+    def _run_trials(
+        self, study: optuna.Study, space: SearchSpace, objectives: Objectives, target: int,
+        fixed_arguments: list[str], tracker: SweepTracker, parent_run_id: str, returns: list[Sequence[JobReturn]],
+    ) -> Optional[str]:
+        """Ask/launch/tell until the study holds `target` COMPLETE+PRUNED trials; returns why it stopped early."""
+        assert self.launcher is not None and self.config is not None
+        max_failed = self.max_failed_trials if self.max_failed_trials is not None else self.n_trials
+        failures: list[str] = []
+        waiting_logged = False
+        while True:
+            _fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state in _COUNTED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if done >= target:
+                return None
+            if isinstance(study.sampler, GridSampler) and study.sampler.is_exhausted(study) and running == 0:
+                return None  # every grid point was tried; failed points are recorded, re-running them would repeat
+            if len(failures) >= max_failed:
+                return (
+                    f"{len(failures)} trials failed in this sweep (hydra.sweeper.max_failed_trials={max_failed}); "
+                    f"the study has {done}/{target} trials; last failure: {failures[-1]}"
+                )
+            free = target - done - running
+            if free <= 0:  # other workers' trials may still complete the study, or fail and free slots
+                if not waiting_logged:
+                    log.info("waiting for %d running trial(s) of other workers", running)
+                    waiting_logged = True
+                time.sleep(self.poll_interval)
+                continue
+            waiting_logged = False
+            batch: list[tuple[optuna.Trial, list[str]]] = []
+            for _ in range(min(self.n_jobs, free)):
+                trial = self._ask(study)
+                if self._is_surplus(study, trial, target):
+                    reason = "surplus: other workers already run or finished n_trials trials"
+                    self._tell(study, tracker, parent_run_id, trial, TrialState.FAIL, None, reason, launched=False)
+                    break
+                values = space.sample(trial, self.config)
+                violated = space.violated_constraints(values, self.config)
+                reason = "; ".join(violated) or _duplicate_of(study, trial, values)
+                if reason:
+                    self._tell(study, tracker, parent_run_id, trial, TrialState.FAIL, None, reason, launched=False)
+                    failures.append(reason)
+                    continue
+                job_overrides = [
+                    *fixed_arguments,
+                    *(f"{space.override_key(name)}={override_value(value)}" for name, value in values.items()),
+                    f"++hydra.job.env_set.{ENV_TRIAL_NUMBER}={trial.number}",
+                ]
+                batch.append((trial, job_overrides))
+            if not batch:
+                continue
+            # No validate_batch_is_legal: the launcher composes each job anyway and a composition
+            # error raises out of launch() just the same, which ends the sweep FAILED.
+            overrides = [job_overrides for _, job_overrides in batch]
+            results = self.launcher.launch(overrides, initial_job_idx=batch[0][0].number)
+            for (trial, _), result in zip(batch, results):
+                state, values, reason = _outcome(trial, result, objectives)
+                self._tell(study, tracker, parent_run_id, trial, state, values, reason, launched=True)
+                if state == TrialState.FAIL:
+                    failures.append(reason or "")
+            returns.append(results)
+
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        with warnings.catch_warnings():
+            # Heartbeats are recorded by _Heartbeats below, which is what optimize() would do.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = study.ask()
+        assert self._heartbeats is not None
+        self._in_flight[trial.number] = trial
+        self._heartbeats.add(trial.number)
+        return trial
+
+    def _tell(
+        self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str, trial: optuna.Trial,
+        state: TrialState, values: Optional[list[float]], reason: Optional[str], launched: bool,
+    ) -> None:
+        """Record the outcome on the trial and on its child run (if its job ran and opened one)."""
+        run_id = tracker.child_runs(parent_run_id, trial.number).get(trial.number) if launched else None
+        if reason is not None:
+            reason = reason[:_MAX_REASON_LEN]
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            log.warning("trial %d: %s", trial.number, reason)
+        if run_id is not None:
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+            tracker.record_outcome(run_id, state.name, reason)
+        study.tell(trial, state=state, values=values)
+        self._in_flight.pop(trial.number, None)
+        assert self._heartbeats is not None
+        self._heartbeats.remove(trial.number)
+
+    def _fail_in_flight(self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str, reason: str) -> None:
+        for trial in list(self._in_flight.values()):
+            try:
+                self._tell(study, tracker, parent_run_id, trial, TrialState.FAIL, None, reason, launched=True)
+            except Exception as error:  # the sweep is already going down; keep the original error
+                log.error("could not mark trial %d FAIL: %s", trial.number, error)
+        self._in_flight.clear()
+
+    @staticmethod
+    def _is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+        """Two workers may ask at the same moment; the later trial number gives way."""
+        earlier = study.get_trials(deepcopy=False, states=(*_COUNTED, TrialState.RUNNING))
+        return sum(t.number < trial.number for t in earlier) >= target
+
+    def _close(
+        self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str, objectives: Objectives,
+        target: int, status: str, summarize: bool,
+    ) -> None:
+        """End the parent run, unless another worker still runs trials of the study (it will)."""
+        _fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.RUNNING for t in trials):
+            log.info("other workers still run trials of %s; leaving parent run %s open", self.study_name, parent_run_id)
+            return
+        counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+        tags = {"sweep.n_trials": str(target)}
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            tags[f"sweep.n_{state.name.lower()}"] = str(counts[state])
+        try:
+            if summarize and counts[TrialState.COMPLETE]:
+                run_ids = tracker.child_runs(parent_run_id)
+                front = log_front(tracker.client, parent_run_id, study, objectives.items, run_ids)
+                complete_runs = {
+                    t.number: run_ids[t.number]
+                    for t in trials
+                    if t.state == TrialState.COMPLETE and t.number in run_ids
+                }
+                tracker.tag_best(complete_runs, {t.number for t in front})
+                tags["sweep.best_trials"] = ",".join(str(t.number) for t in front)
+                if len(objectives.items) == 1:
+                    tracker.log_best_values(parent_run_id, {objectives.names[0]: study.best_value})
+        except BaseException:
+            tracker.finish_parent(parent_run_id, "FAILED", tags)
+            raise
+        tracker.finish_parent(parent_run_id, status, tags)
+
+
+# ---------------------------------------------------------------------- samplers
+
+
+def make_sampler(conf: SamplerConf, space: SearchSpace) -> BaseSampler:
+    where = "hydra.sweeper.sampler"
+    if conf.kind not in SAMPLER_KINDS:
+        raise SweepConfigError(f"{where}.kind must be one of {list(SAMPLER_KINDS)}, got {conf.kind!r}")
+    for option, kind in (("n_startup_trials", "tpe"), ("population_size", "nsgaii")):
+        if getattr(conf, option) is not None and conf.kind != kind:
+            raise SweepConfigError(f"{where}.{option} applies to kind {kind} only, not {conf.kind}")
+    if conf.kind == "grid":
+        return _AskTellGridSampler(space.grid(), seed=conf.seed)
+    try:
+        factory = _sampler_factory(conf)
+        factory(conf.seed)  # validate the options now, with the error naming the key
+    except ValueError as error:
+        raise SweepConfigError(f"{where}: {error}") from None
+    return factory(None) if conf.seed is None else _PerTrialSeededSampler(factory, conf.seed)
+
+
+def _sampler_factory(conf: SamplerConf) -> Any:
+    if conf.kind == "tpe":
+        extra = {} if conf.n_startup_trials is None else {"n_startup_trials": conf.n_startup_trials}
+        return lambda seed: optuna.samplers.TPESampler(seed=seed, **extra)
+    if conf.kind == "nsgaii":
+        extra = {} if conf.population_size is None else {"population_size": conf.population_size}
+        return lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **extra)
+    return lambda seed: optuna.samplers.RandomSampler(seed=seed)
+
+
+class _PerTrialSeededSampler(BaseSampler):
+    """Delegates to a sampler seeded with `seed + trial.number`.
+
+    One seed per process would make a resumed sweep, or two workers started together, draw the
+    same values again; trial numbers are unique within a study, so this keeps runs reproducible
+    and workers apart.
+    """
+
+    def __init__(self, factory: Any, seed: int) -> None:
+        self._factory, self._seed = factory, seed
+        self._number: Optional[int] = None
+        self._inner: Optional[BaseSampler] = None
+
+    def _for(self, trial: FrozenTrial) -> BaseSampler:
+        if self._inner is None or self._number != trial.number:
+            self._inner, self._number = self._factory(self._seed + trial.number), trial.number
+        return self._inner
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Optional[Sequence[float]]
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+
+class _AskTellGridSampler(GridSampler):
+    """GridSampler without its after_trial hook, which calls study.stop() (valid only inside
+    study.optimize); the sweeper caps n_trials at the grid size itself."""
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Optional[Sequence[float]]
+    ) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _outcome(
+    trial: optuna.Trial, result: JobReturn, objectives: Objectives
+) -> tuple[TrialState, Optional[list[float]], Optional[str]]:
+    try:
+        returned = result.return_value
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None, None
+    except Exception as error:
+        log.error("trial %d raised", trial.number, exc_info=error)
+        return TrialState.FAIL, None, f"{type(error).__name__}: {error}"
+    values, reason = objectives.values_from(returned)
+    return (TrialState.COMPLETE, values, None) if reason is None else (TrialState.FAIL, None, reason)
+
+
+def _duplicate_of(study: optuna.Study, trial: optuna.Trial, values: Mapping[str, Any]) -> str:
+    """A reason if a COMPLETE, PRUNED or RUNNING trial already has exactly these values, else ''."""
+    for other in study.get_trials(deepcopy=False, states=(*_COUNTED, TrialState.RUNNING)):
+        if other.number != trial.number and other.params == dict(values):
+            return f"duplicate of trial {other.number} (same parameters)"
+    return ""
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class _Heartbeats:
+    """Records a heartbeat for every in-flight trial (what Study.optimize does for its trials).
+
+    The first beat is written when the trial starts: Optuna never counts a RUNNING trial without
+    any heartbeat as stale, so a worker killed before its first beat would leave it RUNNING forever.
+    """
+
+    def __init__(self, storage: Any, study_name: str, interval: int) -> None:
+        self._storage, self._interval = storage, interval
+        self._study_id = storage.get_study_id_from_name(study_name)
+        self._trial_ids: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_until_stopped, name="optuna-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, number: int) -> None:
+        trial_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+        self._storage.record_heartbeat(trial_id)
+        self._trial_ids[number] = trial_id
+
+    def remove(self, number: int) -> None:
+        self._trial_ids.pop(number, None)
+
+    def _beat_until_stopped(self) -> None:
+        while not self._stop.wait(self._interval):
+            for number, trial_id in list(self._trial_ids.items()):
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception as error:  # a missed beat at worst makes the trial look stale late
+                    log.debug("heartbeat of trial %d failed: %s", number, error)
+
+
+@contextmanager
+def _sigterm_raises_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM (schedulers, `kill`) ends the sweep the way Ctrl-C does: trials FAIL, parent run KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dataclass_from(cls: type, node: Any, where: str) -> Any:
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    unknown = set(values) - set(cls.__dataclass_fields__)
+    if unknown:
+        allowed = sorted(cls.__dataclass_fields__)
+        raise SweepConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {allowed}")
+    return cls(**values)
+
+
+def _sampler_label(conf: SamplerConf) -> str:
+    return f"{conf.kind}(seed={conf.seed})"
+
+
+def _space_summary(space: SearchSpace, objectives: Objectives) -> dict[str, Any]:
+    def describe(param: Any) -> dict[str, Any]:
+        fields = {k: v for k, v in vars(param).items() if k not in ("name", "override_key", "when")}
+        if param.when is not None:
+            fields["when"] = param.when.source
+        return fields
+
+    return {
+        "params": {param.name: describe(param) for param in space.params},
+        "constraints": [constraint.source for constraint in space.constraints],
+        "directions": dict(zip(objectives.names, objectives.directions)),
+    }

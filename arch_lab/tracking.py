@@ -1,0 +1,64 @@
+"""MLflow bookkeeping for a run: open/close with the right status, params, config, plots, git commit."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+_MAX_PARAM_LEN = 500  # MLflow's limit on a param value is larger; long lists are truncated for readability
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def loggable_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as flat params, with paths made relative to the data root and never absolute."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    root = resolved.get("data_root")
+    roots = [str(Path(root).resolve()), str(root)] if root else []
+    params = {}
+    for key, value in flatten(resolved).items():
+        text = str(value)
+        for prefix in roots:
+            text = text.replace(prefix, "<data_root>")
+        if os.path.isabs(text.split(",")[0].strip("[]' ")):
+            text = "<abs>/" + Path(text).name
+        params[key] = text[:_MAX_PARAM_LEN]
+    return params
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def log_text_artifact(text: str, file_name: str, artifact_path: Optional[str] = None) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / file_name
+        path.write_text(text)
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -1,0 +1,155 @@
+"""One lab run: compose data + model, train with Lightning, evaluate, measure, and log it all to MLflow."""
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from components.config import ModelConfig
+from components.ops.backend import describe_backends
+
+from . import evaluate, tracking
+from .data_factory import build_datamodule, build_tokenizer, data_vocab_size
+
+log = logging.getLogger(__name__)
+
+
+class GPURequiredError(RuntimeError):
+    pass
+
+
+def _check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab: int) -> None:
+    if vocab > model_cfg["vocab_size"]:
+        raise ValueError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size={model_cfg['vocab_size']}; "
+                         f"raise model.vocab_size or lower data.vocab_size")
+    if data_cfg["seq_len"] > model_cfg["max_seq_len"]:
+        raise ValueError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
+                         f"(model.max_seq_len={model_cfg['max_seq_len']})")
+
+
+def _run_name(cfg: DictConfig, trial) -> str:
+    name = cfg.run_name or f"{cfg.model.name}-{cfg.data.kind}-s{cfg.seed}"
+    return f"{name}-trial{trial.number}" if trial else name
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]:
+    """Run one experiment; returns every final metric (the sweeper reads its objectives from here)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from .checkpoints import AtomicCheckpointIO
+    from .lit_module import LitHybridLM
+    from .reporting import log_run_plots
+    from .sweep import current_trial, start_run_for_job
+    from .sweep_callbacks import TrialPruningCallback
+
+    if cfg.get("gpu_only") and not torch.cuda.is_available():
+        raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
+                               f"device is visible")
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    ModelConfig.from_dict(model_cfg).validate()
+    tokenizer = build_tokenizer(data_cfg)
+    _check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
+    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile)
+    model = lit.model
+    out = Path(output_dir or tempfile.mkdtemp(prefix="arch_lab_"))
+    trial = current_trial()
+    tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
+            **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+        with start_run_for_job(_run_name(cfg, trial), experiment_name=cfg.logger.experiment_name, tags=tags) as run:
+            _log_setup(cfg, model)
+            logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
+                                  run_id=run.info.run_id)
+            trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+            checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
+                                         every_n_train_steps=trainer_cfg["val_check_interval"])
+            callbacks = [checkpoint] + ([TrialPruningCallback(trial, cfg.prune_metric)] if trial and cfg.prune_metric else [])
+            trainer = L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
+                                plugins=[AtomicCheckpointIO()], max_epochs=-1)
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)
+            metrics["train/final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            tracking.log_metrics(metrics)
+            log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots")
+            if cfg.logger.log_checkpoints and checkpoint.last_model_path:
+                mlflow.log_artifact(checkpoint.last_model_path, "checkpoints")
+            log.info("run %s finished: %s", run.info.run_id,
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if "/" in k and "layer" not in k))
+            metrics["mlflow_run_id"] = run.info.run_id
+            metrics["checkpoint"] = checkpoint.last_model_path
+            return metrics
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _log_setup(cfg: DictConfig, model) -> None:
+    import mlflow
+
+    from components.param_count import counts_of
+
+    mlflow.log_params(tracking.loggable_params(cfg))
+    tracking.log_text_artifact(OmegaConf.to_yaml(cfg, resolve=False), "config.yaml")
+    tracking.log_text_artifact(model.plan.to_table(), "layer_plan.txt")
+    mlflow.log_dict({"layers": model.plan.as_records()}, "layer_plan.json")
+    counts = counts_of(model)
+    mlflow.log_metrics(counts.as_metrics())
+    mlflow.set_tags({"params.attn_to_ssm": counts.attn_to_ssm,
+                     "backends": ", ".join(f"{k}={v.split(' ')[0]}" for k, v in describe_backends().items())})
+    mlflow.log_metrics(evaluate.cache_metrics(model, list(cfg.eval.cache_lengths)))
+    log.info("layer plan:\n%s", model.plan.to_table())
+    log.info("parameters: %d total, Attn:SSM %s", counts.total, counts.attn_to_ssm)
+
+
+def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str, Any]) -> dict[str, float]:
+    from .bench.measure import measure_cached_decode
+
+    model.eval()
+    ev = cfg.eval
+    metrics: dict[str, float] = {}
+    max_batches = cfg.trainer.limit_val_batches if isinstance(cfg.trainer.limit_val_batches, int) else None
+    if data_cfg["kind"] == "mqar":
+        metrics["val/loss"] = evaluate.mean_loss(model, datamodule.val_dataloader(), max_batches)
+        if ev.mqar:
+            datamodule.setup("test")
+            metrics.update(evaluate.mqar_metrics(model, datamodule.test_dataloader()))
+    else:
+        if ev.perplexity:
+            metrics.update(evaluate.perplexity_metrics(model, datamodule, max_batches))
+        if ev.passkey.enabled in (True, "auto"):
+            metrics.update(evaluate.passkey_metrics(model, tokenizer, OmegaConf.to_container(ev.passkey, resolve=True),
+                                                    cfg.seed))
+        if ev.commonsense.enabled:
+            from .evaluation.lm_eval_adapter import run_commonsense_suite
+
+            device = next(model.parameters()).device
+            metrics.update(run_commonsense_suite(lambda ids: model(ids.to(device)), tokenizer,
+                                                 list(ev.commonsense.tasks), ev.commonsense.limit,
+                                                 ev.commonsense.data_dir, max_length=cfg.model.max_seq_len,
+                                                 device=device))
+    metrics.update(evaluate.cache_metrics(model, list(ev.cache_lengths)))
+    if ev.decode.enabled:
+        timing = measure_cached_decode(model, ev.decode.batch, ev.decode.context, ev.decode.new_tokens)
+        metrics.update(timing.as_metrics())
+    if ev.analysis.enabled:
+        batch = next(iter(datamodule.val_dataloader()))["input_ids"][:2, :ev.analysis.seq_len]
+        analysis, _ = evaluate.analysis_metrics(model, batch.to(next(model.parameters()).device))
+        metrics.update(analysis)
+    return metrics

@@ -1,0 +1,439 @@
+"""arch_lab.sweep: the Optuna Hydra sweeper, driven end to end through tests/sweep_app in subprocesses.
+
+Each end-to-end test (marked slow: every app process pays Hydra + Optuna + MLflow start-up) works
+in its own directory with its own `optuna.db` and `mlruns.db`, copied from one MLflow store
+initialised per module since creating MLflow's schema takes seconds; the two-worker test starts
+from nothing, so that both workers race to create both schemas.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.trial import FixedTrial, TrialState
+
+from arch_lab.sweep import current_trial
+from arch_lab.sweep.optuna_sweeper import Objectives, SamplerConf, make_sampler
+from arch_lab.sweep.search_space import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    SearchSpaceError,
+    SweepConfigError,
+    build_search_space,
+    override_value,
+    parse_param,
+)
+from arch_lab.sweep.study_tracking import ENV_TRIAL_NUMBER, open_storage, redact_url, resolve_storage_url
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "tests" / "sweep_app" / "app.py"
+EXPERIMENT = "sweep_app"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlruns.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, mlflow_template: Path) -> Path:
+    shutil.copy(mlflow_template, tmp_path / "mlruns.db")
+    return tmp_path
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCH_LAB_SWEEP_", "MLFLOW_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlruns.db'}"
+    return env
+
+
+def _command(*overrides: str) -> list[str]:
+    return [sys.executable, str(APP), "-m", *overrides, f"hydra.sweeper.experiment_name={EXPERIMENT}"]
+
+
+def run_app(workdir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(*overrides), cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300
+    )
+
+
+def start_app(workdir: Path, *overrides: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        _command(*overrides), cwd=workdir, env=_env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def load_study(workdir: Path, name: str) -> optuna.Study:
+    # open_storage, like the workers: it serialises creating the schema of a fresh SQLite file.
+    return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{workdir / 'optuna.db'}"))
+
+
+def mlflow_client(workdir: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workdir / 'mlruns.db'}")
+
+
+def parent_run(client: Any, study_name: str) -> Any:
+    """The one run of the study that has no parent."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`sweep.study_name` = '{study_name}'")
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1, [run.info.run_name for run in parents]
+    return parents[0]
+
+
+def child_runs(client: Any, parent_id: str) -> dict[int, Any]:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    numbers = [int(run.data.tags["trial.number"]) for run in runs]
+    assert len(numbers) == len(set(numbers)), f"two child runs for one trial: {sorted(numbers)}"
+    return {int(run.data.tags["trial.number"]): run for run in runs}
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def complete_param_sets(study: optuna.Study) -> list[tuple[tuple[str, Any], ...]]:
+    return [tuple(sorted(t.params.items())) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_multi_objective_sweep_has_one_parent_run_and_a_child_per_trial(workdir: Path) -> None:
+    assert_ok(run_app(workdir, "hparams_search=multi"))
+
+    study = load_study(workdir, "multi")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    client = mlflow_client(workdir)
+    parent = parent_run(client, "multi")
+    assert parent.info.run_name == "multi" and parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.storage"] == f"sqlite:///{workdir / 'optuna.db'}"
+    assert parent.data.tags["sweep.sampler"] == "nsgaii(seed=0)"
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+
+    children = child_runs(client, parent.info.run_id)
+    assert sorted(children) == [0, 1, 2]
+    front = {t.number for t in study.best_trials}
+    for trial in trials:
+        child = children[trial.number]
+        assert child.info.status == "FINISHED"
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert {name: child.data.metrics[name] for name in ("quality", "cost", "size")} == dict(
+            zip(["quality", "cost", "size"], trial.values)
+        )
+        assert child.data.params == {name: str(value) for name, value in trial.params.items()}
+        # model.window is sampled only when model.n_heads > 0 (its `when:`).
+        assert ("model.window" in trial.params) == (trial.params["model.n_heads"] > 0)
+        assert child.data.tags["sweep.best"] == ("true" if trial.number in front else "false")
+
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")} == {
+        "pareto/pareto_front.csv", "pareto/pareto_front.json", "pareto/pareto_front.png"
+    }
+    local = Path(client.download_artifacts(parent.info.run_id, "pareto", str(workdir / "downloaded")))
+    with open(local / "pareto_front.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["trial"]) for row in rows] == sorted(front)
+    assert list(rows[0])[:4] == ["trial", "quality", "cost", "size"]
+    assert (local / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parent.data.tags["sweep.best_trials"] == ",".join(str(n) for n in sorted(front))
+
+
+@pytest.mark.slow
+def test_interrupted_then_killed_sweep_resumes_to_n_trials_without_repeating_trials(workdir: Path) -> None:
+    overrides = [
+        "hparams_search=single", "hydra.sweeper.pruner.kind=none",
+        "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
+    ]
+
+    # 1. SIGTERM while trial 2 runs: the sweep stops cleanly.
+    worker = start_app(workdir, *overrides, "knobs.sleep_if_trial=2", "knobs.sleep_s=120")
+    wait_for(lambda: _reported_all_steps(workdir, "single", 2), 120, "trial 2 to start sleeping")
+    worker.send_signal(signal.SIGTERM)
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode != 0, stderr[-4000:]
+    client = mlflow_client(workdir)
+    parent = parent_run(client, "single")
+    assert parent.info.status == "KILLED"
+    study = load_study(workdir, "single")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert study.trials[2].user_attrs["fail_reason"].startswith("interrupted by KeyboardInterrupt")
+    assert child_runs(client, parent.info.run_id)[2].info.status == "KILLED"
+    finished_before = {t.number: t.params for t in study.trials if t.state == TrialState.COMPLETE}
+
+    # 2. The resumed sweep is SIGKILLed while trial 3 runs: nothing cleans up, trial 3 stays RUNNING.
+    worker = start_app(workdir, *overrides, "knobs.sleep_if_trial=3", "knobs.sleep_s=120")
+    wait_for(lambda: _reported_all_steps(workdir, "single", 3), 120, "trial 3 to start sleeping")
+    worker.kill()
+    worker.communicate(timeout=60)
+    assert load_study(workdir, "single").trials[3].state == TrialState.RUNNING
+
+    # 3. The next resume fails the stale trial 3 (no heartbeat for grace_period), re-runs its values
+    #    and finishes the study; the trials that had finished are neither re-run nor repeated.
+    assert_ok(run_app(workdir, *overrides))
+    study = load_study(workdir, "single")
+    assert study.trials[3].state == TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 3]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == study.trials[3].params
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    assert {t.number: t.params for t in complete if t.number in finished_before} == finished_before
+    assert len(set(complete_param_sets(study))) == 4
+    resumed = client.get_run(parent.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["sweep.resumed_from_status"] == "KILLED"
+    assert sorted(child_runs(client, parent.info.run_id)) == [t.number for t in study.trials]
+
+
+def _reported_all_steps(workdir: Path, name: str, number: int) -> bool:
+    """True once trial `number` reported its 3 intermediate values (the app then sleeps)."""
+    if not (workdir / "optuna.db").exists():
+        return False
+    try:
+        trials = load_study(workdir, name).get_trials()
+    except KeyError:  # the study does not exist yet
+        return False
+    return len(trials) > number and len(trials[number].intermediate_values) == 3
+
+
+@pytest.mark.slow
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(workdir: Path) -> None:
+    result = run_app(
+        workdir,
+        "hparams_search=single",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failed_trials=4",
+        "y=choice(-0.25,0.75)",  # a command-line sweep replaces the configured y
+        "steps=2",  # a fixed override reaches every trial
+        "knobs.fail_if_trial=1",
+        "knobs.nan_if_trial=2",
+        "knobs.drop_metric_if_trial=3",
+        "knobs.bad_intermediate_if_trial=5",  # pruned: trials 0 and 4 complete the median's startup
+    )
+    assert_ok(result)
+
+    study = load_study(workdir, "single")
+    states = {t.number: t.state for t in study.trials}
+    C, F, P = TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED
+    assert states == {0: C, 1: F, 2: F, 3: F, 4: C, 5: P}
+    reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.trials if t.state == F}
+    assert reasons[1] == "RuntimeError: injected failure"
+    assert reasons[2] == "metric 'loss' is nan"
+    assert reasons[3].startswith("metric 'loss' (hydra.sweeper.directions) is missing from the task's return value")
+    assert all(t.params["y"] in (-0.25, 0.75) for t in study.trials)
+    assert all(len(t.intermediate_values) <= 2 for t in study.trials)
+
+    client = mlflow_client(workdir)
+    parent = parent_run(client, "single")
+    assert parent.info.status == "FINISHED"
+    children = child_runs(client, parent.info.run_id)
+    for number in (1, 2, 3):
+        assert children[number].info.status == "FAILED"
+        assert children[number].data.tags["fail_reason"] == reasons[number]
+        assert children[number].data.tags["trial.state"] == "FAIL"
+    assert children[5].data.tags["trial.state"] == "PRUNED" and children[5].info.status == "FINISHED"
+    assert children[study.best_trial.number].data.tags["sweep.best"] == "true"
+    assert parent.data.metrics["best/loss"] == pytest.approx(study.best_value)
+
+
+@pytest.mark.slow
+def test_two_workers_sharing_one_storage_split_the_trials(tmp_path: Path) -> None:
+    # Fresh optuna.db AND mlruns.db: both workers race to create both schemas.
+    workdir = tmp_path
+    overrides = ["hparams_search=single", "hydra.sweeper.pruner.kind=none", "hydra.sweeper.n_trials=4"]
+    workers = [start_app(workdir, *overrides) for _ in range(2)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr[-4000:]
+        assert "Traceback" not in stderr
+
+    study = load_study(workdir, "single")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert len(set(complete_param_sets(study))) == 4
+    client = mlflow_client(workdir)
+    parent = parent_run(client, "single")  # one parent run although two workers started together
+    assert parent.info.status == "FINISHED"
+    assert sorted(child_runs(client, parent.info.run_id)) == sorted(t.number for t in complete)
+
+
+@pytest.mark.slow
+def test_malformed_search_space_names_the_key_before_any_trial(workdir: Path) -> None:
+    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.params.x.high=null")
+    assert result.returncode != 0
+    assert "hydra.sweeper.params.x.high must be a finite number, got None" in result.stderr
+    assert not (workdir / "optuna.db").exists()
+
+
+# ---------------------------------------------------------------------------- search space
+
+
+CONFIG = OmegaConf.create({"model": {"n_heads": 4, "window": 128, "values": 7}, "data": {"seq_len": 256}})
+
+
+def head_ratio_space(constraints: list[str] | None = None) -> Any:
+    return build_search_space(
+        {
+            "model.n_heads": {"type": "categorical", "choices": [0, 4, 8, 16]},
+            "model.window": {"type": "int", "low": 64, "high": 512, "step": 64, "when": "model.n_heads > 0"},
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+        },
+        constraints or [],
+        [],
+        set(),
+    )
+
+
+def test_conditional_param_is_sampled_only_when_its_expression_holds() -> None:
+    space = head_ratio_space()
+    assert space.sample(FixedTrial({"model.n_heads": 0, "optim.lr": 1e-3}), CONFIG) == {
+        "model.n_heads": 0, "optim.lr": 1e-3
+    }
+    assert space.sample(FixedTrial({"model.n_heads": 8, "model.window": 192, "optim.lr": 1e-3}), CONFIG) == {
+        "model.n_heads": 8, "model.window": 192, "optim.lr": 1e-3
+    }
+
+
+def test_constraints_read_sampled_values_and_the_config() -> None:
+    space = head_ratio_space(["model.window <= data.seq_len", "model.values == 7"])
+    space.check_names(CONFIG)
+    assert space.violated_constraints({"model.n_heads": 4, "model.window": 256, "optim.lr": 1e-3}, CONFIG) == []
+    assert space.violated_constraints({"model.n_heads": 4, "model.window": 512, "optim.lr": 1e-3}, CONFIG) == [
+        "violates hydra.sweeper.constraints[0]: 'model.window <= data.seq_len'"
+    ]
+    # A constraint on a parameter this trial does not sample does not apply.
+    assert space.violated_constraints({"model.n_heads": 0, "optim.lr": 1e-3}, CONFIG) == []
+
+
+def test_hydra_sweep_syntax_becomes_optuna_params() -> None:
+    assert parse_param("a", "choice(0,4,8)") == CategoricalParam("a", (0, 4, 8), "a")
+    assert parse_param("a", "range(64,513,64)") == IntParam("a", 64, 512, "a", step=64)
+    assert parse_param("a", "interval(0.1,0.5)") == FloatParam("a", 0.1, 0.5, "a")
+    assert parse_param("+a", "tag(log, interval(1e-4,1e-2))") == FloatParam("a", 1e-4, 1e-2, "+a", log=True)
+
+
+def test_fixed_override_removes_the_param_and_cli_sweep_replaces_it() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = OverridesParser.create().parse_overrides(["optim.lr=0.1,0.2"])
+    configured = {
+        "model.n_heads": {"type": "categorical", "choices": [0, 4]},
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3},
+    }
+    space = build_search_space(configured, [], sweep, {"model.n_heads"})
+    assert space.params == (CategoricalParam("optim.lr", (0.1, 0.2), "optim.lr"),)
+
+
+def test_override_values_are_quoted_when_hydra_would_retype_them() -> None:
+    assert [override_value(v) for v in (None, True, 3, 1e-05, "adamw", "true", "a b", "it's")] == [
+        "null", "true", "3", "1e-05", "adamw", "'true'", "'a b'", "'it\\'s'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("params", "constraints", "message"),
+    [
+        ({"x": {"type": "gauss"}}, [], "hydra.sweeper.params.x.type must be one of ['categorical', 'int', 'float'], got 'gauss'"),
+        ({"x": {"type": "float", "low": 1, "high": 2, "scale": 3}}, [], "hydra.sweeper.params.x: unknown field(s) ['scale'] for type float"),
+        ({"x": {"type": "float", "low": 2, "high": 1}}, [], "hydra.sweeper.params.x: low (2) must not exceed high (1)"),
+        ({"x": {"type": "float", "low": 0, "high": 1, "log": True}}, [], "hydra.sweeper.params.x: log=true needs low > 0, got low=0"),
+        ({"x": {"type": "int", "low": 0.5, "high": 3}}, [], "hydra.sweeper.params.x.low must be an integer for type int, got 0.5"),
+        ({"x": {"type": "categorical", "choices": []}}, [], "hydra.sweeper.params.x.choices must be a non-empty list, got []"),
+        ({"x": "3"}, [], "hydra.sweeper.params.x: '3' is a single value"),
+        ({"x": {"type": "int", "low": 0, "high": 3, "when": "y >"}}, [], "hydra.sweeper.params.x.when: invalid expression 'y >'"),
+        (
+            {"x": {"type": "int", "low": 0, "high": 3, "when": "y > 0"}, "y": {"type": "int", "low": 0, "high": 3}},
+            [],
+            "hydra.sweeper.params.x.when: 'y > 0' reads 'y', which is sampled at or after 'x'",
+        ),
+        ({"x": {"type": "int", "low": 0, "high": 3}}, "x < 2", "hydra.sweeper.constraints must be a list of expression strings"),
+    ],
+)
+def test_malformed_search_space_error_names_the_key(params: Any, constraints: Any, message: str) -> None:
+    with pytest.raises(SearchSpaceError) as error:
+        build_search_space(params, constraints, [], set())
+    assert str(error.value).startswith(message)
+
+
+def test_expression_reading_an_unknown_name_fails_before_any_trial() -> None:
+    space = head_ratio_space(["model.windw <= 512"])
+    with pytest.raises(SearchSpaceError, match=r"hydra.sweeper.constraints\[0\]: 'model.windw <= 512' reads 'model.windw'"):
+        space.check_names(CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("directions", "message"),
+    [
+        ({}, "hydra.sweeper.directions must map at least one metric name"),
+        ({"loss": "down"}, "hydra.sweeper.directions.loss must be one of ['maximize', 'minimize'], got 'down'"),
+    ],
+)
+def test_malformed_directions_name_the_key(directions: Any, message: str) -> None:
+    with pytest.raises(SweepConfigError) as error:
+        Objectives.parse(directions)
+    assert str(error.value).startswith(message)
+
+
+def test_sampler_errors_name_the_key() -> None:
+    space = head_ratio_space()
+    with pytest.raises(SweepConfigError, match=r"hydra.sweeper.sampler.kind must be one of \['tpe', 'nsgaii', 'random', 'grid'\]"):
+        make_sampler(SamplerConf(kind="cmaes"), space)
+    with pytest.raises(SweepConfigError, match="hydra.sweeper.sampler.population_size applies to kind nsgaii only"):
+        make_sampler(SamplerConf(kind="tpe", population_size=4), space)
+    with pytest.raises(SweepConfigError, match="hydra.sweeper.params.optim.lr: sampler kind grid needs a finite set"):
+        make_sampler(SamplerConf(kind="grid"), space)
+
+
+def test_objective_values_fail_with_a_reason() -> None:
+    objectives = Objectives.parse({"acc": "maximize", "cost": "minimize"})
+    assert objectives.values_from({"acc": 0.5, "cost": 2, "other": 1}) == ([0.5, 2.0], None)
+    assert objectives.values_from({"acc": 0.5}) == (
+        None,
+        "metric 'cost' (hydra.sweeper.directions) is missing from the task's return value; it returned ['acc']",
+    )
+    assert objectives.values_from({"acc": float("inf"), "cost": 1}) == (None, "metric 'acc' is inf")
+    assert objectives.values_from(0.5)[1].startswith("the task returned float, not a mapping")
+
+
+def test_storage_urls_default_beside_mlflow_and_hide_passwords(tmp_path: Path) -> None:
+    assert resolve_storage_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    assert resolve_storage_url("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'sub' / 'x.db'}"
+    assert redact_url("postgresql://lab:s3cret@db:5432/optuna") == "postgresql://lab:***@db:5432/optuna"
+
+
+def test_current_trial_is_none_outside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_TRIAL_NUMBER, raising=False)
+    assert current_trial() is None
