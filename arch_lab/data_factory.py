@@ -5,24 +5,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data.datamodule import MQARDataModule, TextDataModule
-from .data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
-from .data.text import iter_documents
+from .data.tokenizers import Tokenizer
+from .data.tokenizers import build_tokenizer as make_tokenizer
 
 DATA_KINDS = ("mqar", "text")
 
 
-def build_tokenizer(data_cfg: dict[str, Any]) -> Optional[Tokenizer]:
+def tokenizer_spec(data_cfg: dict[str, Any], out_dir: Path) -> Optional[dict[str, Any]]:
+    """How to rebuild this run's tokenizer later (stored in checkpoints): None for MQAR (token ids only)."""
     if data_cfg["kind"] != "text":
         return None
     kind = data_cfg.get("tokenizer", "byte")
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "bpe":
-        if data_cfg["source"] != "files":
-            raise ValueError("data.tokenizer=bpe is trained on local files: use data.source=files")
-        return BPETokenizer.train(iter_documents(data_cfg["train_path"], data_cfg.get("text_field", "text")),
-                                  data_cfg["bpe_vocab_size"])
-    raise ValueError(f"data.tokenizer must be one of byte, bpe; got {kind!r}")
+    if kind == "bpe" and data_cfg["source"] != "files":
+        raise ValueError("data.tokenizer=bpe is trained on local files: use data.source=files")
+    return {"kind": kind, "path": str(out_dir / "tokenizer.json") if kind == "bpe" else None}
+
+
+def build_tokenizer(data_cfg: dict[str, Any], spec: Optional[dict[str, Any]]) -> Optional[Tokenizer]:
+    """The tokenizer of a text run; a BPE one is trained on data.train_path once and saved at spec["path"]."""
+    if spec is None:
+        return None
+    if spec["kind"] == "byte":
+        return make_tokenizer("byte")
+    return make_tokenizer(spec["kind"], path=spec["path"], train_source=data_cfg["train_path"],
+                          vocab_size=data_cfg["bpe_vocab_size"])
 
 
 def _check_path(key: str, path: Optional[str]) -> None:

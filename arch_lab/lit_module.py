@@ -1,7 +1,7 @@
 """The LightningModule: a HybridLM trained by next-token cross-entropy (labels = -100 are ignored)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -16,9 +16,11 @@ from .optim import build_optimizer
 
 class LitHybridLM(L.LightningModule):
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], backend: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None):
         super().__init__()
-        self.save_hyperparameters()  # plain dicts only, so checkpoints load with weights_only=True
+        # Plain dicts only, so checkpoints load with weights_only=True; `tokenizer` (kind, path) lets
+        # `python -m arch_lab.generate` rebuild the run's tokenizer from the checkpoint alone.
+        self.save_hyperparameters()
         self.model = HybridLM(ModelConfig.from_dict(model_cfg))
         self.model.set_backend(backend)
         self._forward = torch.compile(self.model) if compile else self.model

@@ -14,7 +14,7 @@ from components.config import ModelConfig
 from components.ops.backend import describe_backends
 
 from . import evaluate, tracking
-from .data_factory import build_datamodule, build_tokenizer, data_vocab_size
+from .data_factory import build_datamodule, build_tokenizer, data_vocab_size, tokenizer_spec
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,14 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ModelConfig.from_dict(model_cfg).validate()
-    tokenizer = build_tokenizer(data_cfg)
+    out = Path(output_dir or tempfile.mkdtemp(prefix="arch_lab_"))
+    spec = tokenizer_spec(data_cfg, out)
+    tokenizer = build_tokenizer(data_cfg, spec)
     _check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
-    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile)
+    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec)
     model = lit.model
-    out = Path(output_dir or tempfile.mkdtemp(prefix="arch_lab_"))
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}

@@ -84,6 +84,19 @@ class Generator:
     def new_state(self, batch: int, max_len: int) -> InferenceState:
         return self.model.new_inference_state(batch, max_len, self.dtype, self.device, self.learned_init)
 
+    def prefill(self, state: InferenceState, ids: torch.Tensor, pad: Optional[torch.Tensor] = None,
+                chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Feed a (left-padded) prompt batch into `state`, `chunk_size` tokens at a time; returns the last logits.
+
+        Chunking bounds the attention mask and activations to (batch, chunk, keys), which is what lets an 8k-token,
+        batch-128 prompt fit on one GPU; the result equals a single-chunk prefill.
+        """
+        step = chunk_size or ids.shape[1]
+        logits = None
+        for i in range(0, ids.shape[1], step):
+            logits = self.model.forward_cached(ids[:, i:i + step], state, pad if i == 0 else None)[:, -1]
+        return logits
+
     def decoder(self, state: InferenceState):
         """A callable running one decode step on `state`: a CUDA-graph replay on GPUs, eager otherwise."""
         if self.cuda_graph:
@@ -93,12 +106,13 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
                  temperature: float = 1.0, top_k: Optional[int] = None, eos_id: Optional[int] = None,
-                 pad_id: int = 0, seed: Optional[int] = None, keep_logits: bool = False) -> GenerationOutput:
+                 pad_id: int = 0, seed: Optional[int] = None, keep_logits: bool = False,
+                 prefill_chunk: Optional[int] = None) -> GenerationOutput:
         ids, pad = left_pad(prompts, pad_id, self.device)
         state = self.new_state(len(prompts), ids.shape[1] + max_new_tokens)
         decode = self.decoder(state)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        logits = self.model.forward_cached(ids, state, pad)[:, -1]
+        logits = self.prefill(state, ids, pad, prefill_chunk)
         out, kept = [], []
         for step in range(max_new_tokens):
             if keep_logits:

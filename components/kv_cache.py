@@ -29,6 +29,7 @@ class StepInfo:
     pad: Optional[torch.Tensor] = None  # (b,) left-padding per row (inference only)
     token_mask: Optional[torch.Tensor] = None  # (b, l) False at padding (inference prefill only)
     meta_phase: bool = False  # True while the meta tokens themselves are being cached
+    fresh_ssm_state: bool = False  # SSM states are all zero (first chunk, no meta tokens): kernels need no init
     kv_bus: Optional[dict] = None  # producer layer index -> KVView, for KV-consumer layers
 
     def __post_init__(self):

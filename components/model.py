@@ -129,7 +129,8 @@ class HybridLM(nn.Module):
         real = idx[None, :] >= state.pad[:, None]
         positions = torch.where(real, self.cfg.n_meta_tokens + idx[None, :] - state.pad[:, None], 0)
         token_mask = real if start < state.max_pad else None
-        step = StepInfo(positions=positions, start=state.position.clone(), pad=state.pad, token_mask=token_mask)
+        step = StepInfo(positions=positions, start=state.position.clone(), pad=state.pad, token_mask=token_mask,
+                        fresh_ssm_state=start == 0 and self.cfg.n_meta_tokens == 0)
         h = self._run_cached(self.embed(input_ids), step, state)
         state.seq_len += l
         state.position += l

@@ -121,7 +121,8 @@ class Mamba1Heads(nn.Module):
             keep = step.token_mask[:, None, :]
             xc, delta = xc * keep, delta * keep
         y, last = selective_scan(xc, delta.to(xc.dtype), A, B, C, self.D.float(), z,
-                                 initial_state=state.ssm, return_last_state=True, backend=self.backend)
+                                 initial_state=None if step.fresh_ssm_state else state.ssm, return_last_state=True,
+                                 backend=self.backend)
         state.ssm.copy_(last)
         return y.transpose(1, 2)
 

@@ -1,0 +1,63 @@
+"""Generate from a trained checkpoint with the cached, batched decoder.
+
+    python -m arch_lab.generate outputs/<date>/<time>/checkpoints/last.ckpt --prompt "ROMEO:" --max-new-tokens 200
+    python -m arch_lab.generate <ckpt> --prompt "To be" --prompt "Once upon" --sample --temperature 0.8 --top-k 40
+    python -m arch_lab.generate <ckpt> --ids 3,17,5,9          # token ids (MQAR models have no text tokenizer)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from components.config import ModelConfig
+from components.generation import Generator
+from components.model import HybridLM
+
+from .checkpoints import AtomicCheckpointIO
+from .data.tokenizers import build_tokenizer
+
+
+def load_checkpoint(path: str, device: str):
+    ckpt = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True
+    hparams = ckpt["hyper_parameters"]
+    model = HybridLM(ModelConfig.from_dict(hparams["model_cfg"]))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+                           if k.startswith("model.")})
+    spec = hparams.get("tokenizer")
+    tokenizer = build_tokenizer(spec["kind"], path=spec["path"]) if spec else None
+    return model.to(device).eval(), tokenizer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arch_lab.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a Lightning checkpoint written by `python -m arch_lab`")
+    parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
+    parser.add_argument("--ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    if args.prompt and tokenizer is None:
+        parser.error("this checkpoint was trained on token ids (no text tokenizer): use --ids")
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    prompts += [[int(t) for t in ids.split(",")] for ids in args.ids]
+    if not prompts:
+        parser.error("give at least one --prompt or --ids")
+    out = Generator(model).generate(prompts, args.max_new_tokens, greedy=not args.sample,
+                                    temperature=args.temperature, top_k=args.top_k,
+                                    eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed)
+    for prompt, tokens in zip(args.prompt + args.ids, out.tokens):
+        text = tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens))
+        print(f"=== {prompt}\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Rebuild the roadmap study's tables and plots from an MLflow store (so anyone's own runs give the same report).
+
+    python -m arch_lab.report --tracking-uri sqlite:///mlruns.db --experiment roadmap \
+        [--bench-uri sqlite:///bench.db --bench-experiment arch_lab] --out experiments/roadmap/report
+
+Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers; mean ± spread over seeds) and the plots
+`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# DESIGN.md §5 / paper Table 1 (300M, 100B tokens, A100; cache at 16k fp16).
+PAPER_TABLE1 = {
+    "transformer": ("Transformer (Llama)", 44.08, 39.98, 721.1, 829.4),
+    "mamba": ("Mamba", 42.98, 19.23, 4720.8, 1.9),
+    "roadmap_a": ("A + attention heads (sequential)", 44.07, 45.16, 776.3, 311.9),
+    "roadmap_b": ("B + multi-head (parallel)", 45.19, 49.90, 876.7, 295.7),
+    "roadmap_c": ("C + local/global attention", 44.56, 48.79, 2399.7, 78.1),
+    "roadmap_d": ("D + KV sharing", 45.16, 48.04, 2756.5, 76.3),
+    "roadmap_e": ("E + meta tokens", 45.59, 51.79, 2695.8, 76.9),
+}
+# Paper Table 9 rows 1-4 (attention heads at fixed size): ratio, recall, throughput, cache.
+PAPER_TABLE9 = {0: ("0:1", 19.23, 4720.8, 1.87), 4: ("1:8.48", 44.65, 3278.1, 197.39),
+                8: ("1:4.24", 52.53, 1816.5, 394.00), 16: ("1:2.12", 56.46, 656.6, 787.22)}
+
+
+def _runs(tracking_uri: str, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
+
+
+def _row_key(model_name: str) -> Optional[str]:
+    for key in PAPER_TABLE1:
+        if model_name.startswith(key + "_") or model_name == key:
+            return key
+    return None
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    spread = (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def _fmt(mean: float, spread: float, scale: float = 1.0, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}" if spread else f"{mean * scale:.{digits}f}"
+
+
+def collect(runs, metric: str, task: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    if runs.empty or f"metrics.{metric}" not in runs:
+        return out
+    for _, run in runs.iterrows():
+        row, run_task = _row_key(str(run.get("tags.model", ""))), run.get("tags.task")
+        if row is None or isinstance(run.get("tags.sweep.study_name"), str):
+            continue  # sweep trials belong to Table 9, not to the roadmap rows
+        if isinstance(run_task, str) and run_task != task:
+            continue  # bench runs carry no task tag and serve every table
+        out.setdefault(row, []).append(run[f"metrics.{metric}"])
+    return out
+
+
+def table1(runs, bench) -> str:
+    mqar = collect(runs, "recall/mqar_acc", "mqar")
+    ppl = collect(runs, "val/ppl", "text")
+    gut = collect(runs, "test/gutenberg_test/ppl", "text")
+    wiki = collect(runs, "test/wikitext2/ppl", "text")
+    passkey = collect(runs, "recall/passkey_acc", "text")
+    decode = {r: v for r, v in collect(bench, "bench/decode_tok_s", "mqar").items()} if bench is not None else {}
+    cache = {r: v for r, v in collect(bench, "bench/cache_mb_16k", "mqar").items()} if bench is not None else {}
+    seeds = {r: len(v) for r, v in mqar.items()}
+    base = mean_spread(decode.get("transformer", []))[0]
+    paper_base = PAPER_TABLE1["transformer"][3]
+    lines = ["| row | MQAR acc % | val ppl | gutenberg test ppl | wikitext2 ppl | passkey % | decode tok/s (× Transformer) "
+             "| paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, (label, _, recall, tok_s, cache_mb) in PAPER_TABLE1.items():
+        d = mean_spread(decode.get(row, []))[0]
+        ratio = f"{d:.0f} ({d / base:.2f}×)" if not math.isnan(d) and base and not math.isnan(base) else "–"
+        lines.append(
+            f"| {label} | {_fmt(*mean_spread(mqar.get(row, [])), 100)} | {_fmt(*mean_spread(ppl.get(row, [])), 1, 2)} "
+            f"| {_fmt(*mean_spread(gut.get(row, [])), 1, 2)} | {_fmt(*mean_spread(wiki.get(row, [])), 1, 2)} "
+            f"| {_fmt(*mean_spread(passkey.get(row, [])), 100)} | {ratio} | {tok_s} ({tok_s / paper_base:.2f}×) "
+            f"| {_fmt(*mean_spread(cache.get(row, [])), 1, 1)} | {cache_mb} | {recall} | {seeds.get(row, 0)} |")
+    return "\n".join(lines)
+
+
+def table9(runs) -> str:
+    lines = ["| attention heads | Attn:SSM params (ours) | MQAR acc % | decode tok/s | cache MB @16k "
+             "| paper ratio | paper recall % | paper tok/s | paper cache MB |", "|---|---|---|---|---|---|---|---|---|"]
+    if runs.empty or "tags.sweep.study_name" not in runs:
+        return "\n".join(lines + ["| (no head_ratio sweep in this store) |||||||||"])
+    sweep = runs[runs["tags.sweep.study_name"] == "head_ratio"]
+    sweep = sweep[sweep["params.model.n_heads"].notna()] if "params.model.n_heads" in sweep else sweep.iloc[0:0]
+    heads = sorted({int(h) for h in sweep["params.model.n_heads"]})
+    for rank, h in enumerate(heads):
+        sub = sweep[sweep["params.model.n_heads"].astype(int) == h]
+        paper = list(PAPER_TABLE9.values())[rank] if rank < len(PAPER_TABLE9) else ("–",) * 4
+        lines.append(f"| {h} | {sub['tags.params.attn_to_ssm'].iloc[0]} "
+                     f"| {_fmt(*mean_spread(list(sub['metrics.recall/mqar_acc'])), 100)} "
+                     f"| {_fmt(*mean_spread(list(sub['metrics.throughput/decode_tok_s'])), 1, 0)} "
+                     f"| {_fmt(*mean_spread(list(sub['metrics.cache/mb_16k'])), 1, 3)} "
+                     f"| {paper[0]} | {paper[1]} | {paper[2]} | {paper[3]} |")
+    return "\n".join(lines)
+
+
+def plot_fig1(runs, bench, path: Path) -> Path:
+    """Accuracy vs decode throughput, point size = cache (the paper's Fig. 1 view)."""
+    mqar = collect(runs, "recall/mqar_acc", "mqar")
+    decode = collect(bench, "bench/decode_tok_s", "mqar") if bench is not None else {}
+    cache = collect(bench, "bench/cache_mb_16k", "mqar") if bench is not None else {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in PAPER_TABLE1:
+        acc, tok = mean_spread(mqar.get(row, []))[0], mean_spread(decode.get(row, []))[0]
+        if math.isnan(acc) or math.isnan(tok):
+            continue
+        mb = mean_spread(cache.get(row, []))[0]
+        ax.scatter(tok, 100 * acc, s=20 + (0 if math.isnan(mb) else 3 * math.sqrt(mb)), alpha=0.6)
+        ax.annotate(PAPER_TABLE1[row][0].split(" ")[0], (tok, 100 * acc), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("decode tokens/s (8k context, bench at 300M)")
+    ax.set_ylabel("MQAR accuracy % (small size)")
+    ax.set_title("Accuracy vs throughput; point area ~ cache at 16k")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_erf_vs_cache(runs, bench, path: Path) -> Optional[Path]:
+    from .evaluation.plots import plot_erf_vs_cache as draw
+
+    erf = collect(runs, "analysis/erf", "mqar")
+    cache = collect(bench, "bench/cache_mb_16k", "mqar") if bench is not None else {}
+    points = [(PAPER_TABLE1[r][0].split(" ")[0], mean_spread(cache.get(r, []))[0], mean_spread(erf[r])[0])
+              for r in erf if r in cache]
+    return draw(points, path) if points else None
+
+
+def plot_entropy(runs, path: Path) -> Optional[Path]:
+    """Attention entropy per layer of the trained E (meta tokens) and D (none) models (Fig. 9)."""
+    import torch
+
+    from .evaluation.plots import plot_entropy_per_layer
+
+    def per_layer(row: str) -> Optional[torch.Tensor]:
+        sub = runs[[(_row_key(str(m)) == row) for m in runs.get("tags.model", [])]] if not runs.empty else runs
+        cols = sorted((c for c in sub.columns if c.startswith("metrics.analysis/attn_entropy_layer")),
+                      key=lambda c: int(c.rsplit("layer", 1)[1]))
+        if sub.empty or not cols:
+            return None
+        return torch.tensor([[sub[c].mean()] for c in cols if not math.isnan(sub[c].mean())])
+
+    with_meta, without = per_layer("roadmap_e"), per_layer("roadmap_d")
+    if with_meta is None or without is None:
+        return None
+    return plot_entropy_per_layer(with_meta, without, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arch_lab.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", default="sqlite:///mlruns.db")
+    parser.add_argument("--experiment", default="roadmap")
+    parser.add_argument("--bench-uri", default=None, help="MLflow store holding `python -m arch_lab.bench` runs")
+    parser.add_argument("--bench-experiment", default="arch_lab")
+    parser.add_argument("--out", default="roadmap_report")
+    args = parser.parse_args(argv)
+    runs = _runs(args.tracking_uri, args.experiment)
+    bench = _runs(args.bench_uri, args.bench_experiment) if args.bench_uri else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = ["# Roadmap study (generated by `python -m arch_lab.report`)", "", "## Table 1", "", table1(runs, bench),
+            "", "## Table 9 rows 1–4 (head ratio at fixed size)", "", table9(runs), ""]
+    (out / "tables.md").write_text("\n".join(text))
+    plot_fig1(runs, bench, out / "fig1_accuracy_throughput_cache.png")
+    if bench is not None:
+        plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")
+    plot_entropy(runs, out / "fig9_entropy_per_layer.png")
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
