@@ -101,7 +101,7 @@ class SlidingWindowKVCache(_KVBuffer):
         last = step.start - 1
         held = last - torch.remainder(last - slot, w)  # padded index each slot holds (negative: never written)
         ring_pos = self._token_positions(held, step.pad, (held >= 0)[None, :])
-        chunk_idx = torch.arange(step.start, step.start + l, device=device)
+        chunk_idx = step.start + torch.arange(l, device=device)
         chunk_pos = self._token_positions(chunk_idx, step.pad, torch.ones(1, l, dtype=torch.bool, device=device))
         view = KVView(
             torch.cat([self.k, k.transpose(1, 2)], dim=2),

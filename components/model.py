@@ -65,7 +65,8 @@ class HybridLM(nn.Module):
             if hasattr(module, "backend"):
                 module.backend = backend
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on hidden states (meta positions already removed)."""
         h = self.final_norm(h)
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
 
@@ -85,7 +86,7 @@ class HybridLM(nn.Module):
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._logits(self.meta.strip(self.hidden_states(input_ids)))
+        return self.logits(self.meta.strip(self.hidden_states(input_ids)))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self(input_ids)
@@ -134,4 +135,4 @@ class HybridLM(nn.Module):
         h = self._run_cached(self.embed(input_ids), step, state)
         state.seq_len += l
         state.position += l
-        return self._logits(h)
+        return self.logits(h)

@@ -71,7 +71,7 @@ def halve_batch_on_oom(measure: Callable[[int], T], batch: int, what: str, enabl
         if batch == 1:
             raise BatchDoesNotFitError(f"{what}: even batch 1 runs out of memory ({reason}); lower the context "
                                        f"length or benchmark a smaller model")
-        log.warning("%s: batch %d ran out of memory; retrying with batch %d", what, batch, batch // 2)
+        log.warning("%s: batch %d ran out of memory (%s); retrying with batch %d", what, batch, reason, batch // 2)
         batch //= 2
 
 
@@ -139,7 +139,7 @@ def measure_cached_decode(model, batch: int, context: int, new_tokens: int, gene
 def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Full forward without a cache, projecting only the last position (all a generation step needs)."""
     h = model.meta.strip(model.hidden_states(ids))[:, -1:]
-    return model._logits(h)[:, -1]
+    return model.logits(h)[:, -1]
 
 
 @torch.no_grad()
@@ -230,7 +230,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, device_name: str) -> float:
-    """The device's dense matmul ceiling for `dtype`: the recorded value for known half-precision GPUs, else measured."""
+    """The dense matmul ceiling for `dtype`: the recorded value for known GPUs in half precision, else measured."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         for chip, tflops in KNOWN_PEAK_TFLOPS.items():
             if chip in device_name:

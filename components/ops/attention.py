@@ -43,6 +43,17 @@ def _flex_block_mask(seq_len: int, window: int, num_meta: int, device: str):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
 
 
+# FlexAttention's Triton kernels keep a (block x head_dim) tile of V in shared memory; wider heads (the hybrid rows
+# tie v_head_dim to ssm_inner / n_heads) exceed it, so they take masked SDPA (memory-efficient kernel) instead.
+FLEX_MAX_HEAD_DIM = 128
+
+
+@lru_cache(maxsize=8)
+def _dense_mask(seq_len: int, window: int, num_meta: int, device: str) -> torch.Tensor:
+    pos = torch.arange(seq_len, device=device)[None]
+    return allowed_keys(pos, pos, window, num_meta)
+
+
 @lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -57,6 +68,9 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         gqa = q.shape[1] != k.shape[1]
         if window is None or window >= q.shape[2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if max(q.shape[-1], v.shape[-1]) > FLEX_MAX_HEAD_DIM:
+            mask = _dense_mask(q.shape[2], window, num_meta, str(q.device))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         block_mask = _flex_block_mask(q.shape[2], window, num_meta, str(q.device))
         return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     return attention_reference(q, k, v, allowed_keys(positions, positions, window, num_meta))

@@ -1,0 +1,288 @@
+"""arch_lab.bench: the Hydra app end to end (MLflow run, metrics, artifacts), OOM halving, FLOPs and byte counts.
+
+The app runs once, in a subprocess, as a Hydra multirun over a Llama-style and a hybrid tiny model (two MLflow
+runs in one SQLite store). No timing is asserted: values are checked for sign, for the batch actually used, and against
+the formulas they come from.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from arch_lab.bench.__main__ import BenchConfigError, BenchSettings
+from arch_lab.bench.flops import (
+    attention_context,
+    decode_bandwidth_bound_tok_s,
+    decode_bytes_per_step,
+    matmul_params,
+    model_flops_utilization,
+    scan_flops_per_token,
+    train_flops_per_token,
+)
+from arch_lab.bench.measure import BatchDoesNotFitError, halve_batch_on_oom
+from arch_lab.bench.report import format_table, table_rows
+from components.cache_accounting import cache_bytes, paper_cache_mb
+from components.config import ModelConfig
+from components.param_count import build_on_meta
+from components.presets import preset
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT, BATCH, NEW_TOKENS, TRAIN_SEQ_LEN = 24, 2, 4, 24
+APP_OVERRIDES = [f"context={CONTEXT}", f"batch={BATCH}", f"new_tokens={NEW_TOKENS}", "recompute_new_tokens=2",
+                 f"train_seq_len={TRAIN_SEQ_LEN}", "train_batch=2", "train_steps=1", "train_warmup_steps=1",
+                 "warmup_steps=1"]
+COMMON_METRICS = ["bench/decode_tok_s", "bench/decode_batch", "bench/prefill_tok_s", "bench/train_tok_s",
+                  "bench/train_mfu", "bench/recompute_tok_s", "bench/decode_speedup_vs_recompute",
+                  "bench/decode_bw_bound_tok_s", "bench/decode_bw_fraction", "bench/cache_mb_16k",
+                  "bench/state_bytes", "bench/params"]
+HF_METRICS = ["bench/hf_decode_tok_s", "bench/decode_speedup_vs_hf"]
+
+
+# ---------------------------------------------------------------------------- the app, end to end
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """One `python -m arch_lab.bench -m model=transformer,roadmap_e ...` (a Hydra multirun: one process, two runs)."""
+    root = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    models = ("transformer", "roadmap_e")
+    cmd = [sys.executable, "-m", "arch_lab.bench", "-m", f"model={','.join(models)}", *APP_OVERRIDES,
+           f"logger.tracking_uri=sqlite:///{root / 'mlruns.db'}", f"hydra.sweep.dir={root / 'multirun'}"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    found = client.search_runs([client.get_experiment_by_name("arch_lab").experiment_id],
+                               filter_string="tags.bench = 'true'")
+    assert sorted(run.data.tags["model"] for run in found) == sorted(f"{m}_tiny" for m in models)
+    runs = {}
+    for job, model in enumerate(models):
+        run = next(r for r in found if r.data.tags["model"] == f"{model}_tiny")
+        artifacts = Path(client.download_artifacts(run.info.run_id, "", str(root / f"artifacts_{model}")))
+        runs[model] = {"run": run, "artifacts": artifacts, "stdout": proc.stdout, "out": root / "multirun" / str(job)}
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["transformer", "roadmap_e"])
+def test_bench_run_logs_sane_metrics(bench_runs: dict[str, dict], model_name: str):
+    run = bench_runs[model_name]["run"]
+    metrics, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["bench"] == "true" and tags["model"] == f"{model_name}_tiny" and tags["dtype"] == "float32"
+    assert tags["device"].endswith("CPU")
+    expected = COMMON_METRICS + (HF_METRICS if model_name == "transformer" else [])
+    missing = [name for name in expected if name not in metrics]
+    assert not missing
+    assert all(metrics[name] > 0 for name in expected)
+    assert metrics["bench/decode_batch"] == BATCH
+    assert 0 < metrics["bench/decode_bw_fraction"] < 1.5
+
+    model = build_on_meta(preset(model_name, "tiny"))
+    assert metrics["bench/params"] == sum(p.numel() for p in model.parameters())
+    assert metrics["bench/state_bytes"] == cache_bytes(model, CONTEXT + NEW_TOKENS, BATCH, 4).total
+    assert metrics["bench/cache_mb_16k"] == pytest.approx(paper_cache_mb(model, 16384))
+    # Derived metrics follow from the measured ones by the documented formulas.
+    assert metrics["bench/decode_bw_fraction"] == pytest.approx(
+        metrics["bench/decode_tok_s"] / metrics["bench/decode_bw_bound_tok_s"])
+    assert metrics["bench/decode_bw_bound_tok_s"] == pytest.approx(decode_bandwidth_bound_tok_s(
+        model, BATCH, CONTEXT, NEW_TOKENS, 4, metrics["bench/bandwidth_gbs"]))
+    assert metrics["bench/decode_speedup_vs_recompute"] == pytest.approx(
+        metrics["bench/decode_tok_s"] / metrics["bench/recompute_tok_s"])
+    assert metrics["bench/train_mfu"] == pytest.approx(model_flops_utilization(
+        metrics["bench/train_tok_s"], train_flops_per_token(model, TRAIN_SEQ_LEN), metrics["bench/peak_tflops"]))
+
+
+@pytest.mark.slow
+def test_llama_style_run_times_hf_generate_and_non_llama_run_skips_it(bench_runs: dict[str, dict]):
+    llama, hybrid = bench_runs["transformer"]["run"], bench_runs["roadmap_e"]["run"]
+    assert "bench.hf_skipped" not in llama.data.tags
+    assert llama.data.metrics["bench/hf_batch"] == BATCH
+    assert llama.data.metrics["bench/decode_speedup_vs_hf"] == pytest.approx(
+        llama.data.metrics["bench/decode_tok_s"] / llama.data.metrics["bench/hf_decode_tok_s"])
+    assert hybrid.data.tags["bench.hf_skipped"].startswith("not Llama-style: model.layers='hybrid'")
+    assert not any(name.startswith("bench/hf_") for name in hybrid.data.metrics)
+
+
+@pytest.mark.slow
+def test_results_json_and_table_are_artifacts(bench_runs: dict[str, dict]):
+    info = bench_runs["transformer"]
+    results = json.loads((info["artifacts"] / "bench_results.json").read_text())
+    assert results["mlflow_run_id"] == info["run"].info.run_id
+    assert results["metrics"] == pytest.approx(info["run"].data.metrics)
+    assert results["settings"]["batch"] == BATCH and results["settings"]["measure"] == list(
+        ("decode", "prefill", "train", "recompute", "hf"))
+    table = (info["artifacts"] / "bench_table.txt").read_text()
+    assert table == (info["out"] / "bench_table.txt").read_text()
+    assert table.splitlines()[2].split() == ["measurement", "value", "unit"]
+    assert table.strip() in info["stdout"]
+    assert {"config.yaml", "layer_plan.txt"} <= {p.name for p in info["artifacts"].iterdir()}
+
+
+# ---------------------------------------------------------------------------- config validation
+def _settings(*overrides: str, cuda: bool = False) -> BenchSettings:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=list(overrides))
+    return BenchSettings.from_cfg(cfg, cuda_available=cuda)
+
+
+def test_defaults_resolve_per_device():
+    cpu, gpu = _settings(), _settings(cuda=True)
+    assert (cpu.device, cpu.dtype, gpu.device, gpu.dtype) == ("cpu", "float32", "cuda", "bfloat16")
+    assert cpu.measure == ("decode", "prefill", "train", "recompute", "hf")
+    assert cpu.peak_tflops is None and _settings("peak_tflops=989").peak_tflops == 989.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("measure=[decode,speed]", "measure: unknown measurement(s) ['speed']; allowed: decode, prefill, train, "
+                               "recompute, hf"),
+    ("dtype=int8", "dtype must be one of auto, float32, bfloat16, float16; got 'int8'"),
+    ("device=tpu", "device must be one of auto, cpu, cuda, cuda:<index>; got 'tpu'"),
+    ("device=cuda", "device='cuda' but no CUDA device is visible; use device=auto or cpu"),
+    ("batch=0", "batch must be an integer >= 1, got 0"),
+    ("bandwidth_gbs=-3", "bandwidth_gbs must be 'auto' or a positive number, got -3"),
+    ("new_tokens=1", "new_tokens must be >= 2 when measure includes hf"),
+    ("cuda_graph=sometimes", "cuda_graph must be auto, true or false; got 'sometimes'"),
+])
+def test_bad_bench_keys_are_named(override: str, message: str):
+    with pytest.raises(BenchConfigError) as error:
+        _settings(override)
+    assert str(error.value).startswith(message)
+
+
+def test_sequences_longer_than_the_model_are_refused():
+    settings = _settings("context=1000", "new_tokens=30")
+    with pytest.raises(BenchConfigError, match=r"^context \+ new_tokens = 1030 is longer than model.max_seq_len=1024"):
+        settings.check_lengths(1024)
+    _settings("context=1000", "new_tokens=24").check_lengths(1024)
+
+
+# ---------------------------------------------------------------------------- out-of-memory halving
+class FakeMeasurement:
+    """Raises out-of-memory above `fits` rows and records every batch it was called with."""
+
+    def __init__(self, fits: int, error: type[BaseException] = torch.cuda.OutOfMemoryError):
+        self.fits, self.error, self.tried = fits, error, []
+
+    def __call__(self, batch: int) -> str:
+        self.tried.append(batch)
+        if batch > self.fits:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return f"measured at {batch}"
+
+
+@pytest.fixture
+def frees(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the memory releases between attempts (a full gc.collect() takes seconds in a big test process)."""
+    calls: list[int] = []
+    monkeypatch.setattr("arch_lab.bench.measure.free_device_memory", lambda: calls.append(1))
+    return calls
+
+
+def test_oom_halves_until_the_batch_fits(frees: list[int]):
+    fake = FakeMeasurement(fits=40)
+    assert halve_batch_on_oom(fake, 128, "decode") == ("measured at 32", 32)
+    assert fake.tried == [128, 64, 32]
+    assert len(frees) == 2  # memory is released after each out-of-memory attempt
+
+
+def test_runtime_error_saying_out_of_memory_also_halves(frees: list[int]):
+    fake = FakeMeasurement(fits=5, error=RuntimeError)
+    assert halve_batch_on_oom(fake, 12, "hf") == ("measured at 3", 3)
+    assert fake.tried == [12, 6, 3]
+
+
+def test_batch_one_out_of_memory_is_a_clear_error(frees: list[int]):
+    fake = FakeMeasurement(fits=0)
+    with pytest.raises(BatchDoesNotFitError, match=r"^train: even batch 1 runs out of memory \(CUDA out of memory"):
+        halve_batch_on_oom(fake, 4, "train")
+    assert fake.tried == [4, 2, 1]
+
+
+def test_without_halving_the_first_out_of_memory_is_an_error(frees: list[int]):
+    fake = FakeMeasurement(fits=8)
+    with pytest.raises(BatchDoesNotFitError, match="decode: batch 16 ran out of memory .* and halve_on_oom=false"):
+        halve_batch_on_oom(fake, 16, "decode", enabled=False)
+    assert fake.tried == [16]
+
+
+def test_other_errors_are_not_mistaken_for_out_of_memory():
+    def broken(batch: int):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        halve_batch_on_oom(broken, 8, "decode")
+
+
+# ---------------------------------------------------------------------------- FLOPs and bytes by hand
+# Two hybrid layers: layer 0 global, layer 1 sliding window 6; 2 query heads, 1 KV head, qk 4, v 8 (= 16 / 2),
+# Mamba-1 d_inner 16, d_state 4, d_conv 3, dt_rank 2; SwiGLU 12; 2 meta tokens; vocab 10, d_model 8.
+HAND_CONFIG = ModelConfig(vocab_size=10, d_model=8, n_layers=2, layers="hybrid", n_heads=2, n_kv_heads=1,
+                          qk_head_dim=4, ssm_inner=16, d_state=4, d_conv=3, dt_rank=2, ffn_dim=12, window=6,
+                          global_layers="first", n_meta_tokens=2, max_seq_len=64)
+
+
+def test_train_flops_per_token_by_hand():
+    model = build_on_meta(HAND_CONFIG)
+    in_proj = 8 * ((2 * 4 + 1 * (4 + 8)) + 2 * 16)  # [q | k v] attention slice + [x | z] SSM slice
+    out_proj = 16 * 8
+    conv, x_proj, dt_proj = 16 * 3, 16 * (2 + 2 * 4), 2 * 16
+    ffn = 8 * 2 * 12 + 12 * 8
+    n_matmul = 2 * (in_proj + out_proj + conv + x_proj + dt_proj + ffn) + 10 * 8  # + LM head
+    assert matmul_params(model) == n_matmul == 2224
+    seq = 20
+    ctx_global, ctx_local = seq / 2 + 2, min(6, seq / 2) + 2
+    attention = 2 * 2 * (4 + 8) * (ctx_global + ctx_local)
+    scan = 2 * 9 * 16 * 4
+    assert train_flops_per_token(model, seq) == 6 * n_matmul + 3 * (attention + scan) == 19680
+    assert attention_context(100, 6, 2) == 8 and attention_context(8, 6, 2) == 6 and attention_context(8, None, 0) == 4
+    mamba2 = build_on_meta(preset("mamba2", "tiny"))
+    assert scan_flops_per_token(mamba2) == sum(6 * l.mixer.ssm.d_inner * l.mixer.ssm.d_state for l in mamba2.layers)
+    assert scan_flops_per_token(build_on_meta(preset("transformer", "tiny"))) == 0
+    assert model_flops_utilization(1000.0, 2e9, 4.0) == 0.5
+
+
+def test_decode_bandwidth_bound_by_hand():
+    # Two global attention layers, 2 query heads, 1 KV head of 4 + 4, SwiGLU 12, vocab 10, d_model 8.
+    model = build_on_meta(ModelConfig(vocab_size=10, d_model=8, n_layers=2, layers="attention", n_heads=2,
+                                      n_kv_heads=1, qk_head_dim=4, ffn_dim=12, max_seq_len=64))
+    per_layer = 8 * (2 * 4 + 1 * (4 + 4)) + 8 * 8 + 8 * 2 * 12 + 12 * 8 + 2 * 8  # in/out proj, FFN, two norms
+    weights = (2 * per_layer + 10 * 8 + 8) * 2  # + tied embedding, final norm; bf16
+    kv_per_token = 2 * 1 * (4 + 4) * 2  # layers x KV heads x (k + v) x bf16
+    batch, context = 3, 10
+    assert decode_bytes_per_step(model, batch, 11, 2) == weights + batch * 11 * kv_per_token
+    total = sum(weights + batch * length * kv_per_token for length in (11, 12))  # 2 steps read 11 then 12 keys
+    assert decode_bandwidth_bound_tok_s(model, batch, context, 2, 2, 100.0) == pytest.approx(
+        batch * 2 * 100e9 / total)
+
+
+# ---------------------------------------------------------------------------- report
+def test_table_rows_follow_the_documented_order_and_units():
+    metrics = {"bench/params": 1234.0, "bench/cache_mb_16k": 16.78, "bench/decode_tok_s": 1500.5,
+               "bench/train_mfu": 0.25}
+    rows = table_rows(metrics)
+    assert [(r.measurement, r.unit) for r in rows] == [
+        ("decode, cached", "tok/s"), ("training MFU", "fraction"), ("parameters", "count"),
+        ("cache at 16k tokens (paper: fp16, no meta, batch 1)", "MB")]
+    lines = format_table(rows, "title").splitlines()
+    assert lines[0] == "title" and lines[2].split() == ["measurement", "value", "unit"]
+    assert lines[4].split()[-2:] == ["1,500.5", "tok/s"] and lines[-2].split()[-2:] == ["1,234", "count"]
+    assert math.isclose(float(lines[-1].split()[-2]), 16.78)
+
+
+def test_missing_transformers_skips_hf_with_a_reason(monkeypatch: pytest.MonkeyPatch):
+    import arch_lab.bench.__main__ as app
+
+    monkeypatch.setattr(app.importlib.util, "find_spec", lambda name: None)
+    assert app.hf_skip_reason(preset("transformer", "tiny")) == \
+        "transformers is not installed (pip install transformers)"
+    assert app.hf_skip_reason(preset("roadmap_e", "tiny")).startswith("not Llama-style: ")
