@@ -59,13 +59,15 @@ def counts_of(model) -> ParamCounts:
     return ParamCounts(total, attention, ssm, ffn, embedding, other)
 
 
-def _ssm_granule(cfg: ModelConfig) -> int:
-    granule = 1
+def _ssm_granules(cfg: ModelConfig) -> list[int]:
+    """Widths ssm_inner may step by, coarsest first: multiples of 8 per attention head (and per Mamba-2 head)
+    keep head dims kernel-friendly; finer steps are the fallback when a small model cannot reach its budget."""
+    fine = 1
     if cfg.n_heads > 0 and cfg.fusion == "mean" and "hybrid" in cfg.layer_kinds() and cfg.v_head_dim is None:
-        granule = math.lcm(granule, cfg.n_heads)
+        fine = math.lcm(fine, cfg.n_heads)
     if cfg.ssm == "mamba2":
-        granule = math.lcm(granule, cfg.ssm_head_dim * cfg.ssm_groups)
-    return granule
+        fine = math.lcm(fine, cfg.ssm_head_dim * cfg.ssm_groups)
+    return [math.lcm(fine, 8 * max(cfg.n_heads, 1)), fine]
 
 
 def solve_param_budget(cfg: ModelConfig) -> ModelConfig:
@@ -81,17 +83,18 @@ def solve_param_budget(cfg: ModelConfig) -> ModelConfig:
     if not any(k in ("hybrid", "ssm") for k in cfg.layer_kinds()):
         raise ConfigError("model.param_budget: only models with SSM heads can hold a budget (it re-sizes "
                           "model.ssm_inner); set model.param_budget=null")
-    g = _ssm_granule(cfg)
     probe = cfg.replace(param_budget=None)
-    p1 = count_parameters(probe.replace(ssm_inner=g)).total
-    p2 = count_parameters(probe.replace(ssm_inner=2 * g)).total
-    k = round((budget - p1) / (p2 - p1)) + 1
-    if k < 1:
-        raise ConfigError(f"model.param_budget={budget}: the head ratio leaves no SSM width (attention, FFN and "
-                          f"embeddings alone need {p1 - (p2 - p1)} parameters); lower model.n_heads or raise the budget")
-    solved = probe.replace(ssm_inner=k * g)
-    total = count_parameters(solved).total
-    if abs(total - budget) > 0.01 * budget:
-        raise ConfigError(f"model.param_budget={budget}: closest reachable size is {total} (>1% off); "
-                          f"change model.d_model or model.ffn_dim")
-    return solved
+    for g in _ssm_granules(cfg):
+        p1 = count_parameters(probe.replace(ssm_inner=g)).total
+        p2 = count_parameters(probe.replace(ssm_inner=2 * g)).total
+        k = round((budget - p1) / (p2 - p1)) + 1
+        if k < 1:
+            raise ConfigError(f"model.param_budget={budget}: the head ratio leaves no SSM width (attention, FFN and "
+                              f"embeddings alone need {p1 - (p2 - p1)} parameters); lower model.n_heads or raise "
+                              f"the budget")
+        solved = probe.replace(ssm_inner=k * g)
+        total = count_parameters(solved).total
+        if abs(total - budget) <= 0.01 * budget:
+            return solved
+    raise ConfigError(f"model.param_budget={budget}: closest reachable size is {total} (>1% off); "
+                      f"change model.d_model or model.ffn_dim")

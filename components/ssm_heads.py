@@ -113,7 +113,9 @@ class Mamba1Heads(nn.Module):
             return y[:, None, :]
         window = _conv_window(x, state.conv, _chunk_padding(step, x.shape[-1]))
         xc = causal_conv1d(window, weight, self.conv1d.bias, activation="silu", backend=self.backend)
-        xc = xc[..., self.d_conv - 1:]
+        # A fresh, aligned buffer: the sliced view starts d_conv - 1 elements in, which the scan kernel's
+        # vectorised loads reject ("misaligned address" on the H100).
+        xc = xc[..., self.d_conv - 1:].contiguous()
         state.conv.copy_(window[..., -(self.d_conv - 1):])
         dt, B, C = self._dt_b_c(xc)
         delta = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
@@ -186,7 +188,7 @@ class Mamba2Heads(nn.Module):
             return self._gated_out(y.reshape(b, 1, self.d_inner), z)
         window = _conv_window(xbc.transpose(1, 2), state.conv, _chunk_padding(step, l))
         xc = causal_conv1d(window, weight, self.conv1d.bias, activation="silu", backend=self.backend)
-        xc = xc[..., self.d_conv - 1:].transpose(1, 2)
+        xc = xc[..., self.d_conv - 1:].transpose(1, 2).contiguous()  # aligned for the SSD kernel, as above
         state.conv.copy_(window[..., -(self.d_conv - 1):])
         delta = F.softplus(dt.float() + self.dt_bias.float())
         if step.token_mask is not None:

@@ -106,5 +106,6 @@ def test_ratio_knob_holds_the_budget_while_attention_heads_grow():
         assert counts.attn_to_ssm == expected
         widths.append(model.cfg.resolved_ssm_inner)
         shares.append(counts.attention / (counts.attention + counts.ssm))
-    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 4  # ssm_inner re-solved each time
+    # ssm_inner is re-solved for every head count (neighbours may round to the same kernel-friendly width)
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
     assert shares == sorted(shares) and shares[0] == 0
