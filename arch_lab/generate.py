@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         parser.error("give at least one --prompt or --ids")
     out = Generator(model).generate(prompts, args.max_new_tokens, greedy=not args.sample,
                                     temperature=args.temperature, top_k=args.top_k,
-                                    eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed)
+                                    eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed,
+                                    vocab_limit=tokenizer.vocab_size if tokenizer else None)
     for prompt, tokens in zip(args.prompt + args.ids, out.tokens):
         text = tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens))
         print(f"=== {prompt}\n{text}")

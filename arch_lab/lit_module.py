@@ -20,7 +20,7 @@ class LitHybridLM(L.LightningModule):
         super().__init__()
         # Plain dicts only, so checkpoints load with weights_only=True; `tokenizer` (kind, path) lets
         # `python -m arch_lab.generate` rebuild the run's tokenizer from the checkpoint alone.
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs its own flattened, path-free params
         self.model = HybridLM(ModelConfig.from_dict(model_cfg))
         self.model.set_backend(backend)
         self._forward = torch.compile(self.model) if compile else self.model

@@ -107,7 +107,8 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
                  temperature: float = 1.0, top_k: Optional[int] = None, eos_id: Optional[int] = None,
                  pad_id: int = 0, seed: Optional[int] = None, keep_logits: bool = False,
-                 prefill_chunk: Optional[int] = None) -> GenerationOutput:
+                 prefill_chunk: Optional[int] = None, vocab_limit: Optional[int] = None) -> GenerationOutput:
+        """`vocab_limit`: only ids below it may be produced (a tokenizer smaller than the embedding table)."""
         ids, pad = left_pad(prompts, pad_id, self.device)
         state = self.new_state(len(prompts), ids.shape[1] + max_new_tokens)
         decode = self.decoder(state)
@@ -117,6 +118,9 @@ class Generator:
         for step in range(max_new_tokens):
             if keep_logits:
                 kept.append(logits.float().cpu())
+            if vocab_limit is not None:
+                logits = logits.clone()
+                logits[..., vocab_limit:] = float("-inf")
             nxt = sample_next(logits, greedy, temperature, top_k, gen)
             out.append(nxt)
             if step + 1 < max_new_tokens:

@@ -96,14 +96,14 @@ def test_generation_is_deterministic_given_the_seed(examples):
 
 def test_too_short_seq_len_names_the_key_and_minimum():
     minimum = len(BYTE.encode(needle_text("12345") + QUESTION_TEXT + answer_text("12345"))) + 1
-    message = f"data.passkey.seq_len must be >= {minimum} to hold the needle, the question, the answer and some filler, got 64"
+    message = f"eval.passkey.seq_len must be >= {minimum} to hold the needle, the question, the answer and some filler, got 64"
     with pytest.raises(ValueError, match=re.escape(message)):
         make_passkey_examples(HAYSTACK, BYTE, 64, DEPTHS, num_per_depth=1, seed=0)
     make_passkey_examples(HAYSTACK, BYTE, minimum, DEPTHS, num_per_depth=1, seed=0)
 
 
 def test_bad_depths_and_short_haystack_raise():
-    with pytest.raises(ValueError, match=re.escape("data.passkey.depths must be a non-empty list of values in [0, 1], got [1.5]")):
+    with pytest.raises(ValueError, match=re.escape("eval.passkey.depths must be a non-empty list of values in [0, 1], got [1.5]")):
         make_passkey_examples(HAYSTACK, BYTE, SEQ_LEN, [1.5], num_per_depth=1, seed=0)
     with pytest.raises(ValueError, match=re.escape("data.passkey: the haystack text has 11 tokens")):
         make_passkey_examples("Short text.", BYTE, SEQ_LEN, [0.5], num_per_depth=1, seed=0)

@@ -62,9 +62,9 @@ def make_passkey_examples(
     from a random window of the haystack."""
     bad_depths = [d for d in depths if not 0.0 <= d <= 1.0]
     if not depths or bad_depths:
-        raise ValueError(f"data.passkey.depths must be a non-empty list of values in [0, 1], got {depths}")
+        raise ValueError(f"eval.passkey.depths must be a non-empty list of values in [0, 1], got {depths}")
     if num_per_depth < 1:
-        raise ValueError(f"data.passkey.num_per_depth must be >= 1, got {num_per_depth}")
+        raise ValueError(f"eval.passkey.num_per_depth must be >= 1, got {num_per_depth}")
     rng = random.Random(seed)
     plan = [(depth, str(rng.randint(10_000, 99_999))) for depth in depths for _ in range(num_per_depth)]
     question = tokenizer.encode(QUESTION_TEXT)
@@ -74,7 +74,7 @@ def make_passkey_examples(
     fixed = max(len(needle) + len(question) + len(answer) for needle, answer in parts.values())
     if seq_len < fixed + 1:
         raise ValueError(
-            f"data.passkey.seq_len must be >= {fixed + 1} to hold the needle, the question, the answer "
+            f"eval.passkey.seq_len must be >= {fixed + 1} to hold the needle, the question, the answer "
             f"and some filler, got {seq_len}"
         )
     haystack = tokenizer.encode(haystack_text)
@@ -87,7 +87,7 @@ def make_passkey_examples(
         filler_len = seq_len - len(needle) - len(question) - len(answer)
         if len(haystack) < filler_len:
             raise ValueError(
-                f"data.passkey: the haystack text has {len(haystack)} tokens, data.passkey.seq_len={seq_len} "
+                f"data.passkey: the haystack text has {len(haystack)} tokens, eval.passkey.seq_len={seq_len} "
                 f"needs {filler_len} tokens of filler"
             )
         offset = rng.randint(0, len(haystack) - filler_len)

@@ -17,7 +17,7 @@ else
 fi
 for row in "${rows[@]}"; do
   python3 -m arch_lab experiment=${experiment[$row]} model=${row}_small "${data[@]}" trainer=gpu seed=$seed \
-    logger.tracking_uri="sqlite:///$OUT/roadmap.db" logger.experiment_name=roadmap tags.seed=$seed tags.task=$task \
+    logger.tracking_uri="sqlite:///$OUT/roadmap.db" logger.experiment_name=roadmap +tags.seed=$seed +tags.task=$task \
     eval.decode.batch=64 eval.decode.context=1024 eval.decode.new_tokens=32 trainer.enable_progress_bar=false \
     hydra.run.dir="/tmp/roadmap_runs/${row}_${task}_${seed}" 2>&1 | grep -E "finished|Error|error" | tail -3
 done

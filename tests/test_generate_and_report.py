@@ -1,0 +1,81 @@
+"""`python -m arch_lab.generate` on a real checkpoint, and `python -m arch_lab.report` on a real MLflow store."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arch_lab.generate import load_checkpoint
+from components.generation import Generator
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("gen")
+    args = [sys.executable, "-m", "arch_lab", "data=text_shakespeare", f"data_root={DATA}", "data.seq_len=32",
+            "data.batch_size=4", "data.max_train_tokens=4096", "data.max_eval_tokens=512", "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "eval.passkey.seq_len=128",
+            "eval.passkey.num_per_depth=1", "eval.decode.context=8", "eval.decode.new_tokens=2",
+            "eval.analysis.enabled=false", "trainer.enable_progress_bar=false",
+            f"logger.tracking_uri=sqlite:///{tmp}/mlruns.db", f"hydra.run.dir={tmp}/run"]
+    subprocess.run(args, cwd=tmp, env=_env(), check=True, capture_output=True, text=True, timeout=600)
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_generate_cli_prints_the_greedy_continuation_of_the_checkpoint(text_checkpoint):
+    out = subprocess.run([sys.executable, "-m", "arch_lab.generate", str(text_checkpoint), "--prompt", "ROMEO:",
+                          "--prompt", "To be", "--max-new-tokens", "6", "--device", "cpu"],
+                         env=_env(), capture_output=True, text=True, timeout=300, check=True).stdout
+    model, tokenizer = load_checkpoint(str(text_checkpoint), "cpu")
+    expected = Generator(model).generate([tokenizer.encode("ROMEO:"), tokenizer.encode("To be")], 6,
+                                         eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size).tokens
+    assert out == "".join(f"=== {p}\n{tokenizer.decode(t)}\n" for p, t in zip(["ROMEO:", "To be"], expected))
+
+
+def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_checkpoint):
+    run = subprocess.run([sys.executable, "-m", "arch_lab.generate", str(text_checkpoint)], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "give at least one --prompt or --ids" in run.stderr
+
+
+def test_checkpoint_loads_with_weights_only(text_checkpoint):
+    ckpt = torch.load(text_checkpoint, weights_only=True)
+    assert ckpt["hyper_parameters"]["tokenizer"] == {"kind": "byte", "path": None}
+    assert not list(text_checkpoint.parent.glob("*.tmp"))
+
+
+def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
+    import mlflow
+
+    from arch_lab import report
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("roadmap")
+    for model, accs in {"transformer_tiny": (0.30, 0.40), "roadmap_e_tiny": (0.50, 0.60)}.items():
+        for seed, acc in enumerate(accs):
+            with mlflow.start_run(tags={"model": model, "task": "mqar", "seed": str(seed)}):
+                mlflow.log_metrics({"recall/mqar_acc": acc, "analysis/erf": 3.0 + seed,
+                                    "analysis/attn_entropy_layer0": 1.0, "analysis/attn_entropy_layer1": 2.0})
+    with mlflow.start_run(tags={"model": "roadmap_d_tiny", "task": "mqar"}):
+        mlflow.log_metrics({"recall/mqar_acc": 0.45, "analysis/attn_entropy_layer0": 1.5,
+                            "analysis/attn_entropy_layer1": 2.5})
+    out = tmp_path / "report"
+    assert report.main(["--tracking-uri", uri, "--experiment", "roadmap", "--out", str(out)]) == 0
+    tables = (out / "tables.md").read_text()
+    transformer = next(line for line in tables.splitlines() if line.startswith("| Transformer"))
+    assert "| 35.0 ± 5.0 |" in transformer and transformer.endswith("| 39.98 | 2 |")
+    row_e = next(line for line in tables.splitlines() if line.startswith("| E + meta tokens"))
+    assert "| 55.0 ± 5.0 |" in row_e
+    assert (out / "fig1_accuracy_throughput_cache.png").stat().st_size > 0
+    assert (out / "fig9_entropy_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.mean_spread([1.0, 3.0]) == (2.0, 1.0)
