@@ -76,14 +76,21 @@ def collect(runs, metric: str, task: str) -> dict[str, list[float]]:
     return out
 
 
+def _speed_and_cache(runs, bench) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Decode tok/s and cache MB per row: from bench runs when a bench store is given (the paper's protocol at
+    300M), else from the training runs' own end-of-run measurements (their size, their device)."""
+    if bench is not None:
+        return collect(bench, "bench/decode_tok_s", "mqar"), collect(bench, "bench/cache_mb_16k", "mqar")
+    return collect(runs, "throughput/decode_tok_s", "mqar"), collect(runs, "cache/mb_16k", "mqar")
+
+
 def table1(runs, bench) -> str:
     mqar = collect(runs, "recall/mqar_acc", "mqar")
     ppl = collect(runs, "val/ppl", "text")
     gut = collect(runs, "test/gutenberg_test/ppl", "text")
     wiki = collect(runs, "test/wikitext2/ppl", "text")
     passkey = collect(runs, "recall/passkey_acc", "text")
-    decode = {r: v for r, v in collect(bench, "bench/decode_tok_s", "mqar").items()} if bench is not None else {}
-    cache = {r: v for r, v in collect(bench, "bench/cache_mb_16k", "mqar").items()} if bench is not None else {}
+    decode, cache = _speed_and_cache(runs, bench)
     seeds = {r: len(v) for r, v in mqar.items()}
     base = mean_spread(decode.get("transformer", []))[0]
     paper_base = PAPER_TABLE1["transformer"][3]
@@ -109,9 +116,12 @@ def table9(runs) -> str:
     sweep = runs[runs["tags.sweep.study_name"] == "head_ratio"]
     sweep = sweep[sweep["params.model.n_heads"].notna()] if "params.model.n_heads" in sweep else sweep.iloc[0:0]
     heads = sorted({int(h) for h in sweep["params.model.n_heads"]})
-    for rank, h in enumerate(heads):
+    paper_rows = list(PAPER_TABLE9.values())
+    for h in heads:
         sub = sweep[sweep["params.model.n_heads"].astype(int) == h]
-        paper = list(PAPER_TABLE9.values())[rank] if rank < len(PAPER_TABLE9) else ("–",) * 4
+        # Our head counts scale with the model (tiny: 0,1,2,4); pair them with the paper's rows by rank.
+        rank = 0 if h == 0 else 1 + sorted(x for x in heads if x > 0).index(h)
+        paper = paper_rows[rank] if rank < len(paper_rows) else ("–",) * 4
         lines.append(f"| {h} | {sub['tags.params.attn_to_ssm'].iloc[0]} "
                      f"| {_fmt(*mean_spread(list(sub['metrics.recall/mqar_acc'])), 100)} "
                      f"| {_fmt(*mean_spread(list(sub['metrics.throughput/decode_tok_s'])), 1, 0)} "
@@ -123,8 +133,7 @@ def table9(runs) -> str:
 def plot_fig1(runs, bench, path: Path) -> Path:
     """Accuracy vs decode throughput, point size = cache (the paper's Fig. 1 view)."""
     mqar = collect(runs, "recall/mqar_acc", "mqar")
-    decode = collect(bench, "bench/decode_tok_s", "mqar") if bench is not None else {}
-    cache = collect(bench, "bench/cache_mb_16k", "mqar") if bench is not None else {}
+    decode, cache = _speed_and_cache(runs, bench)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row in PAPER_TABLE1:
         acc, tok = mean_spread(mqar.get(row, []))[0], mean_spread(decode.get(row, []))[0]
@@ -134,8 +143,8 @@ def plot_fig1(runs, bench, path: Path) -> Path:
         ax.scatter(tok, 100 * acc, s=20 + (0 if math.isnan(mb) else 3 * math.sqrt(mb)), alpha=0.6)
         ax.annotate(PAPER_TABLE1[row][0].split(" ")[0], (tok, 100 * acc), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("decode tokens/s (8k context, bench at 300M)")
-    ax.set_ylabel("MQAR accuracy % (small size)")
+    ax.set_xlabel("decode tokens/s")
+    ax.set_ylabel("MQAR accuracy %")
     ax.set_title("Accuracy vs throughput; point area ~ cache at 16k")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -147,7 +156,7 @@ def plot_erf_vs_cache(runs, bench, path: Path) -> Optional[Path]:
     from .evaluation.plots import plot_erf_vs_cache as draw
 
     erf = collect(runs, "analysis/erf", "mqar")
-    cache = collect(bench, "bench/cache_mb_16k", "mqar") if bench is not None else {}
+    cache = _speed_and_cache(runs, bench)[1]
     points = [(PAPER_TABLE1[r][0].split(" ")[0], mean_spread(cache.get(r, []))[0], mean_spread(erf[r])[0])
               for r in erf if r in cache]
     return draw(points, path) if points else None
@@ -190,8 +199,7 @@ def main(argv=None) -> int:
             "", "## Table 9 rows 1–4 (head ratio at fixed size)", "", table9(runs), ""]
     (out / "tables.md").write_text("\n".join(text))
     plot_fig1(runs, bench, out / "fig1_accuracy_throughput_cache.png")
-    if bench is not None:
-        plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")
+    plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")
     plot_entropy(runs, out / "fig9_entropy_per_layer.png")
     print("\n".join(text))
     return 0

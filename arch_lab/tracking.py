@@ -32,7 +32,10 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
         text = str(value)
         for prefix in roots:
             text = text.replace(prefix, "<data_root>")
-        if os.path.isabs(text.split(",")[0].strip("[]' ")):
+        scheme, sep, rest = text.partition(":///")  # sqlite:////abs/path.db and friends
+        if sep and os.path.isabs(rest):
+            text = f"{scheme}:///<abs>/{Path(rest).name}"
+        elif os.path.isabs(text.split(",")[0].strip("[]' ")):
             text = "<abs>/" + Path(text).name
         params[key] = text[:_MAX_PARAM_LEN]
     return params

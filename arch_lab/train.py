@@ -32,6 +32,15 @@ def _check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab
                          f"(model.max_seq_len={model_cfg['max_seq_len']})")
 
 
+def _check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
+    """Files read only after training must exist before it starts, so a typo cannot waste a run."""
+    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+    passkey = cfg.eval.passkey
+    if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
+        raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
+
+
 def _run_name(cfg: DictConfig, trial) -> str:
     name = cfg.run_name or f"{cfg.model.name}-{cfg.data.kind}-s{cfg.seed}"
     return f"{name}-trial{trial.number}" if trial else name
@@ -63,6 +72,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     spec = tokenizer_spec(data_cfg, out)
     tokenizer = build_tokenizer(data_cfg, spec)
     _check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
+    _check_inputs_exist(cfg, data_cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec)
@@ -88,7 +98,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)
             metrics["train/final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
-            tracking.log_metrics(metrics)
+            tracking.log_metrics(metrics, step=trainer.global_step)  # the latest value is what the UI shows
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots")
             if cfg.logger.log_checkpoints and checkpoint.last_model_path:
                 mlflow.log_artifact(checkpoint.last_model_path, "checkpoints")

@@ -264,5 +264,5 @@ def test_text_datamodule_config_errors():
     with pytest.raises(ValueError, match=re.escape("data.source=files needs data.train_path and data.valid_path")):
         TextDataModule(tokenizer=BYTE, seq_len=8, batch_size=2, train_path=str(SHAKESPEARE))
     dm = TextDataModule(tokenizer=BYTE, seq_len=8, batch_size=2, train_path="/no/such.txt", valid_path=str(SHAKESPEARE))
-    with pytest.raises(FileNotFoundError, match=re.escape("data.path: no such file or directory: /no/such.txt")):
+    with pytest.raises(FileNotFoundError, match=re.escape("data.train_path: no such file or directory: /no/such.txt")):
         dm.setup("fit")

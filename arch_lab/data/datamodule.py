@@ -184,15 +184,22 @@ class TextDataModule(L.LightningDataModule):
     def _hf_documents(self, split: str) -> Iterable[str]:
         return iter_hf_documents(self.hf_name, split, config_name=self.hf_config, text_field=self.text_field)
 
-    def _file_blocks(self, path: str, max_tokens: int | None) -> TextBlocks:
+    def _file_blocks(self, path: str, max_tokens: int | None, key: str) -> TextBlocks:
+        """Blocks of one corpus; reader errors name the config key (`key`) that pointed at it."""
+        try:
+            return self._read_blocks(path, max_tokens)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(str(err).replace("data.path", key, 1)) from None  # one message, the right key
+
+    def _read_blocks(self, path: str, max_tokens: int | None) -> TextBlocks:
         docs = iter_documents(path, text_field=self.text_field)
         return TextBlocks(tokenize_corpus(docs, self.tokenizer, max_tokens), self.seq_len)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.val_set is None:
             if self.source == "files":
-                self.train_set = self._file_blocks(self.train_path, self.max_train_tokens)
-                self.val_set = self._file_blocks(self.valid_path, self.max_eval_tokens)
+                self.train_set = self._file_blocks(self.train_path, self.max_train_tokens, "data.train_path")
+                self.val_set = self._file_blocks(self.valid_path, self.max_eval_tokens, "data.valid_path")
             else:
                 make_docs = partial(self._hf_documents, self.hf_train_split)
                 self.train_set = PackedTokenStream(make_docs, self.tokenizer, self.seq_len, self.max_train_tokens)
@@ -202,7 +209,8 @@ class TextDataModule(L.LightningDataModule):
                 self.val_set = TextBlocks(valid_tokens, self.seq_len)
         if stage in (None, "test") and not self.test_sets:
             self.test_sets = {
-                name: self._file_blocks(path, self.max_eval_tokens) for name, path in self.test_paths.items()
+                name: self._file_blocks(path, self.max_eval_tokens, f"data.test_paths.{name}")
+                for name, path in self.test_paths.items()
             }
 
     def train_dataloader(self) -> DataLoader:

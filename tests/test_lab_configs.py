@@ -1,0 +1,148 @@
+"""The lab's Hydra configs: every roadmap experiment composes to the right model, conf/model/ matches the presets,
+every hparams_search file selects arch_lab's Optuna sweeper, and every CPU experiment runs end to end (a fast dev
+run: one training batch, then the whole evaluation) into a FINISHED MLflow run; roadmap_step4 (GPU-only) refuses to
+start on CPU before any run opens."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from arch_lab.model_configs import rendered_model_configs
+from arch_lab.sweep import register_sweeper
+from lab_helpers import CONF_DIR, TINY, exception_lines, lab_runs, run_lab, start_lab
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+HPARAMS_SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
+GPU_ONLY = {"roadmap_step4"}
+
+# experiment -> (model.name, tags.row, structural keys of the Table 1 row)
+ROADMAP: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "roadmap_transformer": ("transformer_tiny", "Transformer",
+                            dict(layers="attention", window=None, kv_share=None, n_meta_tokens=0)),
+    "roadmap_mamba": ("mamba_tiny", "Mamba", dict(layers="ssm", n_heads=0, kv_share=None, n_meta_tokens=0)),
+    "roadmap_step1_sequential": ("roadmap_a_tiny", "A",
+                                 dict(layers="sequential", window=None, kv_share=None, n_meta_tokens=0)),
+    "roadmap_step1": ("roadmap_b_tiny", "B", dict(layers="hybrid", window=None, kv_share=None, n_meta_tokens=0)),
+    "roadmap_step2_local_global": ("roadmap_c_tiny", "C",
+                                   dict(layers="hybrid", window=16, global_layers="first_middle_last",
+                                        kv_share=None, n_meta_tokens=0)),
+    "roadmap_step2": ("roadmap_d_tiny", "D", dict(layers="hybrid", window=16, global_layers="first_middle_last",
+                                                   kv_share=2, n_meta_tokens=0)),
+    "roadmap_step3": ("roadmap_e_tiny", "E", dict(layers="hybrid", window=16, global_layers="first_middle_last",
+                                                   kv_share=2, n_meta_tokens=4)),
+    "roadmap_step4": ("hymba_1_5b", "F", dict(layers="hybrid", window=1024, global_layers=[0, 15, 31],
+                                               n_meta_tokens=128, n_layers=32)),
+}
+
+
+def _compose(overrides: list[str], return_hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def test_every_experiment_file_is_covered():
+    assert set(EXPERIMENTS) == set(ROADMAP)
+
+
+@pytest.mark.parametrize("experiment", sorted(ROADMAP))
+def test_experiment_selects_its_roadmap_preset(experiment: str):
+    cfg = _compose([f"experiment={experiment}"])
+    name, row, structure = ROADMAP[experiment]
+    assert cfg.model.name == name
+    assert cfg.tags.row == row
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert {key: model[key] for key in structure} == structure
+    assert cfg.gpu_only == (experiment in GPU_ONLY)
+
+
+def test_step4_is_hymba_1_5b_on_streamed_text_on_gpu():
+    cfg = _compose(["experiment=roadmap_step4"])
+    assert cfg.data.kind == "text" and cfg.data.source == "hf"
+    assert cfg.trainer.accelerator == "gpu"
+    # Released Hymba-1.5B: consecutive local layers share KV, the 3 global layers (0, 15, 31) own theirs.
+    groups = OmegaConf.to_container(cfg.model.kv_share)
+    assert [1, 2] in groups and [16, 17, 18] in groups
+    assert not {0, 15, 31} & {layer for group in groups for layer in group}
+
+
+def test_default_config_is_row_e_on_mqar_on_cpu():
+    cfg = _compose([])
+    assert cfg.model.name == "roadmap_e_tiny"
+    assert cfg.data.kind == "mqar" and cfg.trainer.accelerator == "cpu"
+    assert "experiment" not in cfg and "hparams_search" not in cfg
+
+
+def test_model_conf_files_match_the_presets():
+    rendered = rendered_model_configs()
+    on_disk = {p.name: p.read_text() for p in (CONF_DIR / "model").glob("*.yaml")}
+    assert sorted(on_disk) == sorted(rendered)
+    drifted = [name for name in rendered if on_disk[name] != rendered[name]]
+    assert not drifted, f"conf/model/ drifted from components.presets: {drifted} (python -m arch_lab.model_configs)"
+
+
+@pytest.mark.parametrize("search", HPARAMS_SEARCHES)
+def test_hparams_search_selects_the_arch_lab_optuna_sweeper(search: str):
+    register_sweeper()  # as `python -m arch_lab` does before Hydra composes
+    cfg = _compose([f"hparams_search={search}", "experiment=roadmap_step3"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert "arch_lab_optuna" in sweeper._target_
+    assert sweeper.study_name == search
+    assert sweeper.params, "a search needs parameters"
+    assert set(OmegaConf.to_container(sweeper.directions).values()) <= {"maximize", "minimize"}
+    assert sweeper.tracking_uri == cfg.logger.tracking_uri  # trials and the parent run share one MLflow store
+
+
+# ------------------------------------------------------------------------------------- dev runs (subprocess)
+
+CPU_EXPERIMENTS = [e for e in EXPERIMENTS if e not in GPU_ONLY]
+
+
+@pytest.fixture(scope="module")
+def dev_runs_process(tmp_path_factory: pytest.TempPathFactory):
+    """One fast dev run (one training batch, then the whole evaluation) per CPU experiment, as one Hydra
+    multirun: each job is its own MLflow run, and the process pays Python/Lightning start-up only once."""
+    workdir = tmp_path_factory.mktemp("dev_runs")
+    proc = start_lab(["-m", f"experiment={','.join(CPU_EXPERIMENTS)}", "trainer.fast_dev_run=true", *TINY,
+                      f"hydra.sweep.dir={workdir / 'multirun'}"], workdir)
+    yield proc, workdir
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def dev_runs(dev_runs_process) -> dict[str, Any]:
+    proc, workdir = dev_runs_process
+    assert proc.wait(timeout=600) == 0, (workdir / "lab.log").read_text()[-6000:]
+    runs = {run.data.tags["row"]: run for run in lab_runs(workdir)}
+    assert len(runs) == len(CPU_EXPERIMENTS), "one MLflow run per job"
+    return runs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of a GPU-only experiment")
+def test_gpu_only_experiment_refuses_cpu_before_opening_a_run(tmp_path: Path, dev_runs_process):
+    # dev_runs_process: the dev runs start first and use the second core meanwhile.
+    proc = run_lab(["experiment=roadmap_step4"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert exception_lines(proc) == [
+        "arch_lab.train.GPURequiredError: model=hymba_1_5b is GPU-only (experiment sets gpu_only=true) and no "
+        "CUDA device is visible"]
+    assert lab_runs(tmp_path) == []  # refused before MLflow opened a run: nothing left RUNNING
+
+
+@pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
+def test_cpu_experiment_dev_run_finishes_with_recall_logged(experiment: str, dev_runs):
+    runs = dev_runs
+    name, row, structure = ROADMAP[experiment]
+    run = runs[row]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == name
+    assert {key: run.data.params[f"model.{key}"] for key in structure} == {k: str(v) for k, v in structure.items()}
+    assert run.data.params["trainer.fast_dev_run"] == "True"
+    assert 0.0 <= run.data.metrics["recall/mqar_acc"] <= 1.0
+    assert {f"recall/mqar_acc_kv{k}" for k in (1, 2, 4, 8)} <= set(run.data.metrics)

@@ -1,0 +1,165 @@
+"""Bad input to `python -m arch_lab` fails with one clear message naming the offending key, before training when it
+can; a run that fails or is interrupted after its MLflow run opened never stays RUNNING.
+
+The commands are independent, so the module runs them all from the start, two at a time (the machine has two cores
+and each process pays Python/Lightning start-up); every test reads its own command's result.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from components.config import ConfigError
+from lab_helpers import (CONF_DIR, TINY, TINY_TEXT, client, exception_lines, lab_runs, metric_history, only_run,
+                         run_lab, start_lab)
+
+EMPTY_CORPUS = "empty.txt"
+CASES: dict[str, list[str]] = {
+    "missing_train_path": ["data=text_shakespeare", "data.train_path=/nope.txt"],
+    "empty_corpus": ["data=text_shakespeare", f"data.train_path={{workdir}}/{EMPTY_CORPUS}"],
+    "sequence_too_long": ["data.seq_len=4096", "model.max_seq_len=1024"],
+    "unknown_experiment": ["experiment=nope"],
+    "key_typo": ["model.windw=3"],
+    "impossible_model": ["model.global_layers=[99]"],
+    "missing_checkpoint": [*TINY, "ckpt_path=/nope/last.ckpt"],
+    "fails_in_evaluation": [*TINY_TEXT, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                            "trainer.limit_val_batches=1", "eval.passkey.haystack_path=/nope"],
+}
+INTERRUPTED = "interrupted"  # the Ctrl-C case, run in the same pool
+
+
+def _wait_for_logged_step(workdir: Path, proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The id of the RUNNING run once it has logged a training step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (workdir / "lab.log").read_text()[-4000:]
+        running = [run for run in lab_runs(workdir) if run.info.status == "RUNNING"]
+        if running and metric_history(workdir, running[0].info.run_id, "train/loss"):
+            return running[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError("the run never logged a training step")
+
+
+def interrupt_while_training(workdir: Path) -> tuple[int, str]:
+    """Start a long run, press Ctrl-C (SIGINT) once it has logged a step; its exit status and MLflow run id."""
+    proc = start_lab(["trainer.max_steps=100000", "trainer.log_every_n_steps=1"], workdir)
+    try:
+        run_id = _wait_for_logged_step(workdir, proc)
+        proc.send_signal(signal.SIGINT)
+        return proc.wait(timeout=120), run_id
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory):
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures: dict[str, tuple[Path, Future]] = {}
+    workdir = tmp_path_factory.mktemp(INTERRUPTED)
+    futures[INTERRUPTED] = workdir, pool.submit(interrupt_while_training, workdir)
+    for name, args in CASES.items():
+        workdir = tmp_path_factory.mktemp(name)
+        if name == "empty_corpus":
+            (workdir / EMPTY_CORPUS).write_text("")
+        futures[name] = workdir, pool.submit(run_lab, [a.format(workdir=workdir) for a in args], workdir, False)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(outcomes, name: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    workdir, future = outcomes[name]
+    proc = future.result()
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return workdir, proc
+
+
+def _only_exception(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = exception_lines(proc)
+    assert len(lines) == 1, proc.stderr[-4000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- rejected before a run opens
+
+
+def test_missing_data_path_names_the_key(outcomes):
+    workdir, proc = _result(outcomes, "missing_train_path")
+    assert _only_exception(proc) == ("FileNotFoundError: data.train_path: no such file or directory: /nope.txt "
+                                     "(set data_root=... or data.train_path=...)")
+    assert lab_runs(workdir) == []
+
+
+def test_sequence_longer_than_the_model_is_rejected(outcomes):
+    workdir, proc = _result(outcomes, "sequence_too_long")
+    assert _only_exception(proc) == ("ValueError: data.seq_len=4096 is longer than the model supports "
+                                     "(model.max_seq_len=1024)")
+    assert lab_runs(workdir) == []
+
+
+def test_impossible_model_names_the_key_and_the_allowed_range(outcomes):
+    workdir, proc = _result(outcomes, "impossible_model")
+    assert _only_exception(proc) == ("components.config.ConfigError: model.global_layers: layer indices [99] "
+                                     "out of range; allowed: 0..5")
+    assert issubclass(ConfigError, ValueError)
+    assert lab_runs(workdir) == []
+
+
+def test_unknown_experiment_lists_the_available_ones(outcomes):
+    workdir, proc = _result(outcomes, "unknown_experiment")
+    assert "Could not find 'experiment/nope'" in proc.stderr
+    listed = proc.stderr.split("Available options in 'experiment':")[1].split("Config search path")[0].split()
+    assert listed == sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    assert "Traceback" not in proc.stderr
+    assert lab_runs(workdir) == []
+
+
+def test_key_typo_names_the_key(outcomes):
+    workdir, proc = _result(outcomes, "key_typo")
+    assert "Could not override 'model.windw'." in proc.stderr
+    assert "Key 'windw' is not in struct" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lab_runs(workdir) == []
+
+
+# --------------------------------------------------------------------- failing after the MLflow run opened
+
+
+def test_empty_corpus_is_rejected_and_its_run_fails(outcomes):
+    workdir, proc = _result(outcomes, "empty_corpus")
+    assert _only_exception(proc).endswith(f"{workdir / EMPTY_CORPUS} contains no text")
+    assert only_run(workdir).info.status == "FAILED"  # the corpus is read when training starts
+
+
+def test_empty_corpus_error_names_the_config_key(outcomes):
+    _, proc = _result(outcomes, "empty_corpus")
+    assert "data.train_path" in _only_exception(proc)
+
+
+def test_missing_checkpoint_names_ckpt_path(outcomes):
+    workdir, proc = _result(outcomes, "missing_checkpoint")
+    assert _only_exception(proc) == "FileNotFoundError: ckpt_path: no checkpoint at /nope/last.ckpt"
+    assert lab_runs(workdir) == []  # checked before the run opens: no half-made run
+
+
+def test_missing_passkey_haystack_is_caught_before_training(outcomes):
+    workdir, proc = _result(outcomes, "fails_in_evaluation")
+    assert _only_exception(proc) == "FileNotFoundError: eval.passkey.haystack_path: no such file /nope"
+    assert lab_runs(workdir) == []  # evaluation inputs are checked up front, not after a wasted training run
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+
+
+def test_interrupted_run_ends_killed(outcomes):
+    workdir, future = outcomes[INTERRUPTED]
+    returncode, run_id = future.result()
+    assert returncode != 0
+    assert client(workdir).get_run(run_id).info.status == "KILLED"
+    assert [run.info.status for run in lab_runs(workdir)] == ["KILLED"]

@@ -1,0 +1,212 @@
+"""End to end: the default roadmap command learns MQAR and leaves a complete MLflow run; a text run logs
+perplexity and passkey retrieval; `--help` and `--cfg job` describe the lab.
+
+The default run keeps its default length (minutes on one core): the text run's fixture starts it in the background
+first, so the text run and the cheap tests use the second core meanwhile.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from components.layer_plan import resolve_layer_plan
+from components.param_count import count_parameters
+from components.presets import preset, preset_values_to_config
+from lab_helpers import (CONF_DIR, DATA_ROOT, EXPERIMENT_NAME, REPO, TINY_TEXT, artifact_paths, client, last_logged,
+                         metric_history, only_run, read_artifact_text, run_lab, start_lab)
+
+DEFAULT_COMMAND = ["experiment=roadmap_step3"]
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------------ the default roadmap run
+
+
+@pytest.fixture(scope="module")
+def default_run_process(tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("default_run")
+    proc = start_lab(DEFAULT_COMMAND, workdir)
+    yield proc, workdir
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def default_run(default_run_process):
+    proc, workdir = default_run_process
+    returncode = proc.wait(timeout=900)
+    assert returncode == 0, (workdir / "lab.log").read_text()[-6000:]
+    return workdir, only_run(workdir)
+
+
+# --------------------------------------------------------------------------------------------------- text run
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory, default_run_process):  # overlaps the default run
+    workdir = tmp_path_factory.mktemp("text_run")
+    run_lab([*TINY_TEXT, "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+             "eval.decode.enabled=false"], workdir)
+    return workdir, only_run(workdir)
+
+
+@pytest.mark.slow
+def test_text_run_logs_perplexity_and_passkey_by_depth(text_run):
+    workdir, run = text_run
+    m = run.data.metrics
+    assert run.info.status == "FINISHED"
+    eval_loss = last_logged(workdir, run.info.run_id, "val/loss")
+    assert m["val/ppl"] == pytest.approx(math.exp(eval_loss), rel=1e-6)
+    depths = {k: v for k, v in m.items() if k.startswith("recall/passkey_acc_depth")}
+    assert sorted(depths) == [f"recall/passkey_acc_depth{d:03d}" for d in (0, 25, 50, 75, 100)]
+    assert m["recall/passkey_acc"] == pytest.approx(sum(depths.values()) / len(depths))
+    assert not any(k.startswith("recall/mqar") for k in m)
+    assert "plots/passkey_by_depth.png" in artifact_paths(workdir, run.info.run_id, "plots")
+    assert run.data.params["data.kind"] == "text" and run.data.params["data.train_path"] == \
+        "<data_root>/tinyshakespeare/input.txt"
+
+
+# ------------------------------------------------ cheap, no training (they overlap the default run in a file run)
+
+
+def test_help_names_searches_and_the_mlflow_ui(tmp_path: Path):
+    proc = run_lab(["--help"], tmp_path)
+    assert "hparams_search" in proc.stdout
+    assert "mlflow ui" in proc.stdout
+    assert f"experiment: {', '.join(EXPERIMENTS)}" in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_model(tmp_path: Path):
+    proc = run_lab(["--cfg", "job", "experiment=roadmap_step2"], tmp_path)
+    printed = OmegaConf.create(proc.stdout)
+    assert OmegaConf.to_container(printed.model) == yaml.safe_load((CONF_DIR / "model" / "roadmap_d.yaml").read_text())
+    assert printed.tags.row == "D"
+    assert not (tmp_path / "mlruns").exists()  # printing the config runs nothing
+
+
+# ------------------------------------------------------------------------------------ the default run's results
+
+
+@pytest.mark.slow
+def test_default_run_learns_mqar_well_above_chance(default_run):
+    workdir, run = default_run
+    assert run.info.status == "FINISHED"
+    chance = 2 / int(run.data.params["data.vocab_size"])  # a query's value is one of the vocabulary's value half
+    assert run.data.metrics["recall/mqar_acc"] >= 5 * chance
+    by_slice = [run.data.metrics[f"recall/mqar_acc_kv{k}"] for k in (1, 2, 4, 8)]
+    assert by_slice[0] > by_slice[-1]  # one pair is easier to recall than eight (never seen in training)
+    assert min(by_slice) <= run.data.metrics["recall/mqar_acc"] <= max(by_slice)
+
+
+@pytest.mark.slow
+def test_default_run_logs_training_history(default_run):
+    workdir, run = default_run
+    history = metric_history(workdir, run.info.run_id, "train/loss")
+    steps = [step for step, _ in history]
+    assert len(steps) >= 10 and steps == sorted(set(steps))
+    assert history[-1][1] < history[0][1]
+    assert run.data.metrics["train/final_loss"] == pytest.approx(history[-1][1])
+    validations = metric_history(workdir, run.info.run_id, "val/mqar_acc")
+    assert len(validations) == 3  # every val_check_interval=100 steps of 300
+    eval_loss = last_logged(workdir, run.info.run_id, "val/loss")
+    assert math.isfinite(eval_loss) and eval_loss < history[0][1]
+
+
+@pytest.mark.slow
+def test_default_run_logs_size_cache_speed_and_analysis(default_run):
+    workdir, run = default_run
+    m = run.data.metrics
+    counts = count_parameters(preset_values_to_config("roadmap_e", "tiny"))
+    assert m["params/total"] == counts.total
+    assert m["params/attention"] == pytest.approx(counts.attention)
+    assert m["params/ssm"] == pytest.approx(counts.ssm)
+    assert 0 < m["cache/mb_8k"] < m["cache/mb_16k"]
+    assert m["throughput/decode_tok_s"] > 0
+    assert 0 < m["analysis/erf"] <= 64  # analysis.seq_len
+    assert run.data.metrics["val/loss"] > 0
+
+
+@pytest.mark.slow
+def test_default_run_logs_its_flattened_config_as_params(default_run):
+    workdir, run = default_run
+    params = run.data.params
+    cfg = OmegaConf.load(CONF_DIR / "model" / "roadmap_e.yaml")
+    assert {k: params[f"model.{k}"] for k in ("name", "n_meta_tokens", "window", "kv_share")} == \
+        {k: str(cfg[k]) for k in ("name", "n_meta_tokens", "window", "kv_share")}
+    assert params["data.vocab_size"] == "64" and params["data.kind"] == "mqar"
+    assert params["optim.lr"] == "0.003" and params["optim.schedule"] == "wsd"
+    assert params["trainer.max_steps"] == "300"  # the default length
+    assert params["data_root"] == "<data_root>"
+    assert params["eval.passkey.haystack_path"] == "<data_root>/gutenberg/valid.txt.gz"
+
+
+def _holds_absolute_path(value: str, workdir: Path) -> bool:
+    places = {str(workdir), str(workdir.resolve()), str(DATA_ROOT), str(DATA_ROOT.resolve()), str(REPO),
+              str(Path.home())}
+    return os.path.isabs(value) or any(place in value for place in places)
+
+
+@pytest.mark.slow
+def test_default_run_params_hold_no_absolute_paths(default_run):
+    workdir, run = default_run
+    leaking = {k: v for k, v in run.data.params.items()
+               if _holds_absolute_path(v, workdir)}
+    assert not leaking
+
+
+@pytest.mark.slow
+def test_default_run_tracking_uri_param_hides_its_absolute_path(default_run):
+    workdir, run = default_run
+    assert not _holds_absolute_path(run.data.params["logger.tracking_uri"], workdir)
+
+
+@pytest.mark.slow
+def test_default_run_summary_val_loss_is_the_final_evaluation(default_run):
+    workdir, run = default_run
+    assert run.data.metrics["val/loss"] == last_logged(workdir, run.info.run_id, "val/loss")
+
+
+@pytest.mark.slow
+def test_default_run_logs_config_and_layer_plan(default_run):
+    workdir, run = default_run
+    config = OmegaConf.create(read_artifact_text(workdir, run.info.run_id, "config.yaml"))
+    assert config.model.name == "roadmap_e_tiny" and config.tags.row == "E"
+    plan = resolve_layer_plan(preset("roadmap_e"))
+    assert read_artifact_text(workdir, run.info.run_id, "layer_plan.txt") == plan.to_table()
+    assert yaml.safe_load(read_artifact_text(workdir, run.info.run_id, "layer_plan.json")) == \
+        {"layers": plan.as_records()}
+
+
+@pytest.mark.slow
+def test_default_run_logs_plots(default_run):
+    workdir, run = default_run
+    plots = artifact_paths(workdir, run.info.run_id, "plots")
+    maps = {f"plots/{kind}_map_layer{i}.png" for kind in ("attention", "ssm") for i in range(6)}  # every layer: both
+    expected = {"plots/training_curves.png", "plots/mqar_by_slice.png", *maps}
+    assert plots == expected
+    local = Path(client(workdir).download_artifacts(run.info.run_id, "plots/training_curves.png", str(workdir)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_default_run_tags_row_and_commit(default_run):
+    workdir, run = default_run
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["row"] == "E"
+    assert run.data.tags["git_commit"] in (head, f"{head}-dirty")
+    assert run.data.tags["mlflow.runName"] == "roadmap_e_tiny-mqar-s0"
+    assert client(workdir).get_experiment(run.info.experiment_id).name == EXPERIMENT_NAME
+
+
+@pytest.mark.slow
+def test_default_run_checkpoints_every_validation(default_run):
+    workdir, run = default_run
+    names = sorted(p.name for p in (workdir / "out" / "checkpoints").iterdir())
+    assert names == ["epoch=0-step=100.ckpt", "epoch=0-step=200.ckpt", "epoch=0-step=300.ckpt", "last.ckpt"]
