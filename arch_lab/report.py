@@ -169,7 +169,9 @@ def plot_entropy(runs, path: Path) -> Optional[Path]:
     from .evaluation.plots import plot_entropy_per_layer
 
     def per_layer(row: str) -> Optional[torch.Tensor]:
-        sub = runs[[(_row_key(str(m)) == row) for m in runs.get("tags.model", [])]] if not runs.empty else runs
+        in_sweep = runs["tags.sweep.study_name"].notna() if "tags.sweep.study_name" in runs else False
+        sub = runs[[(_row_key(str(m)) == row) for m in runs.get("tags.model", [])] & ~in_sweep] \
+            if not runs.empty else runs
         cols = sorted((c for c in sub.columns if c.startswith("metrics.analysis/attn_entropy_layer")),
                       key=lambda c: int(c.rsplit("layer", 1)[1]))
         if sub.empty or not cols:
