@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -46,10 +45,6 @@ def _run_name(cfg: DictConfig, trial) -> str:
     return f"{name}-trial{trial.number}" if trial else name
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]:
     """Run one experiment; returns every final metric (the sweeper reads its objectives from here)."""
     import lightning as L
@@ -57,6 +52,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     from lightning.pytorch.loggers import MLFlowLogger
 
     from .checkpoints import AtomicCheckpointIO
+    from .interrupts import graceful_stop
     from .lit_module import LitHybridLM
     from .reporting import log_run_plots
     from .sweep import current_trial, start_run_for_job
@@ -80,8 +76,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
+    with graceful_stop() as stopper:
         import mlflow
 
         mlflow.set_tracking_uri(cfg.logger.tracking_uri)
@@ -92,10 +87,13 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
             checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
                                          every_n_train_steps=trainer_cfg["val_check_interval"])
-            callbacks = [checkpoint] + ([TrialPruningCallback(trial, cfg.prune_metric)] if trial and cfg.prune_metric else [])
+            callbacks = [checkpoint, stopper]
+            if trial and cfg.prune_metric:
+                callbacks.append(TrialPruningCallback(trial, cfg.prune_metric))
             trainer = L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
                                 plugins=[AtomicCheckpointIO()], max_epochs=-1)
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            stopper.raise_if_requested()  # interrupted: the run ends KILLED, without evaluating a partial model
             metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)
             metrics["train/final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
             tracking.log_metrics(metrics, step=trainer.global_step)  # the latest value is what the UI shows
@@ -107,8 +105,6 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             metrics["mlflow_run_id"] = run.info.run_id
             metrics["checkpoint"] = checkpoint.last_model_path
             return metrics
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _log_setup(cfg: DictConfig, model) -> None:

@@ -1,0 +1,45 @@
+"""Ctrl-C / SIGTERM during training: stop at the next step boundary instead of mid-write.
+
+A KeyboardInterrupt raised inside an MLflow SQLite write can leave the store locked, so the first signal only asks
+the trainer to stop after the current step; the run then ends KILLED. A second signal interrupts at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from typing import Iterator
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class StopRequested(L.Callback):
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def request(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        self.signal = signum
+        log.warning("signal %d: stopping after this step (send it again to abort at once)", signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.signal is not None:
+            trainer.should_stop = True
+
+    def raise_if_requested(self) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"signal {self.signal}")
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[StopRequested]:
+    stopper = StopRequested()
+    previous = {s: signal.signal(s, stopper.request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopper
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
