@@ -164,14 +164,17 @@ def plot_erf_vs_cache(runs, bench, path: Path) -> Optional[Path]:
 
 def plot_entropy(runs, path: Path) -> Optional[Path]:
     """Attention entropy per layer of the trained E (meta tokens) and D (none) models (Fig. 9)."""
+    import pandas as pd
     import torch
 
     from .evaluation.plots import plot_entropy_per_layer
 
     def per_layer(row: str) -> Optional[torch.Tensor]:
-        in_sweep = runs["tags.sweep.study_name"].notna() if "tags.sweep.study_name" in runs else False
-        sub = runs[[(_row_key(str(m)) == row) for m in runs.get("tags.model", [])] & ~in_sweep] \
-            if not runs.empty else runs
+        if runs.empty:
+            return None
+        in_sweep = runs.get("tags.sweep.study_name", pd.Series(None, index=runs.index)).notna()
+        sub = runs[runs.get("tags.model", pd.Series("", index=runs.index)).map(lambda m: _row_key(str(m)) == row)
+                   & ~in_sweep]
         cols = sorted((c for c in sub.columns if c.startswith("metrics.analysis/attn_entropy_layer")),
                       key=lambda c: int(c.rsplit("layer", 1)[1]))
         if sub.empty or not cols:

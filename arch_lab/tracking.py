@@ -1,4 +1,4 @@
-"""MLflow bookkeeping for a run: open/close with the right status, params, config, plots, git commit."""
+"""MLflow bookkeeping for a run: flattened path-free params, text artifacts, metrics, the git commit."""
 from __future__ import annotations
 
 import os

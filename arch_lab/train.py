@@ -38,6 +38,14 @@ def _check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
     passkey = cfg.eval.passkey
     if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
         raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
+    if data_cfg["kind"] == "text" and cfg.eval.commonsense.enabled:
+        from .evaluation.commonsense import COMMONSENSE_TASKS
+
+        unknown = [t for t in cfg.eval.commonsense.tasks if t not in COMMONSENSE_TASKS]
+        if unknown:
+            raise ValueError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
+        if not Path(cfg.eval.commonsense.data_dir).is_dir():
+            raise FileNotFoundError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")
 
 
 def _run_name(cfg: DictConfig, trial) -> str:

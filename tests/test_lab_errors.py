@@ -27,6 +27,8 @@ CASES: dict[str, list[str]] = {
     "key_typo": ["model.windw=3"],
     "impossible_model": ["model.global_layers=[99]"],
     "missing_checkpoint": [*TINY, "ckpt_path=/nope/last.ckpt"],
+    "unknown_commonsense_task": ["data=text_shakespeare", "eval.commonsense.enabled=true",
+                                 "eval.commonsense.tasks=[piqa,nope]"],
     "fails_in_evaluation": [*TINY_TEXT, "trainer.max_steps=2", "trainer.val_check_interval=2",
                             "trainer.limit_val_batches=1", "eval.passkey.haystack_path=/nope"],
 }
@@ -146,6 +148,12 @@ def test_missing_checkpoint_names_ckpt_path(outcomes):
     workdir, proc = _result(outcomes, "missing_checkpoint")
     assert _only_exception(proc) == "FileNotFoundError: ckpt_path: no checkpoint at /nope/last.ckpt"
     assert lab_runs(workdir) == []  # checked before the run opens: no half-made run
+
+
+def test_unknown_commonsense_task_is_caught_before_training(outcomes):
+    workdir, proc = _result(outcomes, "unknown_commonsense_task")
+    assert _only_exception(proc).startswith("ValueError: eval.commonsense.tasks: unknown task(s) ['nope']; allowed: [")
+    assert lab_runs(workdir) == []
 
 
 def test_missing_passkey_haystack_is_caught_before_training(outcomes):
