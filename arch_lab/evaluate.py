@@ -13,7 +13,7 @@ from components.analysis import attention_entropy_per_layer, attention_share, ef
 from components.attention_maps import collect_attention_maps
 from components.cache_accounting import paper_cache_mb
 
-from .data.mqar import mqar_accuracy_by_slice
+from .data.mqar import mqar_slice_counts
 from .data.passkey import make_passkey_examples, passkey_accuracy_by_depth
 
 
@@ -38,17 +38,20 @@ def mean_loss(model, loader, max_batches: Optional[int] = None) -> float:
 
 @torch.no_grad()
 def mqar_metrics(model, loader) -> dict[str, float]:
-    logits, labels, slices = [], [], []
-    fn = _model_fn(model)
+    """Argmax accuracy at the supervised positions, overall and per num_kv_pairs slice. Hits are counted batch by
+    batch: the logits of a whole test set (examples x seq_len x vocab) need not fit in memory."""
+    device = next(model.parameters()).device
+    counts: dict[int, list[int]] = {}
     for batch in loader:
-        logits.append(fn(batch["input_ids"]))
-        labels.append(batch["labels"])
-        slices.append(batch["num_kv_pairs"])
-    by_slice = mqar_accuracy_by_slice(torch.cat(logits), torch.cat(labels), torch.cat(slices))
-    labels_all = torch.cat(labels)
-    hits = (torch.cat(logits).argmax(-1) == labels_all) & (labels_all != -100)
-    metrics = {"recall/mqar_acc": hits.sum().item() / max(int((labels_all != -100).sum()), 1)}
-    metrics.update({f"recall/mqar_acc_kv{k}": v for k, v in sorted(by_slice.items())})
+        logits = model(batch["input_ids"].to(device)).float()
+        for k, (correct, total) in mqar_slice_counts(logits, batch["labels"].to(device),
+                                                     batch["num_kv_pairs"].to(device)).items():
+            slot = counts.setdefault(k, [0, 0])
+            slot[0] += correct
+            slot[1] += total
+    correct, total = sum(c for c, _ in counts.values()), sum(t for _, t in counts.values())
+    metrics = {"recall/mqar_acc": correct / max(total, 1)}
+    metrics.update({f"recall/mqar_acc_kv{k}": c / t for k, (c, t) in sorted(counts.items())})
     return metrics
 
 

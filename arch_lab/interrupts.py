@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 class StopRequested(L.Callback):
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.peer_signal = False
 
     def request(self, signum: int, frame) -> None:
         if self.signal is not None:
@@ -26,12 +27,21 @@ class StopRequested(L.Callback):
         log.warning("signal %d: stopping after this step (send it again to abort at once)", signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if self.signal is not None:
+        stop = self.signal is not None
+        if trainer.world_size > 1:
+            # Data parallel: all ranks stop after the same step, whichever got the signal (a rank that went on
+            # would wait forever in its next collective).
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            if stop and self.signal is None:
+                self.peer_signal = True
+        if stop:
             trainer.should_stop = True
 
     def raise_if_requested(self) -> None:
         if self.signal is not None:
             raise KeyboardInterrupt(f"signal {self.signal}")
+        if self.peer_signal:
+            raise KeyboardInterrupt("another rank was signalled")
 
 
 @contextlib.contextmanager

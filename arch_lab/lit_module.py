@@ -1,6 +1,8 @@
 """The LightningModule: a HybridLM trained by next-token cross-entropy (labels = -100 are ignored)."""
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Optional
 
 import lightning as L
@@ -13,6 +15,8 @@ from components.model import HybridLM
 from .data.mqar import mqar_accuracy
 from .optim import build_optimizer
 
+log = logging.getLogger(__name__)
+
 
 class LitHybridLM(L.LightningModule):
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], backend: str = "auto",
@@ -24,6 +28,8 @@ class LitHybridLM(L.LightningModule):
         self.model = HybridLM(ModelConfig.from_dict(model_cfg))
         self.model.set_backend(backend)
         self._forward = torch.compile(self.model) if compile else self.model
+        # Weight decay is chosen by parameter shape; FSDP flattens parameters before the optimizer is built.
+        self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._forward(batch["input_ids"])
@@ -31,10 +37,29 @@ class LitHybridLM(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if self.trainer.world_size == 1:
+            loss, _ = self._loss(batch)
+            logged = loss.detach()
+        else:
+            loss, logged = self._data_parallel_loss(batch)
+        self.log("train/loss", logged, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def _data_parallel_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, global mean loss) under DDP/FSDP, where the W ranks' gradients are averaged.
+
+        Ranks hold different numbers of labelled tokens (MQAR labels only the queries), so the mean of per-rank
+        means is not the token mean of the global batch. Each rank scales its summed loss by W / (labelled tokens
+        on all ranks): the averaged gradient is then the gradient of the global batch's token-mean loss, as one
+        device with the whole batch computes it, and the logged loss is that global mean on every rank.
+        """
+        logits = self._forward(batch["input_ids"])
+        labels = batch["labels"].flatten()
+        summed = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="sum")
+        totals = torch.stack([summed.detach(), (labels != -100).sum().to(summed.dtype)])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        return summed * self.trainer.world_size / totals[1], totals[0] / totals[1]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)
@@ -47,11 +72,71 @@ class LitHybridLM(L.LightningModule):
         # Resumed mid-epoch: make the shuffling sampler skip what this epoch already consumed.
         sampler = getattr(self.trainer.train_dataloader, "sampler", None)
         if hasattr(sampler, "skip_samples") and self.trainer.train_dataloader is not None:
-            per_epoch = len(self.trainer.train_dataloader)
+            per_epoch = len(self.trainer.train_dataloader)  # batches per rank
             done = self.trainer.global_step * self.trainer.accumulate_grad_batches
-            sampler.skip_samples = (done % per_epoch) * self.trainer.train_dataloader.batch_size
+            # in positions of the permutation all ranks share: every rank's batches so far
+            sampler.skip_samples = ((done % per_epoch) * self.trainer.train_dataloader.batch_size
+                                    * self.trainer.world_size)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Under FSDP each rank holds a shard of every gradient: only the root FSDP module can compute the global
+        # norm (Lightning's FSDP precision plugin refuses norm clipping for that reason).
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"FSDP clips gradients by norm only, not {gradient_clip_algorithm!r}")
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        optimizer, scheduler = build_optimizer(self.model, self.hparams.optim_cfg, int(total))
+        optimizer, scheduler = build_optimizer(self.model, self.hparams.optim_cfg, int(total), self._param_ndims)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TrainingThroughput(L.Callback):
+    """Training tokens (input positions) per second over all devices, timed from the start of this process's batch
+    `skip` (compilation, autotuning and allocator warm-up left out) to the end of fit; and every rank's peak CUDA
+    memory. `metrics()` holds them on rank 0 after fit."""
+
+    def __init__(self, skip: int = 0) -> None:
+        self.skip, self.seen, self.tokens = skip, 0, 0
+        self.start: Optional[float] = None
+        self.tokens_per_s: Optional[float] = None
+        self.peak_gpu_mem_gb: list[float] = []
+
+    @staticmethod
+    def _sync(trainer: L.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.seen == self.skip and self.start is None:
+            self._sync(trainer)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.seen += 1
+        if self.start is not None:
+            self.tokens += batch["input_ids"].numel() * trainer.world_size
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._sync(trainer)
+        if self.start is not None and self.tokens:
+            self.tokens_per_s = self.tokens / (time.perf_counter() - self.start)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+            self.peak_gpu_mem_gb = trainer.strategy.all_gather(peak).flatten().tolist()  # a collective: every rank
+            log.info("rank %d: peak GPU memory %.2f GiB", trainer.global_rank, peak.item())
+
+    def metrics(self) -> dict[str, float]:
+        out = {} if self.tokens_per_s is None else {"train/tokens_per_s": self.tokens_per_s}
+        if self.peak_gpu_mem_gb:
+            out["train/peak_gpu_mem_gb"] = max(self.peak_gpu_mem_gb)
+            if len(self.peak_gpu_mem_gb) > 1:
+                out.update({f"train/peak_gpu_mem_gb_rank{r}": v for r, v in enumerate(self.peak_gpu_mem_gb)})
+        return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -12,12 +12,26 @@ SCHEDULES = ("wsd", "cosine", "constant")
 NO_DECAY_SUFFIXES = ("A_log", "D", "dt_bias", "embeddings", "bias")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+# Name parts that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     ndims: Optional[dict[str, int]] = None) -> list[dict[str, Any]]:
+    """`ndims`: parameter name -> number of dimensions before wrapping (FSDP hands the optimizer flat 1-D shards)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+        name = unwrapped_name(name)
+        ndim = ndims[name] if ndims is not None else p.ndim
+        (no_decay if ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -37,8 +51,8 @@ def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_steps: int,
     return 1.0 - (1 - min_lr_ratio) * progress
 
 
-def build_optimizer(model: nn.Module, optim_cfg: dict, total_steps: int):
-    opt = torch.optim.AdamW(parameter_groups(model, optim_cfg["weight_decay"]), lr=optim_cfg["lr"],
+def build_optimizer(model: nn.Module, optim_cfg: dict, total_steps: int, ndims: Optional[dict[str, int]] = None):
+    opt = torch.optim.AdamW(parameter_groups(model, optim_cfg["weight_decay"], ndims), lr=optim_cfg["lr"],
                             betas=tuple(optim_cfg["betas"]))
     if optim_cfg["schedule"] not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {optim_cfg['schedule']!r}")

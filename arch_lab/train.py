@@ -1,7 +1,9 @@
 """One lab run: compose data + model, train with Lightning, evaluate, measure, and log it all to MLflow."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -53,15 +55,67 @@ def _run_name(cfg: DictConfig, trial) -> str:
     return f"{name}-trial{trial.number}" if trial else name
 
 
+def _launched_worker() -> bool:
+    """True in a process that a multi-GPU launcher started as rank > 0.
+
+    Lightning's DDP/FSDP launcher re-runs the user's command once per extra device, with LOCAL_RANK (and NODE_RANK)
+    set; torchrun and SLURM-style launchers set RANK. Only the process of rank 0 tracks the run in MLflow.
+    """
+    return any(int(os.environ.get(key) or 0) > 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """cfg.trainer as Trainer arguments; a strategy given as a mapping with `_target_` is instantiated."""
+    from hydra.utils import instantiate
+
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(kwargs.get("strategy"), dict):
+        kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+    if kwargs.pop("use_distributed_sampler", False):
+        raise ValueError("trainer.use_distributed_sampler: the datamodules shard the training data across devices "
+                         "themselves (same global batches as one device); leave it unset")
+    return kwargs
+
+
+def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str):
+    """The trained HybridLM on rank 0's device for the final evaluation; None on the other ranks.
+
+    After fit Lightning has moved the model to the CPU (DDP and one device). Under FSDP every rank holds a shard
+    of it: all ranks take part in gathering the full weights, and rank 0 evaluates an unsharded copy.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from components.model import HybridLM
+
+    from .optim import unwrapped_name
+
+    device = trainer.strategy.root_device
+    if isinstance(trainer.strategy, FSDPStrategy):
+        state = trainer.strategy.lightning_module_state_dict()  # a collective; the full weights land on rank 0
+        if not trainer.is_global_zero:
+            return None
+        with torch.device(device):
+            model = HybridLM(ModelConfig.from_dict(model_cfg))
+        model.set_backend(backend)
+        state = {unwrapped_name(k): v for k, v in state.items()}
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        return model
+    return lit.model.to(device) if trainer.is_global_zero else None
+
+
 def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]:
-    """Run one experiment; returns every final metric (the sweeper reads its objectives from here)."""
+    """Run one experiment; returns every final metric (the sweeper reads its objectives from here).
+
+    Multi-GPU (trainer.strategy=ddp/fsdp): Lightning re-runs this command for ranks > 0. Every rank trains; only
+    rank 0 opens the MLflow run, logs, writes checkpoints and evaluates; the other ranks return {} after fit.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
     from .checkpoints import AtomicCheckpointIO
     from .interrupts import graceful_stop
-    from .lit_module import LitHybridLM
+    from .lit_module import LitHybridLM, TrainingThroughput
     from .reporting import log_run_plots
     from .sweep import current_trial, start_run_for_job
     from .sweep_callbacks import TrialPruningCallback
@@ -84,26 +138,38 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
+    worker = _launched_worker()
     with graceful_stop() as stopper:
         import mlflow
 
         mlflow.set_tracking_uri(cfg.logger.tracking_uri)
-        with start_run_for_job(_run_name(cfg, trial), experiment_name=cfg.logger.experiment_name, tags=tags) as run:
-            _log_setup(cfg, model)
-            logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
-                                  run_id=run.info.run_id)
-            trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        run_context = contextlib.nullcontext() if worker else start_run_for_job(
+            _run_name(cfg, trial), experiment_name=cfg.logger.experiment_name, tags=tags)
+        with run_context as run:
+            if not worker:
+                _log_setup(cfg, model)
+            logger = False if worker else MLFlowLogger(experiment_name=cfg.logger.experiment_name,
+                                                       tracking_uri=cfg.logger.tracking_uri, run_id=run.info.run_id)
+            trainer_cfg = _trainer_kwargs(cfg)
             checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
                                          every_n_train_steps=trainer_cfg["val_check_interval"])
-            callbacks = [checkpoint, stopper]
+            throughput = TrainingThroughput(skip=max(0, min(10, trainer_cfg["max_steps"] // 5)))
+            callbacks = [checkpoint, stopper, throughput]
             if trial and cfg.prune_metric:
                 callbacks.append(TrialPruningCallback(trial, cfg.prune_metric))
             trainer = L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
-                                plugins=[AtomicCheckpointIO()], max_epochs=-1)
+                                plugins=[AtomicCheckpointIO()], max_epochs=-1, use_distributed_sampler=False)
+            if trial and trainer.world_size > 1:
+                raise ValueError("sweeps train each trial in one process: use a single-device trainer "
+                                 "(trainer=cpu or trainer=gpu) with -m")
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             stopper.raise_if_requested()  # interrupted: the run ends KILLED, without evaluating a partial model
+            model = _model_for_evaluation(trainer, lit, model_cfg, cfg.backend)
+            if model is None:  # rank > 0: rank 0 evaluates and logs
+                return {}
             metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)
             metrics["train/final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            metrics.update(throughput.metrics())
             tracking.log_metrics(metrics, step=trainer.global_step)  # the latest value is what the UI shows
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots")
             if cfg.logger.log_checkpoints and checkpoint.last_model_path:

@@ -4,6 +4,12 @@ Batches are dicts: input_ids (B, L), labels (B, L) shifted for next-token predic
 (-100 = ignored); MQAR batches also carry num_kv_pairs (B,) for per-slice accuracy.
 Training order comes from ResumableShuffleSampler (depends only on seed and epoch, and can skip
 what a resumed run already consumed) and num_workers defaults to 0, so runs are reproducible.
+batch_size is per device. Under data parallelism (DDP/FSDP, W processes) the training loaders shard the
+data themselves (the Trainer runs with use_distributed_sampler=False): the W ranks' batches at a step
+together are the batch one process with batch_size * W draws at that step. Training loaders drop an epoch's
+last partial batch. Validation and test loaders are not sharded: they batch by the global batch size
+(batch_size * W) and every rank evaluates the same batches, so trainer.limit_val_batches covers the same
+examples, and validation metrics come out the same, as on one device at batch_size * W.
 """
 
 from __future__ import annotations
@@ -31,6 +37,21 @@ from arch_lab.data.tokenizers import Tokenizer
 MQAR_VAL_SEED_OFFSET = 1_000_003
 MQAR_TEST_SEED_OFFSET = 2_000_006
 TEXT_SOURCES = ("files", "hf")
+
+
+def data_parallel_shard(datamodule: L.LightningDataModule) -> tuple[int, int]:
+    """(world size, global rank) of the Trainer that uses this datamodule; (1, 0) outside a Trainer."""
+    trainer = datamodule.trainer
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def train_loader(dataset: Dataset, batch_size: int, sampler, num_workers: int, world: int, size: str) -> DataLoader:
+    """A training DataLoader of full batches only; `size` names the config keys that set the dataset's size."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True)
+    if sampler is not None and len(loader) == 0:
+        raise ValueError(f"the training set ({len(dataset)} examples, set by {size}) holds no full batch of "
+                         f"data.batch_size={batch_size} per device on {world} device(s): lower data.batch_size")
+    return loader
 
 
 class TensorDictDataset(Dataset):
@@ -106,19 +127,21 @@ class MQARDataModule(L.LightningDataModule):
                 )
         self.datasets = {name: TensorDictDataset(tensors) for name, tensors in data.items()}
 
-    def _loader(self, split: str, sampler: ResumableShuffleSampler | None = None) -> DataLoader:
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers
-        )
+    def _eval_loader(self, split: str) -> DataLoader:
+        world, _ = data_parallel_shard(self)
+        return DataLoader(self.datasets[split], batch_size=self.batch_size * world, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", ResumableShuffleSampler(len(self.datasets["train"]), self.seed))
+        world, rank = data_parallel_shard(self)
+        sampler = ResumableShuffleSampler(len(self.datasets["train"]), self.seed, world, rank)
+        return train_loader(self.datasets["train"], self.batch_size, sampler, self.num_workers, world,
+                            "data.train_examples")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._eval_loader("test")
 
 
 class TextDataModule(L.LightningDataModule):
@@ -214,13 +237,19 @@ class TextDataModule(L.LightningDataModule):
             }
 
     def train_dataloader(self) -> DataLoader:
-        # A stream keeps its order; blocks of a tokenized corpus are shuffled.
-        is_stream = isinstance(self.train_set, PackedTokenStream)
-        sampler = None if is_stream else ResumableShuffleSampler(len(self.train_set), self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        # A stream keeps its order (each rank keeping its share); blocks of a tokenized corpus are shuffled.
+        world, rank = data_parallel_shard(self)
+        if isinstance(self.train_set, PackedTokenStream):
+            self.train_set.num_replicas, self.train_set.rank = world, rank
+            sampler = None
+        else:
+            sampler = ResumableShuffleSampler(len(self.train_set), self.seed, world, rank)
+        return train_loader(self.train_set, self.batch_size, sampler, self.num_workers, world,
+                            "data.max_train_tokens and data.seq_len")
 
     def _eval_loader(self, dataset: TextBlocks) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        world, _ = data_parallel_shard(self)
+        return DataLoader(dataset, batch_size=self.batch_size * world, shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

@@ -222,7 +222,8 @@ class PackedTokenStream(IterableDataset):
     """Streaming counterpart of TextBlocks for corpora too big to tokenize up front.
 
     `make_docs` is called at every pass (epoch) to get a fresh document iterator. With several
-    DataLoader workers each worker keeps every num_workers-th block, so no block is seen twice.
+    DataLoader workers each worker keeps every num_workers-th block, so no block is seen twice;
+    with num_replicas > 1 (data parallel) each rank keeps its share of the blocks (see __iter__).
     """
 
     def __init__(
@@ -231,17 +232,29 @@ class PackedTokenStream(IterableDataset):
         tokenizer: Tokenizer,
         seq_len: int,
         max_tokens: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         _check_seq_len(seq_len)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.make_docs = make_docs
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.max_tokens = max_tokens
+        self.num_replicas, self.rank = num_replicas, rank
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Data parallel over num_replicas ranks: blocks are dealt in groups of num_replicas, rank r keeping the r-th
+        # block of every complete group. Every rank yields equally many blocks (a DDP step needs a batch on each
+        # rank), and step k's batches of all ranks hold the blocks one process would batch at step k.
         worker = get_worker_info()
         num_workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
         blocks = pack_tokens(self.make_docs(), self.tokenizer, self.seq_len, self.max_tokens)
+        mine = None
         for index, example in enumerate(blocks):
-            if index % num_workers == worker_id:
-                yield example
+            group, position = divmod(index, self.num_replicas)
+            if position == self.rank:
+                mine = example
+            if position == self.num_replicas - 1 and group % num_workers == worker_id:
+                yield mine
