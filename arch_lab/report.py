@@ -1,7 +1,10 @@
 """Rebuild the roadmap study's tables and plots from an MLflow store (so anyone's own runs give the same report).
 
-    python -m arch_lab.report --tracking-uri sqlite:///mlruns.db --experiment roadmap \
+    python -m arch_lab.report --tracking-uri sqlite:///mlruns.db [sqlite:///more.db ...] --experiment roadmap \
         [--bench-uri sqlite:///bench.db --bench-experiment arch_lab] --out experiments/roadmap/report
+
+Several stores may be given (runs trained in parallel each keep their own SQLite file); their runs are pooled.
+Bench runs tagged `study=head_ratio` (with `n_heads`) feed Table 9's throughput and cache; the others Table 1.
 
 Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers; mean ± spread over seeds) and the plots
 `fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer.png`.
@@ -33,11 +36,27 @@ PAPER_TABLE9 = {0: ("0:1", 19.23, 4720.8, 1.87), 4: ("1:8.48", 44.65, 3278.1, 19
                 8: ("1:4.24", 52.53, 1816.5, 394.00), 16: ("1:2.12", 56.46, 656.6, 787.22)}
 
 
-def _runs(tracking_uri: str, experiment: str):
+def _runs(tracking_uris: list[str], experiment: str):
+    """FINISHED runs of `experiment`, pooled over every store."""
     import mlflow
+    import pandas as pd
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
+    frames = []
+    for uri in tracking_uris:
+        mlflow.set_tracking_uri(uri)
+        frames.append(mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'"))
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _split_bench(bench):
+    """(Table 1 bench runs, head-ratio bench runs): the latter are tagged study=head_ratio."""
+    if bench is None:
+        return None, None
+    if "tags.study" not in bench:
+        return bench, bench.iloc[0:0]
+    ratio = bench["tags.study"] == "head_ratio"
+    return bench[~ratio], bench[ratio]
 
 
 def _row_key(model_name: str) -> Optional[str]:
@@ -108,7 +127,9 @@ def table1(runs, bench) -> str:
     return "\n".join(lines)
 
 
-def table9(runs) -> str:
+def table9(runs, ratio_bench=None) -> str:
+    """Recall per head count from the head_ratio sweep; decode tok/s and cache from bench runs tagged
+    study=head_ratio (the 300M protocol) when given, else from the trials' own measurements."""
     lines = ["| attention heads | Attn:SSM params (ours) | MQAR acc % | decode tok/s | cache MB @16k "
              "| paper ratio | paper recall % | paper tok/s | paper cache MB |", "|---|---|---|---|---|---|---|---|---|"]
     if runs.empty or "tags.sweep.study_name" not in runs:
@@ -122,12 +143,20 @@ def table9(runs) -> str:
         # Our head counts scale with the model (tiny: 0,1,2,4); pair them with the paper's rows by rank.
         rank = 0 if h == 0 else 1 + sorted(x for x in heads if x > 0).index(h)
         paper = paper_rows[rank] if rank < len(paper_rows) else ("–",) * 4
+        speed, cache = list(sub["metrics.throughput/decode_tok_s"]), list(sub["metrics.cache/mb_16k"])
+        if ratio_bench is not None and not ratio_bench.empty:
+            at = ratio_bench[ratio_bench["tags.n_heads"].astype(int) == paper_heads(rank)]
+            speed, cache = list(at.get("metrics.bench/decode_tok_s", [])), list(at.get("metrics.bench/cache_mb_16k", []))
         lines.append(f"| {h} | {sub['tags.params.attn_to_ssm'].iloc[0]} "
                      f"| {_fmt(*mean_spread(list(sub['metrics.recall/mqar_acc'])), 100)} "
-                     f"| {_fmt(*mean_spread(list(sub['metrics.throughput/decode_tok_s'])), 1, 0)} "
-                     f"| {_fmt(*mean_spread(list(sub['metrics.cache/mb_16k'])), 1, 3)} "
+                     f"| {_fmt(*mean_spread(speed), 1, 0)} | {_fmt(*mean_spread(cache), 1, 3)} "
                      f"| {paper[0]} | {paper[1]} | {paper[2]} | {paper[3]} |")
     return "\n".join(lines)
+
+
+def paper_heads(rank: int) -> int:
+    """The paper's head count (0, 4, 8, 16 at 300M) of a Table 9 row, by rank."""
+    return sorted(PAPER_TABLE9)[rank] if rank < len(PAPER_TABLE9) else -1
 
 
 def plot_fig1(runs, bench, path: Path) -> Path:
@@ -190,18 +219,20 @@ def plot_entropy(runs, path: Path) -> Optional[Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arch_lab.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tracking-uri", default="sqlite:///mlruns.db")
+    parser.add_argument("--tracking-uri", nargs="+", default=["sqlite:///mlruns.db"],
+                        help="one or more MLflow stores holding the study's training runs")
     parser.add_argument("--experiment", default="roadmap")
-    parser.add_argument("--bench-uri", default=None, help="MLflow store holding `python -m arch_lab.bench` runs")
+    parser.add_argument("--bench-uri", nargs="+", default=None,
+                        help="MLflow store(s) holding `python -m arch_lab.bench` runs")
     parser.add_argument("--bench-experiment", default="arch_lab")
     parser.add_argument("--out", default="roadmap_report")
     args = parser.parse_args(argv)
     runs = _runs(args.tracking_uri, args.experiment)
-    bench = _runs(args.bench_uri, args.bench_experiment) if args.bench_uri else None
+    bench, ratio_bench = _split_bench(_runs(args.bench_uri, args.bench_experiment) if args.bench_uri else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = ["# Roadmap study (generated by `python -m arch_lab.report`)", "", "## Table 1", "", table1(runs, bench),
-            "", "## Table 9 rows 1–4 (head ratio at fixed size)", "", table9(runs), ""]
+            "", "## Table 9 rows 1–4 (head ratio at fixed size)", "", table9(runs, ratio_bench), ""]
     (out / "tables.md").write_text("\n".join(text))
     plot_fig1(runs, bench, out / "fig1_accuracy_throughput_cache.png")
     plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")

@@ -79,3 +79,37 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert (out / "fig1_accuracy_throughput_cache.png").stat().st_size > 0
     assert (out / "fig9_entropy_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert report.mean_spread([1.0, 3.0]) == (2.0, 1.0)
+
+
+def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_path):
+    import mlflow
+
+    from arch_lab import report
+
+    stores = [f"sqlite:///{tmp_path}/seed{seed}.db" for seed in (0, 1)]
+    for seed, uri in enumerate(stores):  # one store per parallel run, as experiments/roadmap/run_study.sh keeps them
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("roadmap")
+        with mlflow.start_run(tags={"model": "mamba_small", "task": "mqar", "seed": str(seed)}):
+            mlflow.log_metric("recall/mqar_acc", 0.1 + 0.2 * seed)
+        with mlflow.start_run(tags={"model": "roadmap_b_small", "sweep.study_name": "head_ratio",
+                                    "params.attn_to_ssm": "1:1.18"}):
+            mlflow.log_params({"model.n_heads": 2})
+            mlflow.log_metrics({"recall/mqar_acc": 0.5 + 0.1 * seed, "throughput/decode_tok_s": 99.0,
+                                "cache/mb_16k": 9.0})
+    bench = f"sqlite:///{tmp_path}/bench.db"
+    mlflow.set_tracking_uri(bench)
+    mlflow.set_experiment("arch_lab")
+    with mlflow.start_run(tags={"model": "mamba_300m", "study": "performance"}):
+        mlflow.log_metrics({"bench/decode_tok_s": 4000.0, "bench/cache_mb_16k": 3.6})
+    with mlflow.start_run(tags={"model": "roadmap_b_300m", "study": "head_ratio", "n_heads": "4"}):
+        mlflow.log_metrics({"bench/decode_tok_s": 2500.0, "bench/cache_mb_16k": 200.0})
+    out = tmp_path / "report"
+    assert report.main(["--tracking-uri", *stores, "--bench-uri", bench, "--out", str(out)]) == 0
+    lines = (out / "tables.md").read_text().splitlines()
+    mamba = next(line for line in lines if line.startswith("| Mamba"))
+    assert "| 20.0 ± 10.0 |" in mamba and mamba.endswith("| 2 |")  # both stores' seeds pooled
+    assert "| 3.6 |" in mamba  # cache from the Table 1 bench run, not the head-ratio one
+    two_heads = next(line for line in lines if line.startswith("| 2 |"))
+    # recall pooled over both stores; speed/cache from the bench run at the paper's 4 heads (second row)
+    assert two_heads.startswith("| 2 | 1:1.18 | 55.0 ± 5.0 | 2500 | 200.000 | 1:8.48 |")

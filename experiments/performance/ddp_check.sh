@@ -8,10 +8,7 @@
 # summary.txt (exit status and wall time of each run), ddp_compare.txt, fsdp.txt.
 set -uo pipefail
 phase=${1:-all}
-OUT=${OUT:-/tmp/arch_lab_out}
-mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/lab/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD
+source experiments/device_env.sh
 # NVLink multicast stays off (the machine sets these; Lightning's launcher passes the environment on to every rank).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -32,18 +29,18 @@ lab() {
 if [[ $phase == ddp || $phase == all ]]; then
   # Same data order, same global batch of 64: one GPU at 64 against two GPUs at 32 each. 200 steps, bf16-mixed.
   SMALL=(model=roadmap_e_small data=mqar_zoology data.train_examples=20000 data.test_examples=512
-         trainer.max_steps=200 trainer.log_every_n_steps=1 trainer.val_check_interval=100 trainer.limit_val_batches=4
+         trainer.max_steps=${DDP_STEPS:-200} trainer.log_every_n_steps=1 trainer.val_check_interval=100 trainer.limit_val_batches=4
          eval.decode.enabled=false eval.analysis.enabled=false)
-  lab single 240 "${SMALL[@]}" trainer=gpu data.batch_size=64
-  lab ddp 240 "${SMALL[@]}" trainer=ddp trainer.devices=2 data.batch_size=32
+  lab single ${RUN_TIMEOUT_S:-180} "${SMALL[@]}" trainer=gpu data.batch_size=64
+  lab ddp ${RUN_TIMEOUT_S:-180} "${SMALL[@]}" trainer=ddp trainer.devices=2 data.batch_size=32
   python3 -m arch_lab.compare_runs "$DB" case=single case=ddp --every 10 --tolerance 0.05 2>&1 \
     | tee "$OUT/ddp_compare.txt"
 fi
 if [[ $phase == fsdp || $phase == all ]]; then
   # Hymba-1.5B, FSDP over both GPUs (one unit per decoder block, activation checkpointing), sequence 512
   # (+128 meta tokens), 4 sequences per GPU, 20 steps; no checkpoint (val_check_interval > max_steps).
-  lab fsdp 330 model=hymba_1_5b trainer=fsdp trainer.devices=2 data=mqar_zoology data.seq_len=512 \
-    data.batch_size=4 data.train_examples=1000 data.test_examples=64 trainer.max_steps=20 \
+  lab fsdp ${FSDP_TIMEOUT_S:-220} model=hymba_1_5b trainer=fsdp trainer.devices=2 data=mqar_zoology data.seq_len=512 \
+    data.batch_size=4 data.train_examples=1000 data.test_examples=64 trainer.max_steps=${FSDP_STEPS:-20} \
     trainer.log_every_n_steps=1 trainer.val_check_interval=100 trainer.limit_val_batches=2 \
     optim.lr=3e-4 optim.warmup_steps=5 optim.schedule=constant eval.decode.enabled=false eval.analysis.enabled=false
   python3 -m arch_lab.compare_runs "$DB" case=fsdp --every 1 2>&1 | tee "$OUT/fsdp.txt"

@@ -1,35 +1,72 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, run the GPU parity tests, then benchmark the Table 1 rows.
+# Device calls for the GPU measurements: install the carried wheels, then run one or more phases.
 #   (on this machine) mkdir -p .whl/lab && cp ../shared/wheels/device-cp312/*.whl .whl/ && cp ../shared/wheels/device-cp312/lab/*.whl .whl/lab/
-#   device run, carry [".whl"]:  bash experiments/performance/gpu_session.sh <phase>
-# Phases: tests | decode | train | all. Results go to $OUT (logs, bench.db with the MLflow runs).
+#                     python experiments/roadmap/carry_data.py        # text data for the roadmap phases -> .data/
+#   device run, carry [".whl", ".data"]:  bash experiments/performance/gpu_session.sh <phase> [phase...]
+# Phases:
+#   tests       GPU parity tests (kernels vs references, full model fast vs reference path, CUDA-graph decoding)
+#   decode      Table 1 rows at 300M: decode at 8k context, batch 128 halved on OOM (+ HF generate for the Transformer)
+#   ratio       Table 9 rows 1-4 at 300M: the parallel hybrid (B) with 0, 4, 8, 16 attention heads, same protocol
+#   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
+#   study       the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR and on text, 2 seeds
+#               each, beside the head-ratio sweep (seed 0); 32 small runs share the GPU
+# Results go to $OUT: logs, bench.db (MLflow bench runs), stores.tar.gz (the study's MLflow stores and artifacts).
 set -uo pipefail
-phase=${1:-all}
-OUT=${OUT:-/tmp/arch_lab_out}
-mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/lab/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD
+source experiments/device_env.sh
+export ARCH_LAB_DATA_ROOT=$PWD/.data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-bench() { timeout 150 python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" 2>&1 | grep -v Warning | tail -25; }
-
-if [[ $phase == tests || $phase == all ]]; then
-  timeout 200 python3 -m pytest -m gpu tests/test_ops_ssm_gpu_parity.py tests/test_model_gpu_parity.py -q -p no:cacheprovider 2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+start=$SECONDS
+bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10-minute limit
+  if (( SECONDS - start > ${BUDGET_S:-540} )); then echo "skipped (time): $*"; return; fi
+  # Output goes to a file, not a pipe: torch.compile's worker processes outlive a timed-out bench and would hold
+  # a pipe open until the device call's own limit.
+  local log=/tmp/bench_$RANDOM.log
+  timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" \
+    hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" >"$log" 2>&1 || echo "bench exited with $? (timeout: 124): $*"
+  grep -vi warning "$log" | tail -22
+}
+run_tests() {
+  timeout -k 10 ${TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_ops_ssm_gpu_parity.py \
+    tests/test_model_gpu_parity.py -q -p no:cacheprovider -rA >"$OUT/gpu_tests.txt" 2>&1
   tail -5 "$OUT/gpu_tests.txt"
-fi
-if [[ $phase == decode || $phase == all ]]; then
-  # The paper's protocol: 8k context, batch 128 halved on OOM; decode throughput, bandwidth bound, cache.
-  for row in transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e; do
-    extra=(); [[ $row == transformer ]] && extra=(measure=[decode,hf])
-    bench model=${row}_300m context=8192 batch=128 new_tokens=32 prefill_chunk=1024 measure=[decode] "${extra[@]}" \
-      +tags.row=$row +tags.study=performance | tee -a "$OUT/bench_decode.txt"
-  done
-fi
-if [[ $phase == train || $phase == all ]]; then
-  # Training throughput and MFU at ~300M, sequence 2048, bf16: the hybrid (E) against the equal-size Llama.
-  for row in roadmap_e transformer; do
-    bench model=${row}_300m measure=[train] train_seq_len=2048 train_batch=8 train_steps=6 +tags.row=$row \
-      +tags.study=performance | tee -a "$OUT/bench_train.txt"
-  done
+}
+protocol=(context=8192 batch=128 new_tokens=32 prefill_chunk=1024 measure=[decode])
+
+for phase in "$@"; do
+  case $phase in
+  tests)
+    run_tests ;;
+  decode)
+    for row in transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e; do
+      extra=(); [[ $row == transformer ]] && extra=(measure=[decode,hf])
+      bench model=${row}_300m "${protocol[@]}" "${extra[@]}" +tags.row=$row +tags.study=performance \
+        | tee -a "$OUT/bench_decode.txt"
+    done ;;
+  ratio)
+    for heads in 0 4 8 16; do
+      bench model=roadmap_b_300m model.n_heads=$heads model.n_kv_heads=$heads "${protocol[@]}" \
+        +tags.study=head_ratio +tags.n_heads=$heads | tee -a "$OUT/bench_ratio.txt"
+    done ;;
+  train)
+    for compile in false true; do
+      for row in roadmap_e transformer; do
+        bench model=${row}_300m measure=[train] train_seq_len=2048 train_batch=8 train_steps=6 compile=$compile \
+          +tags.row=$row +tags.study=performance +tags.compiled=$compile | tee -a "$OUT/bench_train.txt"
+      done
+    done ;;
+  study)  # the whole roadmap study side by side: Table 1 rows on MQAR and on text (2 seeds each), Table 9 sweep
+    export STORES=/tmp/stores LOGS=$OUT/logs
+    bash experiments/roadmap/run_study.sh head_ratio "0" &
+    bash experiments/roadmap/run_study.sh mqar "0 1" &
+    bash experiments/roadmap/run_study.sh text "0 1" &
+    wait ;;
+  *) echo "unknown phase $phase (tests|decode|ratio|train|study)"; exit 2 ;;
+  esac
+  echo "phase $phase done at ${SECONDS}s"
+done
+if [[ -d /tmp/stores ]]; then
+  tar czf "$OUT/stores.tar.gz" -C /tmp stores $( [[ -d mlartifacts ]] && echo "-C $PWD mlartifacts" )
+  (cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
 fi
 ls -la "$OUT"
