@@ -110,12 +110,13 @@ def table1(runs, bench) -> str:
     wiki = collect(runs, "test/wikitext2/ppl", "text")
     passkey = collect(runs, "recall/passkey_acc", "text")
     decode, cache = _speed_and_cache(runs, bench)
+    steps = {task: collect(runs, "train/steps", task) for task in ("mqar", "text")}
     seeds = {r: len(v) for r, v in mqar.items()}
     base = mean_spread(decode.get("transformer", []))[0]
     paper_base = PAPER_TABLE1["transformer"][3]
     lines = ["| row | MQAR acc % | val ppl | gutenberg test ppl | wikitext2 ppl | passkey % | decode tok/s (× Transformer) "
-             "| paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds | steps (MQAR / text) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _, recall, tok_s, cache_mb) in PAPER_TABLE1.items():
         d = mean_spread(decode.get(row, []))[0]
         ratio = f"{d:.0f} ({d / base:.2f}×)" if not math.isnan(d) and base and not math.isnan(base) else "–"
@@ -123,8 +124,15 @@ def table1(runs, bench) -> str:
             f"| {label} | {_fmt(*mean_spread(mqar.get(row, [])), 100)} | {_fmt(*mean_spread(ppl.get(row, [])), 1, 2)} "
             f"| {_fmt(*mean_spread(gut.get(row, [])), 1, 2)} | {_fmt(*mean_spread(wiki.get(row, [])), 1, 2)} "
             f"| {_fmt(*mean_spread(passkey.get(row, [])), 100)} | {ratio} | {tok_s} ({tok_s / paper_base:.2f}×) "
-            f"| {_fmt(*mean_spread(cache.get(row, [])), 1, 1)} | {cache_mb} | {recall} | {seeds.get(row, 0)} |")
+            f"| {_fmt(*mean_spread(cache.get(row, [])), 1, 1)} | {cache_mb} | {recall} | {seeds.get(row, 0)} "
+            f"| {_step_range(steps['mqar'].get(row))} / {_step_range(steps['text'].get(row))} |")
     return "\n".join(lines)
+
+
+def _step_range(values: Optional[list[float]]) -> str:
+    """Optimizer steps of a row's runs ("–" for runs that predate the train/steps metric)."""
+    values = sorted({int(v) for v in values or [] if not math.isnan(v)})
+    return "–" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
 
 def table9(runs, ratio_bench=None) -> str:

@@ -169,6 +169,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                 return {}
             metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)
             metrics["train/final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            metrics["train/steps"] = trainer.global_step  # below trainer.max_steps when max_time stopped the run
             metrics.update(throughput.metrics())
             tracking.log_metrics(metrics, step=trainer.global_step)  # the latest value is what the UI shows
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots")

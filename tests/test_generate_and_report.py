@@ -73,7 +73,7 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert report.main(["--tracking-uri", uri, "--experiment", "roadmap", "--out", str(out)]) == 0
     tables = (out / "tables.md").read_text()
     transformer = next(line for line in tables.splitlines() if line.startswith("| Transformer"))
-    assert "| 35.0 ± 5.0 |" in transformer and transformer.endswith("| 39.98 | 2 |")
+    assert "| 35.0 ± 5.0 |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
     row_e = next(line for line in tables.splitlines() if line.startswith("| E + meta tokens"))
     assert "| 55.0 ± 5.0 |" in row_e
     assert (out / "fig1_accuracy_throughput_cache.png").stat().st_size > 0
@@ -91,7 +91,7 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("roadmap")
         with mlflow.start_run(tags={"model": "mamba_small", "task": "mqar", "seed": str(seed)}):
-            mlflow.log_metric("recall/mqar_acc", 0.1 + 0.2 * seed)
+            mlflow.log_metrics({"recall/mqar_acc": 0.1 + 0.2 * seed, "train/steps": 800 - 100 * seed})
         with mlflow.start_run(tags={"model": "roadmap_b_small", "sweep.study_name": "head_ratio",
                                     "params.attn_to_ssm": "1:1.18"}):
             mlflow.log_params({"model.n_heads": 2})
@@ -108,7 +108,7 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     assert report.main(["--tracking-uri", *stores, "--bench-uri", bench, "--out", str(out)]) == 0
     lines = (out / "tables.md").read_text().splitlines()
     mamba = next(line for line in lines if line.startswith("| Mamba"))
-    assert "| 20.0 ± 10.0 |" in mamba and mamba.endswith("| 2 |")  # both stores' seeds pooled
+    assert "| 20.0 ± 10.0 |" in mamba and mamba.endswith("| 2 | 700–800 / – |")  # both stores' seeds pooled
     assert "| 3.6 |" in mamba  # cache from the Table 1 bench run, not the head-ratio one
     two_heads = next(line for line in lines if line.startswith("| 2 |"))
     # recall pooled over both stores; speed/cache from the bench run at the paper's 4 heads (second row)

@@ -113,6 +113,7 @@ def test_default_run_logs_training_history(default_run):
     assert len(steps) >= 10 and steps == sorted(set(steps))
     assert history[-1][1] < history[0][1]
     assert run.data.metrics["train/final_loss"] == pytest.approx(history[-1][1])
+    assert run.data.metrics["train/steps"] == 300  # the default trainer.max_steps
     validations = metric_history(workdir, run.info.run_id, "val/mqar_acc")
     assert len(validations) == 3  # every val_check_interval=100 steps of 300
     eval_loss = last_logged(workdir, run.info.run_id, "val/loss")
