@@ -15,12 +15,12 @@ from pathlib import Path
 EOT = "<|endoftext|>"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default="../shared/data")
     parser.add_argument("--dst", default=".data")
     parser.add_argument("--train-tokens", type=int, default=16_000_000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     (dst / "gutenberg").mkdir(parents=True, exist_ok=True)
     (dst / "wikitext2").mkdir(parents=True, exist_ok=True)
@@ -31,7 +31,8 @@ def main() -> None:
     kept, size = [], 0
     for doc in text.split(EOT):
         kept.append(doc)
-        size += len(doc.encode("utf-8")) + 1  # + the eos token the tokenizer appends
+        if doc.strip():  # the reader strips documents and skips blank ones; each gets an eos token
+            size += len(doc.strip().encode("utf-8")) + 1
         if size >= args.train_tokens:
             break
     with gzip.open(dst / "gutenberg/train.txt.gz", "wt", encoding="utf-8") as f:

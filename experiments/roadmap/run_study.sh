@@ -17,15 +17,16 @@ mkdir -p "$STORES" "$LOGS"
 rows=("$@"); [[ ${#rows[@]} -eq 0 ]] && rows=(transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e)
 declare -A experiment=([transformer]=roadmap_transformer [mamba]=roadmap_mamba [roadmap_a]=roadmap_step1_sequential \
   [roadmap_b]=roadmap_step1 [roadmap_c]=roadmap_step2_local_global [roadmap_d]=roadmap_step2 [roadmap_e]=roadmap_step3)
-# Same recipe and token budget for every row: 800 steps of 8k tokens (6.6M tokens). MAX_TIME is a guard for the
-# device call's time limit only; a run it stops early logs fewer steps (check trainer/global_step in the report).
+# Same recipe and token budget for every row: 800 steps of 8k tokens (6.6M tokens; MQAR_STEPS / TEXT_STEPS change
+# it). MAX_TIME=DD:HH:MM:SS (unset by default) stops training at a wall-clock limit, e.g. to fit a device call;
+# runs it stops early train fewer steps than the others (the report's steps column shows it).
 mqar=(data=mqar_zoology data.batch_size=32 trainer.max_steps=${MQAR_STEPS:-800} trainer.val_check_interval=400
       optim.lr=1e-3)
 text=(data=text_gutenberg data.seq_len=512 data.batch_size=16 data.max_train_tokens=7000000
       data.max_eval_tokens=262144 trainer.max_steps=${TEXT_STEPS:-800} trainer.val_check_interval=400 optim.lr=2e-3
       eval.passkey.seq_len=512 eval.passkey.num_per_depth=20)
-common=(trainer=${TRAINER:-gpu} trainer.enable_progress_bar=false logger.experiment_name=roadmap
-        +trainer.max_time=${MAX_TIME:-00:00:06:00})
+common=(trainer=${TRAINER:-gpu} trainer.enable_progress_bar=false logger.experiment_name=roadmap)
+[[ -n ${MAX_TIME:-} ]] && common+=(+trainer.max_time=$MAX_TIME)
 export OMP_NUM_THREADS=1
 
 if [[ $task == head_ratio ]]; then
