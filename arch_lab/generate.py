@@ -15,7 +15,7 @@ from components.config import ModelConfig
 from components.generation import Generator
 from components.model import HybridLM
 
-from .checkpoints import AtomicCheckpointIO
+from .checkpoints import AtomicCheckpointIO, hybrid_lm_state
 from .data.tokenizers import build_tokenizer
 
 
@@ -23,8 +23,7 @@ def load_checkpoint(path: str, device: str):
     ckpt = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True
     hparams = ckpt["hyper_parameters"]
     model = HybridLM(ModelConfig.from_dict(hparams["model_cfg"]))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
-                           if k.startswith("model.")})
+    model.load_state_dict(hybrid_lm_state(ckpt["state_dict"]))
     spec = hparams.get("tokenizer")
     tokenizer = build_tokenizer(spec["kind"], path=spec["path"]) if spec else None
     return model.to(device).eval(), tokenizer

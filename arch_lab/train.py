@@ -87,6 +87,7 @@ def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str)
 
     from components.model import HybridLM
 
+    from .checkpoints import hybrid_lm_state
     from .optim import unwrapped_name
 
     device = trainer.strategy.root_device
@@ -98,7 +99,7 @@ def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str)
             model = HybridLM(ModelConfig.from_dict(model_cfg))
         model.set_backend(backend)
         state = {unwrapped_name(k): v for k, v in state.items()}
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        model.load_state_dict(hybrid_lm_state(state))
         return model
     return lit.model.to(device) if trainer.is_global_zero else None
 
