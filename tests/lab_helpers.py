@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The shared data sets, where conf/train.yaml looks for them too (data_root: $ARCH_LAB_DATA_ROOT or ../shared/data).
+DATA_ROOT = Path(os.environ.get("ARCH_LAB_DATA_ROOT") or REPO.parent / "shared" / "data").resolve()
 EXPERIMENT_NAME = "arch_lab"  # conf/logger/mlflow.yaml
 RUN_DIR_NAME = "out"
 

@@ -1,7 +1,6 @@
 """Passkey retrieval built from real text: needle placement, answers and depth-wise scoring."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from arch_lab.data.passkey import (
     passkey_accuracy_by_depth,
 )
 from arch_lab.data.tokenizers import ByteTokenizer
+from lab_helpers import DATA_ROOT as DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HAYSTACK = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
 BYTE = ByteTokenizer()
 SEQ_LEN = 1024

@@ -3,7 +3,6 @@
 import gzip
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from arch_lab.data.text import (
     tokenize_corpus,
 )
 from arch_lab.data.tokenizers import BPETokenizer, ByteTokenizer, build_tokenizer
+from lab_helpers import DATA_ROOT as DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 GUTENBERG_VALID = DATA / "gutenberg" / "valid.txt.gz"
 GUTENBERG_TEST = DATA / "gutenberg" / "test.txt.gz"

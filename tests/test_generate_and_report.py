@@ -9,9 +9,9 @@ import torch
 
 from arch_lab.generate import load_checkpoint
 from components.generation import Generator
+from lab_helpers import DATA_ROOT as DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 
 
 def _env():

@@ -23,8 +23,9 @@ from arch_lab.evaluation.commonsense import (
     score_continuations,
     score_multiple_choice,
 )
+from lab_helpers import DATA_ROOT
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commonsense"
+DATA_DIR = DATA_ROOT / "commonsense"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
