@@ -6,8 +6,9 @@
 Several stores may be given (runs trained in parallel each keep their own SQLite file); their runs are pooled.
 Bench runs tagged `study=head_ratio` (with `n_heads`) feed Table 9's throughput and cache; the others Table 1.
 
-Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers; mean ± spread over seeds) and the plots
-`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer.png`.
+Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers, MQAR by slice with the losses and the attention
+analysis; mean ± spread over seeds) and the plots
+`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer_<task>.png` (mqar, text).
 """
 from __future__ import annotations
 
@@ -129,6 +130,40 @@ def table1(runs, bench) -> str:
     return "\n".join(lines)
 
 
+def _mqar_vocabularies(runs) -> list[int]:
+    column = "params.data.vocab_size"
+    if runs.empty or column not in runs or "tags.task" not in runs:
+        return []
+    return sorted({int(v) for v in runs.loc[runs["tags.task"] == "mqar", column].dropna()})
+
+
+def mqar_chance(runs) -> str:
+    """The MQAR accuracy of a uniform guess among the values (half the task's vocabulary; Zoology's layout)."""
+    vocabs = _mqar_vocabularies(runs)
+    return "MQAR chance (a uniform guess among the vocab/2 values): " + ", ".join(
+        f"{100 * 2 / v:.2f}% at vocabulary {v}" for v in vocabs) if vocabs else "MQAR chance: –"
+
+
+def slice_table(runs) -> str:
+    """Per row: MQAR accuracy by number of key-value pairs, validation loss on each task, and the attention analysis
+    (entropy and share of attention on meta tokens per task; effective receptive field on MQAR)."""
+    slices = sorted({int(c.rsplit("kv", 1)[1]) for c in runs.columns if c.startswith("metrics.recall/mqar_acc_kv")})
+    columns = [(f"{k} pairs %", f"recall/mqar_acc_kv{k}", "mqar", 100, 1) for k in slices] + [
+        ("MQAR val loss", "val/loss", "mqar", 1, 2), ("text val loss", "val/loss", "text", 1, 3),
+        ("attention entropy MQAR (nats)", "analysis/attn_entropy", "mqar", 1, 2),
+        ("attention entropy text (nats)", "analysis/attn_entropy", "text", 1, 2),
+        ("attention on meta tokens MQAR %", "analysis/attn_share_meta", "mqar", 100, 0),
+        ("attention on meta tokens text %", "analysis/attn_share_meta", "text", 100, 0),
+        ("ERF (tokens)", "analysis/erf", "mqar", 1, 1)]
+    values = [collect(runs, metric, task) for _, metric, task, _, _ in columns]
+    lines = ["| row | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, paper in PAPER_TABLE1.items():
+        cells = [_fmt(*mean_spread(v.get(row, [])), scale, digits) for v, (_, _, _, scale, digits)
+                 in zip(values, columns)]
+        lines.append(f"| {paper[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _step_range(values: Optional[list[float]]) -> str:
     """Optimizer steps of a row's runs ("–" for runs that predate the train/steps metric)."""
     values = sorted({int(v) for v in values or [] if not math.isnan(v)})
@@ -138,10 +173,11 @@ def _step_range(values: Optional[list[float]]) -> str:
 def table9(runs, ratio_bench=None) -> str:
     """Recall per head count from the head_ratio sweep; decode tok/s and cache from bench runs tagged
     study=head_ratio (the 300M protocol) when given, else from the trials' own measurements."""
-    lines = ["| attention heads | Attn:SSM params (ours) | MQAR acc % | decode tok/s | cache MB @16k "
-             "| paper ratio | paper recall % | paper tok/s | paper cache MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attention heads | Attn:SSM params (ours) | MQAR acc % | MQAR answer ppl | seeds | decode tok/s "
+             "| cache MB @16k | paper ratio | paper recall % | paper tok/s | paper cache MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     if runs.empty or "tags.sweep.study_name" not in runs:
-        return "\n".join(lines + ["| (no head_ratio sweep in this store) |||||||||"])
+        return "\n".join(lines + ["| (no head_ratio sweep in this store) |||||||||||"])
     sweep = runs[runs["tags.sweep.study_name"] == "head_ratio"]
     sweep = sweep[sweep["params.model.n_heads"].notna()] if "params.model.n_heads" in sweep else sweep.iloc[0:0]
     heads = sorted({int(h) for h in sweep["params.model.n_heads"]})
@@ -155,8 +191,10 @@ def table9(runs, ratio_bench=None) -> str:
         if ratio_bench is not None and not ratio_bench.empty:
             at = ratio_bench[ratio_bench["tags.n_heads"].astype(int) == paper_heads(rank)]
             speed, cache = list(at.get("metrics.bench/decode_tok_s", [])), list(at.get("metrics.bench/cache_mb_16k", []))
+        answer_ppl = [math.exp(v) for v in sub.get("metrics.val/loss", []) if not math.isnan(v)]
         lines.append(f"| {h} | {sub['tags.params.attn_to_ssm'].iloc[0]} "
                      f"| {_fmt(*mean_spread(list(sub['metrics.recall/mqar_acc'])), 100)} "
+                     f"| {_fmt(*mean_spread(answer_ppl), 1, 1)} | {len(sub)} "
                      f"| {_fmt(*mean_spread(speed), 1, 0)} | {_fmt(*mean_spread(cache), 1, 3)} "
                      f"| {paper[0]} | {paper[1]} | {paper[2]} | {paper[3]} |")
     return "\n".join(lines)
@@ -179,6 +217,10 @@ def plot_fig1(runs, bench, path: Path) -> Path:
         mb = mean_spread(cache.get(row, []))[0]
         ax.scatter(tok, 100 * acc, s=20 + (0 if math.isnan(mb) else 3 * math.sqrt(mb)), alpha=0.6)
         ax.annotate(PAPER_TABLE1[row][0].split(" ")[0], (tok, 100 * acc), fontsize=8)
+    for vocab in _mqar_vocabularies(runs):
+        ax.axhline(100 * 2 / vocab, color="grey", linestyle="--", linewidth=0.8, label=f"chance (vocabulary {vocab})")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("decode tokens/s")
     ax.set_ylabel("MQAR accuracy %")
@@ -199,8 +241,8 @@ def plot_erf_vs_cache(runs, bench, path: Path) -> Optional[Path]:
     return draw(points, path) if points else None
 
 
-def plot_entropy(runs, path: Path) -> Optional[Path]:
-    """Attention entropy per layer of the trained E (meta tokens) and D (none) models (Fig. 9)."""
+def plot_entropy(runs, task: str, path: Path) -> Optional[Path]:
+    """Attention entropy per layer of the trained E (meta tokens) and D (none) models on one task (Fig. 9)."""
     import pandas as pd
     import torch
 
@@ -210,8 +252,9 @@ def plot_entropy(runs, path: Path) -> Optional[Path]:
         if runs.empty:
             return None
         in_sweep = runs.get("tags.sweep.study_name", pd.Series(None, index=runs.index)).notna()
+        on_task = runs.get("tags.task", pd.Series(task, index=runs.index)) == task
         sub = runs[runs.get("tags.model", pd.Series("", index=runs.index)).map(lambda m: _row_key(str(m)) == row)
-                   & ~in_sweep]
+                   & ~in_sweep & on_task]
         cols = sorted((c for c in sub.columns if c.startswith("metrics.analysis/attn_entropy_layer")),
                       key=lambda c: int(c.rsplit("layer", 1)[1]))
         if sub.empty or not cols:
@@ -240,11 +283,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = ["# Roadmap study (generated by `python -m arch_lab.report`)", "", "## Table 1", "", table1(runs, bench),
-            "", "## Table 9 rows 1–4 (head ratio at fixed size)", "", table9(runs, ratio_bench), ""]
+            "", mqar_chance(runs), "", "## MQAR by slice, losses and attention analysis (Table 1 rows)", "",
+            slice_table(runs), "", "## Table 9 rows 1–4 (head ratio at fixed size)", "", table9(runs, ratio_bench), ""]
     (out / "tables.md").write_text("\n".join(text))
     plot_fig1(runs, bench, out / "fig1_accuracy_throughput_cache.png")
     plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")
-    plot_entropy(runs, out / "fig9_entropy_per_layer.png")
+    for task in ("mqar", "text"):
+        plot_entropy(runs, task, out / f"fig9_entropy_per_layer_{task}.png")
     print("\n".join(text))
     return 0
 

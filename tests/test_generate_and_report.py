@@ -1,4 +1,5 @@
 """`python -m arch_lab.generate` on a real checkpoint, and `python -m arch_lab.report` on a real MLflow store."""
+import math
 import os
 import subprocess
 import sys
@@ -64,7 +65,10 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     for model, accs in {"transformer_tiny": (0.30, 0.40), "roadmap_e_tiny": (0.50, 0.60)}.items():
         for seed, acc in enumerate(accs):
             with mlflow.start_run(tags={"model": model, "task": "mqar", "seed": str(seed)}):
-                mlflow.log_metrics({"recall/mqar_acc": acc, "analysis/erf": 3.0 + seed,
+                mlflow.log_params({"data.vocab_size": 256})
+                mlflow.log_metrics({"recall/mqar_acc": acc, "recall/mqar_acc_kv8": acc + 0.1,
+                                    "recall/mqar_acc_kv64": acc - 0.1, "val/loss": 2.0 + seed,
+                                    "analysis/erf": 3.0 + seed,
                                     "analysis/attn_entropy_layer0": 1.0, "analysis/attn_entropy_layer1": 2.0})
     with mlflow.start_run(tags={"model": "roadmap_d_tiny", "task": "mqar"}):
         mlflow.log_metrics({"recall/mqar_acc": 0.45, "analysis/attn_entropy_layer0": 1.5,
@@ -76,8 +80,14 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert "| 35.0 ± 5.0 |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
     row_e = next(line for line in tables.splitlines() if line.startswith("| E + meta tokens"))
     assert "| 55.0 ± 5.0 |" in row_e
+    assert "MQAR chance (a uniform guess among the vocab/2 values): 0.78% at vocabulary 256" in tables
+    # the slice table: one column per slice found in the runs, then the losses (text has no runs: "–")
+    assert "| row | 8 pairs % | 64 pairs % | MQAR val loss | text val loss |" in tables
+    slices_e = [line for line in tables.splitlines() if line.startswith("| E + meta tokens")][1]
+    assert slices_e.startswith("| E + meta tokens | 65.0 ± 5.0 | 45.0 ± 5.0 | 2.50 ± 0.50 | – |")
     assert (out / "fig1_accuracy_throughput_cache.png").stat().st_size > 0
-    assert (out / "fig9_entropy_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "fig9_entropy_per_layer_mqar.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "fig9_entropy_per_layer_text.png").exists()  # no text runs: no text figure
     assert report.mean_spread([1.0, 3.0]) == (2.0, 1.0)
 
 
@@ -96,7 +106,7 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
                                     "params.attn_to_ssm": "1:1.18"}):
             mlflow.log_params({"model.n_heads": 2})
             mlflow.log_metrics({"recall/mqar_acc": 0.5 + 0.1 * seed, "throughput/decode_tok_s": 99.0,
-                                "cache/mb_16k": 9.0})
+                                "cache/mb_16k": 9.0, "val/loss": math.log(4.0 + 2 * seed)})
     bench = f"sqlite:///{tmp_path}/bench.db"
     mlflow.set_tracking_uri(bench)
     mlflow.set_experiment("arch_lab")
@@ -112,4 +122,5 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     assert "| 3.6 |" in mamba  # cache from the Table 1 bench run, not the head-ratio one
     two_heads = next(line for line in lines if line.startswith("| 2 |"))
     # recall pooled over both stores; speed/cache from the bench run at the paper's 4 heads (second row)
-    assert two_heads.startswith("| 2 | 1:1.18 | 55.0 ± 5.0 | 2500 | 200.000 | 1:8.48 |")
+    # answer perplexity exp(val/loss) (4 and 6) and the seed count pooled too
+    assert two_heads.startswith("| 2 | 1:1.18 | 55.0 ± 5.0 | 5.0 ± 1.0 | 2 | 2500 | 200.000 | 1:8.48 |")

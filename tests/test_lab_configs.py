@@ -146,3 +146,27 @@ def test_cpu_experiment_dev_run_finishes_with_recall_logged(experiment: str, dev
     assert run.data.params["trainer.fast_dev_run"] == "True"
     assert 0.0 <= run.data.metrics["recall/mqar_acc"] <= 1.0
     assert {f"recall/mqar_acc_kv{k}" for k in (1, 2, 4, 8)} <= set(run.data.metrics)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "data").glob("mqar*.yaml")))
+def test_mqar_data_config_builds_its_task(name: str):
+    """Every MQAR config (the CPU default, Zoology's scale, the GPU study's) yields its stated task: each example has
+    one supervised answer per key-value pair, answers come from the value half of its vocabulary, and the training
+    and test mixtures hold exactly the configured slices."""
+    from arch_lab.data_factory import build_datamodule
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml"))
+    slices = {"train": cfg["num_kv_pairs_train"], "test": cfg["num_kv_pairs_test"]}
+    cfg.update(train_examples=2 * cfg["batch_size"], test_examples=10 * len(slices["test"]))  # small, full batches
+    datamodule = build_datamodule(cfg, seed=0, tokenizer=None)
+    datamodule.setup("fit")
+    for split, loader in (("train", datamodule.train_dataloader()), ("test", datamodule.test_dataloader())):
+        batches = list(loader)
+        ids = torch.cat([b["input_ids"] for b in batches])
+        labels = torch.cat([b["labels"] for b in batches])
+        pairs = torch.cat([b["num_kv_pairs"] for b in batches])
+        assert ids.shape[1] == cfg["seq_len"] and int(ids.max()) < cfg["vocab_size"]
+        assert sorted(set(pairs.tolist())) == sorted(slices[split])
+        assert ((labels != -100).sum(1) == pairs).all()
+        answers = labels[labels != -100]
+        assert int(answers.min()) >= cfg["vocab_size"] // 2 and int(answers.max()) < cfg["vocab_size"]

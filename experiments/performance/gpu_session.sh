@@ -8,8 +8,11 @@
 #   decode      Table 1 rows at 300M: decode at 8k context, batch 128 halved on OOM (+ HF generate for the Transformer)
 #   ratio       Table 9 rows 1-4 at 300M: the parallel hybrid (B) with 0, 4, 8, 16 attention heads, same protocol
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
-#   study       the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR and on text, 2 seeds
-#               each, beside the head-ratio sweep (seed 0); 32 small runs share the GPU
+#   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
+#   text        the same rows on text (perplexities, passkey), seeds $SEEDS
+#   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
+# SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
+# run one after another.
 # Results go to $OUT: logs, bench.db (MLflow bench runs), stores.tar.gz (the study's MLflow stores and artifacts).
 set -uo pipefail
 source experiments/device_env.sh
@@ -55,18 +58,21 @@ for phase in "$@"; do
           +tags.row=$row +tags.study=performance +tags.compiled=$compile | tee -a "$OUT/bench_train.txt"
       done
     done ;;
-  study)  # the whole roadmap study side by side: Table 1 rows on MQAR and on text (2 seeds each), Table 9 sweep
+  *)  # study tasks, side by side when joined by "+"
     export STORES=/tmp/stores LOGS=$OUT/logs
-    bash experiments/roadmap/run_study.sh head_ratio "0" &
-    bash experiments/roadmap/run_study.sh mqar "0 1" &
-    bash experiments/roadmap/run_study.sh text "0 1" &
+    for task in ${phase//+/ }; do
+      case $task in
+      mqar|text|head_ratio) bash experiments/roadmap/run_study.sh $task "${SEEDS:-0 1}" & ;;
+      *) echo "unknown phase $task (tests|decode|ratio|train|mqar|text|head_ratio)"; exit 2 ;;
+      esac
+    done
     wait ;;
-  *) echo "unknown phase $phase (tests|decode|ratio|train|study)"; exit 2 ;;
   esac
   echo "phase $phase done at ${SECONDS}s"
 done
 if [[ -d /tmp/stores ]]; then
-  tar czf "$OUT/stores.tar.gz" -C /tmp stores $( [[ -d mlartifacts ]] && echo "-C $PWD mlartifacts" )
+  # The runs' artifacts (plots, layer plans, configs) go where MLflow puts them for a SQLite store: ./mlruns.
+  tar czf "$OUT/stores.tar.gz" --exclude='*.lock' -C /tmp stores $( [[ -d mlruns ]] && echo "-C $PWD mlruns" )
   (cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
 fi
 ls -la "$OUT"

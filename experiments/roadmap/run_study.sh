@@ -4,7 +4,7 @@
 # mostly idle), each into its own SQLite store under $STORES (SQLite takes one writer at a time), tagged row/seed/task.
 #   bash experiments/roadmap/run_study.sh mqar "0 1" [rows...]     # Table 1 rows, MQAR recall by slice
 #   bash experiments/roadmap/run_study.sh text "0 1" [rows...]     # perplexity (valid, gutenberg test, wikitext2), passkey
-#   bash experiments/roadmap/run_study.sh head_ratio "0"           # Table 9 rows 1-4: B with 0, 2, 3, 6 heads on MQAR
+#   bash experiments/roadmap/run_study.sh head_ratio "0 1"         # Table 9 rows 1-4: B with 0, 2, 3, 6 heads on MQAR
 # then:  python -m arch_lab.report --tracking-uri $STORES/*.db (as sqlite:/// URIs) --bench-uri ... --out <dir>
 # Decode speed measured here is not reported (parallel runs share the GPU; the sweep keeps it only as an objective):
 # Table 1 and Table 9 take it from the 300M bench (experiments/performance/gpu_session.sh decode ratio).
@@ -17,11 +17,11 @@ mkdir -p "$STORES" "$LOGS"
 rows=("$@"); [[ ${#rows[@]} -eq 0 ]] && rows=(transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e)
 declare -A experiment=([transformer]=roadmap_transformer [mamba]=roadmap_mamba [roadmap_a]=roadmap_step1_sequential \
   [roadmap_b]=roadmap_step1 [roadmap_c]=roadmap_step2_local_global [roadmap_d]=roadmap_step2 [roadmap_e]=roadmap_step3)
-# Same recipe and token budget for every row: 800 steps of 8k tokens (6.6M tokens; MQAR_STEPS / TEXT_STEPS change
-# it). MAX_TIME=DD:HH:MM:SS (unset by default) stops training at a wall-clock limit, e.g. to fit a device call;
-# runs it stops early train fewer steps than the others (the report's steps column shows it).
-mqar=(data=mqar_zoology data.batch_size=32 trainer.max_steps=${MQAR_STEPS:-800} trainer.val_check_interval=400
-      optim.lr=1e-3)
+# Same recipe and token budget for every row. MQAR (conf/data/mqar_roadmap.yaml): 600 steps of 32 x 256 tokens (4.9M
+# tokens); text: 800 steps of 16 x 512 (6.6M tokens); MQAR_STEPS / TEXT_STEPS change them. MAX_TIME=DD:HH:MM:SS
+# (unset by default) stops training at a wall-clock limit, e.g. to fit a device call; runs it stops early train fewer
+# steps than the others (the report's steps column shows it).
+mqar=(data=mqar_roadmap trainer.max_steps=${MQAR_STEPS:-600} trainer.val_check_interval=200 optim.lr=1e-3)
 text=(data=text_gutenberg data.seq_len=512 data.batch_size=16 data.max_train_tokens=7000000
       data.max_eval_tokens=262144 trainer.max_steps=${TEXT_STEPS:-800} trainer.val_check_interval=400 optim.lr=2e-3
       eval.passkey.seq_len=512 eval.passkey.num_per_depth=20)
