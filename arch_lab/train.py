@@ -74,6 +74,10 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if kwargs.pop("use_distributed_sampler", False):
         raise ValueError("trainer.use_distributed_sampler: the datamodules shard the training data across devices "
                          "themselves (same global batches as one device); leave it unset")
+    if isinstance(kwargs.get("val_check_interval"), int):
+        # Count the interval in optimizer steps across epochs, as the recipes mean it: a training set shorter than
+        # the interval then still validates (and checkpoints) on schedule instead of failing in Lightning.
+        kwargs.setdefault("check_val_every_n_epoch", None)
     return kwargs
 
 

@@ -144,7 +144,8 @@ def test_defaults_resolve_per_device():
 
 @pytest.mark.parametrize("override, message", [
     ("measure=[decode,speed]", "measure: unknown measurement(s) ['speed']; allowed: decode, prefill, train, "
-                               "recompute, hf"),
+                               "recompute, hf, profile"),
+    ("profile_steps=0", "profile_steps must be an integer >= 1, got 0"),
     ("dtype=int8", "dtype must be one of auto, float32, bfloat16, float16; got 'int8'"),
     ("device=tpu", "device must be one of auto, cpu, cuda, cuda:<index>; got 'tpu'"),
     ("device=cuda", "device='cuda' but no CUDA device is visible; use device=auto or cpu"),
@@ -164,6 +165,23 @@ def test_sequences_longer_than_the_model_are_refused():
     with pytest.raises(BenchConfigError, match=r"^context \+ new_tokens = 1030 is longer than model.max_seq_len=1024"):
         settings.check_lengths(1024)
     _settings("context=1000", "new_tokens=24").check_lengths(1024)
+    with pytest.raises(BenchConfigError, match=r"^context \+ profile_steps \+ 1 = 1025 is longer than model"):
+        _settings("context=1000", "new_tokens=2", "measure=[profile]", "profile_steps=24").check_lengths(1024)
+
+
+def test_decode_profile_covers_exactly_the_profiled_steps():
+    from arch_lab.bench.measure import profile_eager_decode
+    from components.model import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("roadmap_e", "tiny")).eval()
+    result = profile_eager_decode(model, batch=2, context=8, steps=3)
+    # each of the 6 layers attends once per profiled step; the prefill and the first (unprofiled) step are left out
+    attention = next(line for line in result.table.splitlines()
+                     if line.split() and line.split()[0] == "aten::scaled_dot_product_attention")
+    assert int(attention.split()[-1]) == 6 * 3
+    assert (result.steps, result.kernels_per_step, result.kernel_ms_per_step) == (3, 0, 0)  # a CPU has no kernels
+    assert result.wall_ms_per_step > 0
 
 
 # ---------------------------------------------------------------------------- out-of-memory halving

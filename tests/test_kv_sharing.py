@@ -155,5 +155,8 @@ def test_cached_decode_consumer_reads_the_producers_cache_view(model, monkeypatc
     assert len(calls) == model.cfg.n_layers
     assert torch.equal(calls[CONSUMER][1], calls[PRODUCER][1])
     assert torch.equal(calls[CONSUMER][2], calls[PRODUCER][2])
-    # The producer's ring holds meta K/V + window slots + this step's key.
-    assert calls[PRODUCER][1].shape[2] == model.cfg.n_meta_tokens + model.cfg.window + 1
+    # A decode step attends over the producer's cache buffer itself (meta K/V + window slots, this step's key
+    # already written into its slot), not over a copy of it.
+    ring = state.kv[PRODUCER]
+    assert calls[PRODUCER][1].shape[2] == model.cfg.n_meta_tokens + model.cfg.window
+    assert calls[PRODUCER][1].data_ptr() == ring.k.data_ptr() and calls[PRODUCER][2].data_ptr() == ring.v.data_ptr()

@@ -211,3 +211,14 @@ def test_default_run_checkpoints_every_validation(default_run):
     workdir, run = default_run
     names = sorted(p.name for p in (workdir / "out" / "checkpoints").iterdir())
     assert names == ["epoch=0-step=100.ckpt", "epoch=0-step=200.ckpt", "epoch=0-step=300.ckpt", "last.ckpt"]
+
+
+def test_validation_interval_counts_steps_across_epochs(tmp_path):
+    # 2 batches per epoch and an interval of 3 steps: validation and checkpoints keep the step schedule over epoch
+    # boundaries (Lightning alone would refuse an interval longer than an epoch).
+    run_lab(["data.train_examples=64", "data.batch_size=32", "trainer.max_steps=6", "trainer.val_check_interval=3",
+             "trainer.limit_val_batches=1", "eval.decode.enabled=false", "eval.analysis.enabled=false"], tmp_path)
+    run = only_run(tmp_path)
+    assert [step for step, _ in metric_history(tmp_path, run.info.run_id, "val/mqar_acc")] == [2, 5]
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert names == ["epoch=1-step=3.ckpt", "epoch=2-step=6.ckpt", "last.ckpt"]

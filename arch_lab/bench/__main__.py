@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("arch_lab.bench")
 
-MEASUREMENTS = ("decode", "prefill", "train", "recompute", "hf")
+MEASUREMENTS = ("decode", "prefill", "train", "recompute", "hf", "profile")
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -80,6 +80,7 @@ class BenchSettings:
     cache_lengths: tuple[int, ...]
     compile: bool
     cuda_graph: Optional[bool]
+    profile_steps: int
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, cuda_available: bool) -> "BenchSettings":
@@ -111,6 +112,7 @@ class BenchSettings:
             peak_tflops=_auto_or_positive(cfg, "peak_tflops"), bandwidth_gbs=_auto_or_positive(cfg, "bandwidth_gbs"),
             cache_lengths=lengths, compile=bool(cfg.compile),
             cuda_graph=None if cfg.cuda_graph == "auto" else cfg.cuda_graph,
+            profile_steps=_positive_int(cfg, "profile_steps"),
         )
         if "hf" in measure and settings.new_tokens < 2:
             raise BenchConfigError(f"new_tokens must be >= 2 when measure includes hf (its decode is timed from "
@@ -122,6 +124,8 @@ class BenchSettings:
         wanted = {}
         if {"decode", "prefill", "hf"} & set(self.measure):
             wanted["context + new_tokens"] = self.context + self.new_tokens
+        if "profile" in self.measure:
+            wanted["context + profile_steps + 1"] = self.context + self.profile_steps + 1
         if "recompute" in self.measure:
             wanted["context + recompute_new_tokens - 1"] = self.context + self.recompute_new_tokens - 1
         if "train" in self.measure:
@@ -219,6 +223,21 @@ class _Bench:
                         "bench/bandwidth_gbs": bandwidth, "bench/decode_bw_bound_tok_s": bound,
                         "bench/decode_bw_fraction": timing.decode_tokens_per_s / bound})
         self._record(out)
+
+    def profile(self) -> None:
+        """Kernels of one eager decode step (at the batch the timed decode used, when it ran first)."""
+        from .. import tracking
+        from .measure import profile_eager_decode
+
+        s = self.s
+        batch = int(self.metrics.get("bench/decode_batch", s.batch))
+        result, batch = self._fit("profile", lambda b: profile_eager_decode(
+            self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk), batch)
+        tracking.log_text_artifact(result.table, "decode_profile.txt")
+        log.info("decode profile (batch %d, %d steps):\n%s", batch, result.steps, result.table)
+        self._record({"bench/profile_batch": batch, "bench/profile_wall_ms_per_step": result.wall_ms_per_step,
+                      "bench/profile_kernels_per_step": result.kernels_per_step,
+                      "bench/profile_kernel_ms_per_step": result.kernel_ms_per_step})
 
     def recompute(self) -> None:
         from .measure import measure_recompute_decode
@@ -321,8 +340,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             log.info("benchmarking %s on %s (%s)\n%s", model.cfg.name, device_name, settings.dtype,
                      model.plan.to_table())
             bench.static()
-            steps = [("decode", bench.cached), ("recompute", bench.recompute), ("hf", bench.hf),
-                     ("train", bench.train)]
+            steps = [("decode", bench.cached), ("profile", bench.profile), ("recompute", bench.recompute),
+                     ("hf", bench.hf), ("train", bench.train)]
             for name, step in steps:
                 if name in settings.measure or (name == "decode" and "prefill" in settings.measure):
                     step()

@@ -136,6 +136,47 @@ def measure_cached_decode(model, batch: int, context: int, new_tokens: int, gene
                         1000 * (t2 - t1) / new_tokens, state.nbytes())
 
 
+@dataclass
+class DecodeProfile:
+    steps: int
+    wall_ms_per_step: float     # under the profiler, so above the unprofiled step time
+    kernels_per_step: float     # GPU kernel launches per decode step (0 on a CPU)
+    kernel_ms_per_step: float   # their summed run time per step (0 on a CPU)
+    table: str                  # the profiler's operators and kernels, most expensive first
+
+
+@torch.no_grad()
+def profile_eager_decode(model, batch: int, context: int, steps: int, seed: int = 0,
+                         prefill_chunk: Optional[int] = None) -> DecodeProfile:
+    """Profile `steps` cached decode steps after a `context`-token prefill: which kernels one step launches and
+    how long they run. The steps run eagerly, because a CUDA-graph replay shows up as one opaque launch. Summed
+    kernel time per step, set against the bandwidth bound, says whether a step is limited by its bytes or by the
+    count and size of its kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = Generator(model, cuda_graph=False)
+    device = gen.device
+    ids = _random_ids(model.cfg.vocab_size, (batch, context), device, seed)
+    state = gen.new_state(batch, context + steps + 1)
+    decode = gen.decoder(state)
+    logits = _prefill(model, ids, state, prefill_chunk)
+    logits = decode(logits.argmax(-1)[:, None])[:, -1]  # a first step outside the profile (lazy initialisation)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = decode(logits.argmax(-1)[:, None])[:, -1]
+        _sync(device)
+        wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    table = averages.table(sort_by="self_device_time_total" if kernels else "cpu_time_total", row_limit=30)
+    return DecodeProfile(steps, 1000 * wall / steps, sum(e.count for e in kernels) / steps,
+                         sum(e.self_device_time_total for e in kernels) / 1000 / steps, table)
+
+
 def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Full forward without a cache, projecting only the last position (all a generation step needs)."""
     h = model.meta.strip(model.hidden_states(ids))[:, -1:]

@@ -7,13 +7,15 @@
 #   tests       GPU parity tests (kernels vs references, full model fast vs reference path, CUDA-graph decoding)
 #   decode      Table 1 rows at 300M: decode at 8k context, batch 128 halved on OOM (+ HF generate for the Transformer)
 #   ratio       Table 9 rows 1-4 at 300M: the parallel hybrid (B) with 0, 4, 8, 16 attention heads, same protocol
+#   profile     kernels of one eager decode step at 300M, 8k context (rows: PROFILE_ROWS, default "roadmap_e mamba")
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
 # SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
 # run one after another.
-# Results go to $OUT: logs, bench.db (MLflow bench runs), stores.tar.gz (the study's MLflow stores and artifacts).
+# Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
+# MLflow stores and artifacts).
 set -uo pipefail
 source experiments/device_env.sh
 export ARCH_LAB_DATA_ROOT=$PWD/.data
@@ -24,7 +26,8 @@ bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10
   if (( SECONDS - start > ${BUDGET_S:-540} )); then echo "skipped (time): $*"; return; fi
   # Output goes to a file, not a pipe: torch.compile's worker processes outlive a timed-out bench and would hold
   # a pipe open until the device call's own limit.
-  local log=/tmp/bench_$RANDOM.log
+  mkdir -p "$OUT/bench_logs"
+  local log=$OUT/bench_logs/$(date +%H%M%S)_$RANDOM.log
   timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" \
     hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" >"$log" 2>&1 || echo "bench exited with $? (timeout: 124): $*"
   grep -vi warning "$log" | tail -22
@@ -51,6 +54,11 @@ for phase in "$@"; do
       bench model=roadmap_b_300m model.n_heads=$heads model.n_kv_heads=$heads "${protocol[@]}" \
         +tags.study=head_ratio +tags.n_heads=$heads | tee -a "$OUT/bench_ratio.txt"
     done ;;
+  profile)  # what one decode step of the SSM-heavy rows spends its time on (kernels of eager steps), 300M, 8k context
+    for row in ${PROFILE_ROWS:-roadmap_e mamba}; do
+      bench model=${row}_300m "${protocol[@]/measure=\[decode\]/measure=[decode,profile]}" +tags.row=$row \
+        +tags.study=profile | tee -a "$OUT/bench_profile.txt"
+    done ;;
   train)
     for compile in false true; do
       for row in roadmap_e transformer; do
@@ -63,7 +71,7 @@ for phase in "$@"; do
     for task in ${phase//+/ }; do
       case $task in
       mqar|text|head_ratio) bash experiments/roadmap/run_study.sh $task "${SEEDS:-0 1}" & ;;
-      *) echo "unknown phase $task (tests|decode|ratio|train|mqar|text|head_ratio)"; exit 2 ;;
+      *) echo "unknown phase $task (tests|decode|ratio|profile|train|mqar|text|head_ratio)"; exit 2 ;;
       esac
     done
     wait ;;
