@@ -6,6 +6,7 @@
 #   bash experiments/roadmap/run_study.sh text "0 1" [rows...]     # perplexity (valid, gutenberg test, wikitext2), passkey
 #   bash experiments/roadmap/run_study.sh head_ratio "0 1"         # Table 9 rows 1-4: B with 0, 2, 3, 6 heads on MQAR
 # then:  python -m arch_lab.report --tracking-uri $STORES/*.db (as sqlite:/// URIs) --bench-uri ... --out <dir>
+#        python -m arch_lab.merge_stores --from <the same URIs> --to sqlite:///study.db   # one store for the MLflow UI
 # Decode speed measured here is not reported (parallel runs share the GPU; the sweep keeps it only as an objective):
 # Table 1 and Table 9 take it from the 300M bench (experiments/performance/gpu_session.sh decode ratio).
 set -uo pipefail

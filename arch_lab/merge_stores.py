@@ -1,0 +1,97 @@
+"""Pool the runs of several MLflow stores into one, so a study trained in parallel opens in one MLflow UI.
+
+Parallel runs each keep their own SQLite store (SQLite takes one writer at a time); the UI shows one store. This
+copies every run of an experiment (tags, params, full metric histories, status, times, artifacts where the source
+still has them) into the destination, keeping sweep trials nested under their parent run:
+
+    python -m arch_lab.merge_stores --from sqlite:///stores/a.db sqlite:///stores/b.db --to sqlite:///study.db
+    mlflow ui --backend-store-uri sqlite:///study.db        # binds 127.0.0.1
+
+Merging again adds nothing twice: a copied run carries the tag `arch_lab.source_run`, and runs already copied are
+skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from typing import Sequence
+
+SOURCE_TAG = "arch_lab.source_run"
+PARENT_TAG = "mlflow.parentRunId"
+_PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
+
+
+def _all_runs(client, experiment_id: str) -> list:
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _copy_run(source, dest, run, experiment_id: str, parent: str | None) -> str:
+    from mlflow.entities import Metric, Param
+
+    tags = {k: v for k, v in run.data.tags.items() if k != PARENT_TAG}
+    tags[SOURCE_TAG] = run.info.run_id
+    if parent is not None:
+        tags[PARENT_TAG] = parent
+    new = dest.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
+    new_id = new.info.run_id
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for i in range(0, len(params), _PARAMS_PER_BATCH):
+        dest.log_batch(new_id, params=params[i:i + _PARAMS_PER_BATCH])
+    metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics
+               for m in source.get_metric_history(run.info.run_id, key)]
+    for i in range(0, len(metrics), _METRICS_PER_BATCH):
+        dest.log_batch(new_id, metrics=metrics[i:i + _METRICS_PER_BATCH])
+    if source.list_artifacts(run.info.run_id):
+        with tempfile.TemporaryDirectory() as tmp:
+            dest.log_artifacts(new_id, source.download_artifacts(run.info.run_id, "", tmp))
+    dest.set_terminated(new_id, status=run.info.status, end_time=run.info.end_time)
+    return new_id
+
+
+def merge_stores(sources: Sequence[str], destination: str, experiment: str) -> int:
+    """Copy `experiment`'s runs from every source store into `destination`; returns how many runs were copied."""
+    from mlflow import MlflowClient
+
+    dest = MlflowClient(destination)
+    target = dest.get_experiment_by_name(experiment)
+    experiment_id = target.experiment_id if target else dest.create_experiment(experiment)
+    done = {run.data.tags[SOURCE_TAG]: run.info.run_id for run in _all_runs(dest, experiment_id)
+            if SOURCE_TAG in run.data.tags}
+    copied = 0
+    for uri in sources:
+        source = MlflowClient(uri)
+        found = source.get_experiment_by_name(experiment)
+        if found is None:
+            raise SystemExit(f"--from {uri}: no MLflow experiment {experiment!r} in this store")
+        # Parents before their trials, so each trial can point at its parent's new id.
+        for run in sorted(_all_runs(source, found.experiment_id), key=lambda r: PARENT_TAG in r.data.tags):
+            if run.info.run_id in done:
+                continue
+            parent = run.data.tags.get(PARENT_TAG)
+            done[run.info.run_id] = _copy_run(source, dest, run, experiment_id, done.get(parent, parent))
+            copied += 1
+    return copied
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arch_lab.merge_stores", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="sources", nargs="+", required=True, help="source tracking URIs")
+    parser.add_argument("--to", dest="destination", required=True, help="destination tracking URI")
+    parser.add_argument("--experiment", default="roadmap", help="the experiment to copy (default: roadmap)")
+    args = parser.parse_args(argv)
+    copied = merge_stores(args.sources, args.destination, args.experiment)
+    print(f"copied {copied} run(s) of experiment {args.experiment!r} into {args.destination}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

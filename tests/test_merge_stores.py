@@ -1,0 +1,81 @@
+"""`python -m arch_lab.merge_stores`: runs of several SQLite stores pooled into one, histories, nesting and
+artifacts kept, and nothing copied twice."""
+from __future__ import annotations
+
+import pytest
+
+from arch_lab.merge_stores import SOURCE_TAG, main
+
+
+def _store(tmp_path, name: str) -> str:
+    return f"sqlite:///{tmp_path / name}"
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """Store a: one finished run with a metric history and an artifact. Store b: a sweep parent and its killed
+    trial (nested by MLflow's parent tag)."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps its artifacts under ./mlruns
+
+    a, b = _store(tmp_path, "a.db"), _store(tmp_path, "b.db")
+    mlflow.set_tracking_uri(a)
+    mlflow.set_experiment("roadmap")
+    with mlflow.start_run(run_name="row-e", tags={"row": "E", "seed": "1"}) as run:
+        mlflow.log_params({"model.window": 128, "optim.lr": 0.001})
+        for step, loss in enumerate((3.0, 2.0, 1.5)):
+            mlflow.log_metric("train/loss", loss, step=step)
+        mlflow.log_text("layer plan", "layer_plan.txt")
+    plain = run.info.run_id
+    mlflow.set_tracking_uri(b)
+    mlflow.set_experiment("roadmap")
+    with mlflow.start_run(run_name="head_ratio", tags={"sweep.study_name": "head_ratio"}) as parent:
+        with mlflow.start_run(run_name="trial-0", nested=True) as trial:
+            mlflow.log_metric("recall/mqar_acc", 0.25)
+            mlflow.end_run(status="KILLED")
+    return {"a": a, "b": b, "plain": plain, "parent": parent.info.run_id, "trial": trial.info.run_id}
+
+
+def _copies(uri: str) -> dict[str, object]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("roadmap")
+    return {run.data.tags[SOURCE_TAG]: run for run in client.search_runs([experiment.experiment_id])}
+
+
+def test_merge_pools_runs_with_histories_nesting_and_artifacts(tmp_path, sources, capsys):
+    from mlflow import MlflowClient
+
+    dest = _store(tmp_path, "study.db")
+    assert main(["--from", sources["a"], sources["b"], "--to", dest]) == 0
+    assert capsys.readouterr().out.strip() == f"copied 3 run(s) of experiment 'roadmap' into {dest}"
+    copies = _copies(dest)
+    assert set(copies) == {sources["plain"], sources["parent"], sources["trial"]}
+
+    client = MlflowClient(dest)
+    plain = copies[sources["plain"]]
+    assert plain.info.run_name == "row-e" and plain.info.status == "FINISHED"
+    assert {k: plain.data.tags[k] for k in ("row", "seed")} == {"row": "E", "seed": "1"}
+    assert plain.data.params == {"model.window": "128", "optim.lr": "0.001"}
+    history = sorted((m.step, m.value) for m in client.get_metric_history(plain.info.run_id, "train/loss"))
+    assert history == [(0, 3.0), (1, 2.0), (2, 1.5)]
+    assert [f.path for f in client.list_artifacts(plain.info.run_id)] == ["layer_plan.txt"]
+
+    trial = copies[sources["trial"]]
+    assert trial.info.status == "KILLED"
+    assert trial.data.tags["mlflow.parentRunId"] == copies[sources["parent"]].info.run_id  # the new parent's id
+
+
+def test_merging_again_copies_nothing_twice(tmp_path, sources, capsys):
+    dest = _store(tmp_path, "study.db")
+    main(["--from", sources["a"], "--to", dest])
+    main(["--from", sources["a"], sources["b"], "--to", dest])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("copied 2 run(s)")
+    assert len(_copies(dest)) == 3
+
+
+def test_a_store_without_the_experiment_is_named(tmp_path, sources):
+    with pytest.raises(SystemExit, match=r"^--from .*a\.db: no MLflow experiment 'study' in this store$"):
+        main(["--from", sources["a"], "--to", _store(tmp_path, "study.db"), "--experiment", "study"])
