@@ -3,7 +3,8 @@
 # head-ratio sweep, trained with the lab's own commands on one GPU. Runs go in parallel (a 17M model leaves an H100
 # mostly idle), each into its own SQLite store under $STORES (SQLite takes one writer at a time), tagged row/seed/task.
 #   bash experiments/roadmap/run_study.sh mqar "0 1" [rows...]     # Table 1 rows, MQAR recall by slice
-#   bash experiments/roadmap/run_study.sh text "0 1" [rows...]     # perplexity (valid, gutenberg test, wikitext2), passkey
+#   bash experiments/roadmap/run_study.sh text "0 1" [rows...]     # perplexity (valid, gutenberg test, wikitext2),
+#                                                                    passkey
 #   bash experiments/roadmap/run_study.sh head_ratio "0 1"         # Table 9 rows 1-4: B with 0, 2, 3, 6 heads on MQAR
 # then:  python -m arch_lab.report --tracking-uri $STORES/*.db (as sqlite:/// URIs) --bench-uri ... --out <dir>
 #        python -m arch_lab.merge_stores --from <the same URIs> --to sqlite:///study.db   # one store for the MLflow UI
@@ -28,6 +29,9 @@ text=(data=text_gutenberg data.seq_len=512 data.batch_size=16 data.max_train_tok
       eval.passkey.seq_len=512 eval.passkey.num_per_depth=20)
 common=(trainer=${TRAINER:-gpu} trainer.enable_progress_bar=false logger.experiment_name=roadmap)
 [[ -n ${MAX_TIME:-} ]] && common+=(+trainer.max_time=$MAX_TIME)
+# RUN_TIMEOUT_S (unset by default) sends each run SIGTERM after that many seconds: the lab stops it after the current
+# step and marks it KILLED, so its store is complete when a device call's hard limit would otherwise cut it mid-write.
+launch=(); [[ -n ${RUN_TIMEOUT_S:-} ]] && launch=(timeout -k 30 "$RUN_TIMEOUT_S")
 export OMP_NUM_THREADS=1
 
 if [[ $task == head_ratio ]]; then
@@ -36,7 +40,7 @@ if [[ $task == head_ratio ]]; then
   for seed in "${seeds[@]}"; do
     for heads in 0 2 3 6; do
       name=head_ratio_h${heads}_$seed
-      python3 -m arch_lab -m hparams_search=head_ratio experiment=roadmap_step1 model=roadmap_b_small \
+      "${launch[@]}" python3 -m arch_lab -m hparams_search=head_ratio experiment=roadmap_step1 model=roadmap_b_small \
         "model.n_heads=choice($heads)" "${mqar[@]}" "${common[@]}" seed=$seed +tags.seed=$seed +tags.task=mqar \
         hydra.sweeper.storage="sqlite:///$STORES/optuna_$name.db" logger.tracking_uri="sqlite:///$STORES/$name.db" \
         hydra.sweep.dir="/tmp/roadmap_runs/$name" >"$LOGS/$name.log" 2>&1 &
@@ -48,8 +52,8 @@ else
   for seed in "${seeds[@]}"; do
     for row in "${rows[@]}"; do
       name=${row}_${task}_${seed}
-      python3 -m arch_lab experiment=${experiment[$row]} model=${row}_small "${data[@]}" "${common[@]}" seed=$seed \
-        logger.tracking_uri="sqlite:///$STORES/$name.db" +tags.seed=$seed +tags.task=$task \
+      "${launch[@]}" python3 -m arch_lab experiment=${experiment[$row]} model=${row}_small "${data[@]}" \
+        "${common[@]}" seed=$seed logger.tracking_uri="sqlite:///$STORES/$name.db" +tags.seed=$seed +tags.task=$task \
         hydra.run.dir="/tmp/roadmap_runs/$name" >"$LOGS/$name.log" 2>&1 &
     done
   done
