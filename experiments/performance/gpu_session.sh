@@ -13,7 +13,7 @@
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
 # SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
-# run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S (default 480) and ends KILLED, so the
+# run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the
 # stores come back whole even when MQAR_STEPS / TEXT_STEPS ask for more than a device call holds.
 # Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
 # MLflow stores and artifacts).
@@ -68,7 +68,7 @@ for phase in "$@"; do
       done
     done ;;
   *)  # study tasks, side by side when joined by "+"
-    export STORES=/tmp/stores LOGS=$OUT/logs RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-480}
+    export STORES=/tmp/stores LOGS=$OUT/logs RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-500}
     for task in ${phase//+/ }; do
       case $task in
       mqar|text|head_ratio) bash experiments/roadmap/run_study.sh $task "${SEEDS:-0 1}" & ;;
