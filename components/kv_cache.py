@@ -47,6 +47,11 @@ class _KVBuffer:
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]
 
+    def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (b, l, hkv, d) at buffer slots (l,): tensor indices only, so decoding can be graph-captured."""
+        self.k.index_copy_(2, slots, k.transpose(1, 2).to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.transpose(1, 2).to(self.v.dtype))
+
     def write_meta(self, k: torch.Tensor, v: torch.Tensor) -> KVView:
         m = self.num_meta
         self.k[:, :, :m] = k.transpose(1, 2).to(self.k.dtype)
@@ -73,11 +78,8 @@ class GlobalKVCache(_KVBuffer):
         """k, v: (b, l, hkv, d) post-RoPE for the chunk at padded positions [start, start + l)."""
         if step.meta_phase:
             return self.write_meta(k, v)
-        # Tensor indices only (no host syncs), so a decode step can be captured in a CUDA graph.
         m, l = self.num_meta, k.shape[1]
-        slots = m + step.start + torch.arange(l, device=k.device)
-        self.k.index_copy_(2, slots, k.transpose(1, 2).to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.transpose(1, 2).to(self.v.dtype))
+        self._write(m + step.start + torch.arange(l, device=k.device), k, v)
         idx = torch.arange(self.max_len, device=k.device)
         token_pos = self._token_positions(idx, step.pad, (idx < step.start + l)[None, :])
         positions = torch.cat([self._meta_positions(k.shape[0], k.device), token_pos], dim=1)
@@ -108,18 +110,14 @@ class SlidingWindowKVCache(_KVBuffer):
             torch.cat([self._meta_positions(b, device), ring_pos, chunk_pos], dim=1),
         )
         keep = min(l, w)
-        slots = m + torch.remainder(chunk_idx[l - keep:], w)
-        self.k.index_copy_(2, slots, k[:, l - keep:].transpose(1, 2).to(self.k.dtype))
-        self.v.index_copy_(2, slots, v[:, l - keep:].transpose(1, 2).to(self.v.dtype))
+        self._write(m + torch.remainder(chunk_idx[l - keep:], w), k[:, l - keep:], v[:, l - keep:])
         return view
 
     def _decode_update(self, k: torch.Tensor, v: torch.Tensor, step: StepInfo) -> KVView:
         """One new token: it takes the slot of the token `window` positions back, which its window no longer
         admits, so write it first and attend over the buffer itself. Copying the whole ring into a [ring + chunk]
         tensor was the largest cost of a decode step (a quarter of row E's step at 8k context, batch 128)."""
-        slot = (self.num_meta + torch.remainder(step.start, self.window)).reshape(1)
-        self.k.index_copy_(2, slot, k.transpose(1, 2).to(self.k.dtype))
-        self.v.index_copy_(2, slot, v.transpose(1, 2).to(self.v.dtype))
+        self._write((self.num_meta + torch.remainder(step.start, self.window)).reshape(1), k, v)
         positions = torch.cat([self._meta_positions(k.shape[0], k.device), self._ring_positions(step.start, step.pad)],
                               dim=1)
         return KVView(self.k, self.v, positions)
