@@ -12,7 +12,8 @@
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
-# SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
+# TESTS_SELECT (a pytest -k expression) runs part of the parity tests; DECODE_ROWS picks the decode phase's rows
+# (keep transformer among them: ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
 # run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the
 # stores come back whole even when MQAR_STEPS / TEXT_STEPS ask for more than a device call holds.
 # Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
@@ -35,7 +36,8 @@ bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10
 }
 run_tests() {
   timeout -k 10 ${TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_ops_ssm_gpu_parity.py \
-    tests/test_model_gpu_parity.py -q -p no:cacheprovider -rA >"$OUT/gpu_tests.txt" 2>&1
+    tests/test_model_gpu_parity.py -q -p no:cacheprovider -rA ${TESTS_SELECT:+-k "$TESTS_SELECT"} \
+    >"$OUT/gpu_tests.txt" 2>&1
   tail -5 "$OUT/gpu_tests.txt"
 }
 protocol=(context=8192 batch=128 new_tokens=32 prefill_chunk=1024 measure=[decode])
@@ -45,7 +47,7 @@ for phase in "$@"; do
   tests)
     run_tests ;;
   decode)
-    for row in transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e; do
+    for row in ${DECODE_ROWS:-transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e}; do
       extra=(); [[ $row == transformer ]] && extra=(measure=[decode,hf])
       bench model=${row}_300m "${protocol[@]}" "${extra[@]}" +tags.row=$row +tags.study=performance \
         | tee -a "$OUT/bench_decode.txt"
