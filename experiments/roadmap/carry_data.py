@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     src, dst = Path(args.src), Path(args.dst)
     (dst / "gutenberg").mkdir(parents=True, exist_ok=True)
     (dst / "wikitext2").mkdir(parents=True, exist_ok=True)
-    for rel in ("gutenberg/valid.txt.gz", "gutenberg/test.txt.gz", "wikitext2/wiki.test.raw"):
+    (dst / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
+    # tinyshakespeare is what the test suite's conftest looks for (the GPU parity tests run from .data too).
+    for rel in ("gutenberg/valid.txt.gz", "gutenberg/test.txt.gz", "wikitext2/wiki.test.raw", "tinyshakespeare/input.txt"):
         shutil.copyfile(src / rel, dst / rel)
     with gzip.open(src / "gutenberg/train.txt.gz", "rt", encoding="utf-8") as f:
         text = f.read()
