@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     (dst / "wikitext2").mkdir(parents=True, exist_ok=True)
     (dst / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
     # tinyshakespeare is what the test suite's conftest looks for (the GPU parity tests run from .data too).
-    for rel in ("gutenberg/valid.txt.gz", "gutenberg/test.txt.gz", "wikitext2/wiki.test.raw", "tinyshakespeare/input.txt"):
+    copied = ("gutenberg/valid.txt.gz", "gutenberg/test.txt.gz", "wikitext2/wiki.test.raw", "tinyshakespeare/input.txt")
+    for rel in copied:
         shutil.copyfile(src / rel, dst / rel)
     with gzip.open(src / "gutenberg/train.txt.gz", "rt", encoding="utf-8") as f:
         text = f.read()
