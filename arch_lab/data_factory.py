@@ -44,7 +44,9 @@ def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[To
         return MQARDataModule(vocab_size=data_cfg["vocab_size"], seq_len=data_cfg["seq_len"],
                               train_examples=data_cfg["train_examples"], test_examples=data_cfg["test_examples"],
                               num_kv_pairs_train=data_cfg["num_kv_pairs_train"],
-                              num_kv_pairs_test=data_cfg["num_kv_pairs_test"], power_a=data_cfg["power_a"],
+                              num_kv_pairs_test=data_cfg["num_kv_pairs_test"],
+                              train_slice_seq_lens=data_cfg.get("train_slice_seq_lens"),
+                              train_slice_weights=data_cfg.get("train_slice_weights"), power_a=data_cfg["power_a"],
                               batch_size=data_cfg["batch_size"], seed=seed,
                               random_non_queries=data_cfg["random_non_queries"])
     if data_cfg["source"] == "files":

@@ -64,6 +64,38 @@ def test_every_query_is_answered_by_the_value_paired_with_its_key(data):
             assert t >= 2 * k and (t - 2 * k) % 2 == 0  # after the kv block, at even offsets
 
 
+def test_short_weighted_slices_are_padded_and_answered_within_their_length():
+    """Zoology's training mix: each slice has its own length and share of the examples. A short example is the
+    task at its own length followed by unsupervised padding (token 0)."""
+    cfg = MQARConfig(vocab_size=VOCAB, seq_len=SEQ_LEN, num_kv_pairs=[2, 4, 8], slice_seq_lens=[16, 32, 64],
+                     slice_weights=[2, 1, 1], num_examples=41, seed=5)
+    assert cfg.slice_rows() == [21, 10, 10]
+    d = generate_mqar(cfg)
+    assert d["input_ids"].shape == (41, SEQ_LEN)
+    assert {k: int((d["num_kv_pairs"] == k).sum()) for k in (2, 4, 8)} == {2: 21, 4: 10, 8: 10}
+    length = {2: 16, 4: 32, 8: 64}
+    for ids, labels, k in zip(d["input_ids"], d["labels"], d["num_kv_pairs"].tolist()):
+        assert (ids[length[k]:] == 0).all() and (labels[length[k]:] == IGNORE_INDEX).all()
+        assert (ids[: length[k]] != 0).float().mean() > 0.9  # random filler inside the example
+        pairs = dict(zip(ids[0 : 2 * k : 2].tolist(), ids[1 : 2 * k : 2].tolist()))
+        positions = torch.nonzero(labels != IGNORE_INDEX).flatten().tolist()
+        assert len(positions) == k and all(labels[t].item() == pairs[ids[t].item()] for t in positions)
+
+
+def test_right_padding_leaves_a_causal_models_predictions_unchanged():
+    """Why short slices may be padded: every roadmap row (meta tokens, SSM heads, sliding windows) is causal, so
+    the logits over an example's own tokens are the same with and without the padding after it."""
+    from components.model import HybridLM
+    from model_factories import cpu_config
+
+    torch.manual_seed(0)
+    model = HybridLM(cpu_config("roadmap_e", vocab_size=VOCAB)).eval()
+    example = torch.randint(1, VOCAB, (2, 24))
+    padded = torch.nn.functional.pad(example, (0, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded)[:, :24], model(example), atol=1e-5, rtol=1e-5)
+
+
 def test_labels_are_ignored_exactly_outside_query_positions():
     cfg = MQARConfig(vocab_size=VOCAB, seq_len=SEQ_LEN, num_kv_pairs=SLICES, num_examples=200, random_non_queries=False)
     d = generate_mqar(cfg)
@@ -192,7 +224,18 @@ def test_datamodule_refuses_a_test_set_that_leaks_into_training():
             "data.mqar.vocab_size must be >= 18 to hold 8 distinct keys and values in each half of the vocabulary, got 16",
         ),
         (dict(num_kv_pairs=[]), "data.mqar.num_kv_pairs must be a positive int or a non-empty list of them, got []"),
-        (dict(num_kv_pairs=[2, 4, 8], num_examples=2), "data.mqar.num_examples must be >= the number of num_kv_pairs slices (3), got 2"),
+        (dict(num_kv_pairs=[2, 4, 8], num_examples=2),
+         "data.mqar.num_examples must give every num_kv_pairs slice (3) at least one example, got 2"),
+        (dict(num_kv_pairs=[2, 4], num_examples=5, slice_weights=[9, 1]),
+         "data.mqar.num_examples must give every num_kv_pairs slice (2) at least one example, got 5"),
+        (dict(num_kv_pairs=[2, 4], slice_seq_lens=[16]),
+         "data.train_slice_seq_lens needs one entry per num_kv_pairs_train slice (2), got [16]"),
+        (dict(num_kv_pairs=[2, 4], slice_weights=[1, 0]), "data.train_slice_weights must all be > 0, got [1, 0]"),
+        (dict(num_kv_pairs=[2, 4], slice_seq_lens=[16, 128]),
+         "data.train_slice_seq_lens must each be <= data.seq_len=64, got [16, 128]"),
+        (dict(num_kv_pairs=[2, 8], slice_seq_lens=[16, 16]),
+         "data.mqar.num_kv_pairs=8 needs seq_len >= 4 * num_kv_pairs = 32 (room for the pairs and their queries); "
+         "seq_len=16 allows at most 4"),
         (dict(power_a=0.0), "data.mqar.power_a must be > 0 (1.0 = uniform gaps), got 0.0"),
     ],
 )

@@ -70,10 +70,15 @@ class TensorDictDataset(Dataset):
         return {name: tensor[index] for name, tensor in self.tensors.items()}
 
 
+def _optional_list(values: Sequence | None) -> list | None:
+    return None if values is None else list(values)
+
+
 class MQARDataModule(L.LightningDataModule):
-    """MQAR (Zoology, Arora et al. 2023): a training mixture over num_kv_pairs_train and
-    held-out val/test sets over num_kv_pairs_test, each from its own seed; setup() checks
-    that no held-out example also occurs in the training set."""
+    """MQAR (Zoology, Arora et al. 2023): a training mixture over num_kv_pairs_train (optionally with
+    per-slice lengths and weights, as Zoology's mix) and held-out val/test sets over num_kv_pairs_test
+    at seq_len, each from its own seed; setup() checks that no held-out example also occurs in the
+    training set."""
 
     def __init__(
         self,
@@ -83,6 +88,8 @@ class MQARDataModule(L.LightningDataModule):
         test_examples: int = 3_000,
         num_kv_pairs_train: Sequence[int] = (4, 8, 16),
         num_kv_pairs_test: Sequence[int] = (4, 8, 16, 32),
+        train_slice_seq_lens: Sequence[int] | None = None,
+        train_slice_weights: Sequence[float] | None = None,
         power_a: float = 0.01,
         batch_size: int = 64,
         seed: int = 0,
@@ -100,7 +107,9 @@ class MQARDataModule(L.LightningDataModule):
         held_out = partial(split, num_kv_pairs=list(num_kv_pairs_test), num_examples=test_examples)
         # Build the configs here so that bad settings fail at construction, not inside fit().
         self.configs = {
-            "train": split(num_kv_pairs=list(num_kv_pairs_train), num_examples=train_examples, seed=seed),
+            "train": split(num_kv_pairs=list(num_kv_pairs_train), num_examples=train_examples, seed=seed,
+                           slice_seq_lens=_optional_list(train_slice_seq_lens),
+                           slice_weights=_optional_list(train_slice_weights)),
             "val": held_out(seed=seed + MQAR_VAL_SEED_OFFSET),
             "test": held_out(seed=seed + MQAR_TEST_SEED_OFFSET),
         }

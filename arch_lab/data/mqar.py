@@ -10,7 +10,10 @@
 - the label at a query position is that key's value (labels are already shifted: labels[:, t]
   is the target of position t), -100 everywhere else. As in Zoology the value itself is not
   written into the input after the query; that slot is filler like the rest;
-- with random_non_queries, filler tokens are replaced by uniform draws from the whole vocabulary.
+- with random_non_queries, filler tokens are replaced by uniform draws from the whole vocabulary;
+- a slice may be shorter than seq_len (Zoology's training mix puts 4 pairs in 64 tokens, 8 in 128 and
+  more in 256): its examples are right-padded with token 0 and unsupervised there. A causal model's
+  predictions before the padding do not see it, so a short example trains exactly as it would alone.
 
 Zoology draws with numpy loops over examples (np.random.choice per row); here every draw
 without replacement is vectorized over examples: keys and values by rejecting rows with a
@@ -32,8 +35,10 @@ _MAX_NOISE_ELEMENTS = 1 << 24  # bound the (rows × choices) noise matrix of den
 
 @dataclass
 class MQARConfig:
-    """`num_kv_pairs` may be a list: the examples are then split evenly over its values (slices),
-    earlier slices taking the remainder. `num_examples` is the total over all slices."""
+    """`num_kv_pairs` may be a list: the examples are then split over its values (slices), evenly or
+    in proportion to `slice_weights`, earlier slices taking the remainder. `num_examples` is the total
+    over all slices. `slice_seq_lens` gives each slice its own example length (<= seq_len; shorter
+    examples are right-padded), as in Zoology's training mix; by default every slice is seq_len long."""
 
     vocab_size: int = 8192
     seq_len: int = 64
@@ -42,10 +47,25 @@ class MQARConfig:
     power_a: float = 0.01
     seed: int = 0
     random_non_queries: bool = True
+    slice_seq_lens: list[int] | None = None
+    slice_weights: list[float] | None = None
 
     @property
     def slices(self) -> list[int]:
         return [self.num_kv_pairs] if isinstance(self.num_kv_pairs, int) else list(self.num_kv_pairs)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The example length of each slice, before padding to seq_len."""
+        return list(self.slice_seq_lens) if self.slice_seq_lens is not None else [self.seq_len] * len(self.slices)
+
+    def slice_rows(self) -> list[int]:
+        """Examples per slice: num_examples split in proportion to the weights, remainder to the first slices."""
+        weights = list(self.slice_weights) if self.slice_weights is not None else [1.0] * len(self.slices)
+        rows = [int(self.num_examples * w // sum(weights)) for w in weights]
+        for i in range(self.num_examples - sum(rows)):
+            rows[i] += 1
+        return rows
 
     def __post_init__(self) -> None:
         slices = self.slices
@@ -54,23 +74,36 @@ class MQARConfig:
                 "data.mqar.num_kv_pairs must be a positive int or a non-empty list of them, "
                 f"got {self.num_kv_pairs!r}"
             )
-        most = max(slices)
-        if self.seq_len < 4 * most:
+        # Only the training mixture takes per-slice lengths and weights, so errors name the data.train_* keys.
+        for key, values in (("seq_lens", self.slice_seq_lens), ("weights", self.slice_weights)):
+            if values is not None and len(values) != len(slices):
+                raise ValueError(
+                    f"data.train_slice_{key} needs one entry per num_kv_pairs_train slice ({len(slices)}), "
+                    f"got {list(values)!r}"
+                )
+        if self.slice_weights is not None and any(w <= 0 for w in self.slice_weights):
+            raise ValueError(f"data.train_slice_weights must all be > 0, got {list(self.slice_weights)!r}")
+        if any(length > self.seq_len for length in self.lengths):
             raise ValueError(
-                f"data.mqar.num_kv_pairs={most} needs seq_len >= 4 * num_kv_pairs = {4 * most} "
-                f"(room for the pairs and their queries); seq_len={self.seq_len} allows at most "
-                f"{self.seq_len // 4}"
+                f"data.train_slice_seq_lens must each be <= data.seq_len={self.seq_len}, got {self.lengths!r}"
             )
+        for k, length in zip(slices, self.lengths):
+            if length < 4 * k:
+                raise ValueError(
+                    f"data.mqar.num_kv_pairs={k} needs seq_len >= 4 * num_kv_pairs = {4 * k} "
+                    f"(room for the pairs and their queries); seq_len={length} allows at most {length // 4}"
+                )
+        most = max(slices)
         min_vocab = 2 * most + 2  # keys come from [1, vocab//2), values from [vocab//2, vocab)
         if self.vocab_size < min_vocab:
             raise ValueError(
                 f"data.mqar.vocab_size must be >= {min_vocab} to hold {most} distinct keys and values "
                 f"in each half of the vocabulary, got {self.vocab_size}"
             )
-        if self.num_examples < len(slices):
+        if self.num_examples < len(slices) or min(self.slice_rows()) < 1:
             raise ValueError(
-                f"data.mqar.num_examples must be >= the number of num_kv_pairs slices ({len(slices)}), "
-                f"got {self.num_examples}"
+                f"data.mqar.num_examples must give every num_kv_pairs slice ({len(slices)}) at least one "
+                f"example, got {self.num_examples}"
             )
         if self.power_a <= 0:
             raise ValueError(f"data.mqar.power_a must be > 0 (1.0 = uniform gaps), got {self.power_a}")
@@ -111,18 +144,19 @@ def _sample_power_law_gaps(rows: int, space: int, k: int, power_a: float, gen: t
 
 
 def _generate_slice(
-    rows: int, cfg: MQARConfig, num_kv_pairs: int, gen: torch.Generator
+    rows: int, cfg: MQARConfig, num_kv_pairs: int, length: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples of `length` tokens, right-padded to cfg.seq_len (token 0, unsupervised)."""
     half = cfg.vocab_size // 2
     context = 2 * num_kv_pairs
     keys = _sample_distinct(rows, 1, half, num_kv_pairs, gen)
     values = _sample_distinct(rows, half, cfg.vocab_size, num_kv_pairs, gen)
 
-    inputs = torch.zeros(rows, cfg.seq_len, dtype=torch.long)
+    inputs = torch.zeros(rows, length, dtype=torch.long)
     inputs[:, 0:context:2] = keys
     inputs[:, 1:context:2] = values
 
-    gaps = _sample_power_law_gaps(rows, (cfg.seq_len - context) // 2, num_kv_pairs, cfg.power_a, gen)
+    gaps = _sample_power_law_gaps(rows, (length - context) // 2, num_kv_pairs, cfg.power_a, gen)
     query_pos = context + 2 * gaps
     inputs.scatter_(1, query_pos, keys)
     labels = torch.full_like(inputs, IGNORE_INDEX)
@@ -131,17 +165,16 @@ def _generate_slice(
     if cfg.random_non_queries:
         filler = inputs == 0
         inputs[filler] = torch.randint(cfg.vocab_size, inputs.shape, generator=gen)[filler]
-    return inputs, labels
+    pad = cfg.seq_len - length
+    return torch.nn.functional.pad(inputs, (0, pad)), torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
 
 
 def generate_mqar(cfg: MQARConfig) -> dict[str, torch.Tensor]:
     """input_ids (N, L), labels (N, L) and num_kv_pairs (N,): the slice each example belongs to."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    base, extra = divmod(cfg.num_examples, len(cfg.slices))
     inputs, labels, slice_ids = [], [], []
-    for i, num_kv_pairs in enumerate(cfg.slices):
-        rows = base + (1 if i < extra else 0)
-        x, y = _generate_slice(rows, cfg, num_kv_pairs, gen)
+    for rows, num_kv_pairs, length in zip(cfg.slice_rows(), cfg.slices, cfg.lengths):
+        x, y = _generate_slice(rows, cfg, num_kv_pairs, length, gen)
         inputs.append(x)
         labels.append(y)
         slice_ids.append(torch.full((rows,), num_kv_pairs, dtype=torch.long))
