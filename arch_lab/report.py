@@ -51,13 +51,16 @@ def _runs(tracking_uris: list[str], experiment: str):
 
 
 def _split_bench(bench):
-    """(Table 1 bench runs, head-ratio bench runs): the latter are tagged study=head_ratio."""
+    """(Table 1 bench runs, head-ratio bench runs): the latter are tagged study=head_ratio. A row benched again
+    (e.g. after a speed-up, in a later call) takes its newest run only: averaging it with runs of older code
+    would describe neither."""
     if bench is None:
         return None, None
+    bench = bench.sort_values("start_time", ascending=False)
     if "tags.study" not in bench:
-        return bench, bench.iloc[0:0]
+        return bench.drop_duplicates("tags.model"), bench.iloc[0:0]
     ratio = bench["tags.study"] == "head_ratio"
-    return bench[~ratio], bench[ratio]
+    return bench[~ratio].drop_duplicates("tags.model"), bench[ratio].drop_duplicates("tags.n_heads")
 
 
 def _row_key(model_name: str) -> Optional[str]:
