@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One 2-GPU device call (about 3-5 minutes): (1) DDP on 2 GPUs against 1 GPU at the same global batch — both loss
 # curves side by side, their largest difference, tokens/s of each; (2) FSDP training the hymba_1_5b preset on 2 GPUs —
-# the loss over 20 steps and the peak memory of each GPU.
+# the loss over 20 steps and the peak memory of each GPU; with FSDP_SINGLE=1 also one GPU at the same global batch,
+# compared curve against curve.
 #   (on this machine) mkdir -p .whl/lab && cp ../shared/wheels/device-cp312/*.whl .whl/ && cp ../shared/wheels/device-cp312/lab/*.whl .whl/lab/
 #   device run, kind nvidia-h100-x2, carry [".whl"]:  bash experiments/performance/ddp_check.sh [ddp|fsdp|all]
 # Results go to $OUT: ddp.db (MLflow runs tagged study=ddp_check and case=single|ddp|fsdp), one log per run,
@@ -20,7 +21,8 @@ DB="sqlite:///$OUT/ddp.db"
 lab() {
   local case=$1 limit=$2 start=$SECONDS
   shift 2
-  timeout "$limit" python3 -m arch_lab logger.tracking_uri="$DB" hydra.run.dir="/tmp/ddp_check/$case" \
+  # On timeout SIGABRT makes Python's faulthandler print every thread's stack into the log: where it hung.
+  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 15 "$limit" python3 -m arch_lab logger.tracking_uri="$DB" hydra.run.dir="/tmp/ddp_check/$case" \
     trainer.enable_progress_bar=false +tags.study=ddp_check +tags.case="$case" "$@" > "$OUT/$case.log" 2>&1
   echo "$case: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
   grep -E "run [0-9a-f]+ finished|peak GPU memory|Error|error:" "$OUT/$case.log" | tail -6
@@ -37,12 +39,16 @@ if [[ $phase == ddp || $phase == all ]]; then
     | tee "$OUT/ddp_compare.txt"
 fi
 if [[ $phase == fsdp || $phase == all ]]; then
-  # Hymba-1.5B, FSDP over both GPUs (one unit per decoder block, activation checkpointing), sequence 512
-  # (+128 meta tokens), 4 sequences per GPU, 20 steps; no checkpoint (val_check_interval > max_steps).
-  lab fsdp ${FSDP_TIMEOUT_S:-220} model=hymba_1_5b trainer=fsdp trainer.devices=2 data=mqar_zoology data.seq_len=512 \
-    data.batch_size=4 data.train_examples=1000 data.test_examples=64 trainer.max_steps=${FSDP_STEPS:-20} \
-    trainer.log_every_n_steps=1 trainer.val_check_interval=100 trainer.limit_val_batches=2 \
-    optim.lr=3e-4 optim.warmup_steps=5 optim.schedule=constant eval.decode.enabled=false eval.analysis.enabled=false
-  python3 -m arch_lab.compare_runs "$DB" case=fsdp --every 1 2>&1 | tee "$OUT/fsdp.txt"
+  # Hymba-1.5B at a global batch of 8: FSDP over both GPUs (one unit per decoder block, activation checkpointing,
+  # 4 sequences per GPU) against one GPU at 8 (plain, no checkpointing: it fits), same data order. Sequence 512
+  # (+128 meta tokens), FSDP_STEPS steps; no checkpoint (val_check_interval > max_steps).
+  BIG=(model=hymba_1_5b data=mqar_zoology data.seq_len=512 data.train_examples=1000 data.test_examples=64
+       trainer.max_steps=${FSDP_STEPS:-20} trainer.log_every_n_steps=1 trainer.val_check_interval=100
+       trainer.limit_val_batches=2 optim.lr=3e-4 optim.warmup_steps=5 optim.schedule=constant
+       eval.decode.enabled=false eval.analysis.enabled=false)
+  lab fsdp ${FSDP_TIMEOUT_S:-220} "${BIG[@]}" trainer=fsdp trainer.devices=2 data.batch_size=4
+  [[ -n ${FSDP_SINGLE:-} ]] && lab single_1p5b ${FSDP_TIMEOUT_S:-220} "${BIG[@]}" trainer=gpu data.batch_size=8
+  refs=(case=fsdp); [[ -n ${FSDP_SINGLE:-} ]] && refs=(case=single_1p5b case=fsdp --tolerance 0.05)
+  python3 -m arch_lab.compare_runs "$DB" "${refs[@]}" --every 1 2>&1 | tee "$OUT/fsdp.txt"
 fi
 ls -la "$OUT"
