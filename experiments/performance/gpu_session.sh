@@ -12,6 +12,8 @@
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
+# TRAIN_COMPILE picks the train phase's modes (default "false true"). Each bench stops after BENCH_TIMEOUT_S (default
+# 150) or when BUDGET_S (default 540) seconds of the call are spent, whichever comes first.
 # TESTS_SELECT (a pytest -k expression) runs part of the parity tests; DECODE_ROWS picks the decode phase's rows
 # (keep transformer among them: ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
 # run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the
@@ -25,12 +27,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 start=$SECONDS
 bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10-minute limit
-  if (( SECONDS - start > ${BUDGET_S:-540} )); then echo "skipped (time): $*"; return; fi
+  local left=$(( ${BUDGET_S:-540} - (SECONDS - start) )) limit=${BENCH_TIMEOUT_S:-150}
+  if (( left <= 0 )); then echo "skipped (time): $*"; return; fi
+  (( limit > left )) && limit=$left  # the last bench gets what is left of BUDGET_S, not more
   # Output goes to a file, not a pipe: torch.compile's worker processes outlive a timed-out bench and would hold
   # a pipe open until the device call's own limit.
   mkdir -p "$OUT/bench_logs"
   local log=$OUT/bench_logs/$(date +%H%M%S)_$RANDOM.log
-  timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" \
+  timeout -k 10 $limit python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" \
     hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" >"$log" 2>&1 || echo "bench exited with $? (timeout: 124): $*"
   grep -vi warning "$log" | tail -22
 }
@@ -63,8 +67,8 @@ for phase in "$@"; do
         +tags.study=profile | tee -a "$OUT/bench_profile.txt"
     done ;;
   train)
-    for compile in false true; do
-      for row in roadmap_e transformer; do
+    for compile in ${TRAIN_COMPILE:-false true}; do
+      for row in transformer roadmap_e; do
         bench model=${row}_300m measure=[train] train_seq_len=2048 train_batch=8 train_steps=6 compile=$compile \
           +tags.row=$row +tags.study=performance +tags.compiled=$compile | tee -a "$OUT/bench_train.txt"
       done
