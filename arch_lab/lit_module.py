@@ -27,7 +27,7 @@ class LitHybridLM(L.LightningModule):
         self.save_hyperparameters(logger=False)  # the run logs its own flattened, path-free params
         self.model = HybridLM(ModelConfig.from_dict(model_cfg))
         self.model.set_backend(backend)
-        self._forward = torch.compile(self.model) if compile else self.model
+        self._forward = self.model.compiled() if compile else self.model
         # Weight decay is chosen by parameter shape; FSDP flattens parameters before the optimizer is built.
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
 

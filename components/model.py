@@ -19,6 +19,7 @@ from .kv_cache import StepInfo
 from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
 from .meta_tokens import MetaTokens
 from .norms import RMSNorm
+from .ops.backend import describe_backends
 
 
 class DecoderLayer(nn.Module):
@@ -64,6 +65,12 @@ class HybridLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend
+
+    def compiled(self) -> nn.Module:
+        """torch.compile(self) for training. The kernel packages are imported first, so that the compiled code
+        finds their import outcome cached and never traces an import."""
+        describe_backends()
+        return torch.compile(self)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on hidden states (meta positions already removed)."""

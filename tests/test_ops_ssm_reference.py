@@ -410,3 +410,28 @@ def test_mismatched_shapes_name_the_argument() -> None:
     conv = conv_inputs()
     with pytest.raises(ValueError, match="activation must be one of"):
         causal_conv1d(conv["x"], conv["weight"], activation="gelu")
+
+
+def test_compiled_code_reads_cached_import_outcomes() -> None:
+    """The backend check runs inside every op call. Under torch.compile it must read the cached outcome as a
+    constant: a functools.lru_cache there makes Dynamo trace the wrapped import code on every call (what made the
+    300M compile outlive its time limit on the GPU), which Dynamo announces with a warning."""
+    import warnings
+
+    import torch._dynamo
+
+    from components.ops import backend
+
+    backend.describe_backends()
+
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if backend.kernel_available("mamba_ssm") else x + 1
+
+    torch._dynamo.reset()
+    expected = op(torch.ones(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = torch._dynamo.explain(op)(torch.ones(3))
+        torch.testing.assert_close(torch.compile(op)(torch.ones(3)), expected)
+    assert explanation.graph_break_count == 0
+    assert not [w for w in caught if "lru_cache" in str(w.message)]

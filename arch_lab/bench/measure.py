@@ -213,7 +213,7 @@ def measure_train_throughput(model, batch: int, seq_len: int, steps: int, warmup
     bf16-mixed training does; `compile` wraps the forward in torch.compile, as the training run can.
     """
     device = next(model.parameters()).device
-    forward = torch.compile(model) if compile else model
+    forward = model.compiled() if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = _random_ids(model.cfg.vocab_size, (batch, seq_len + 1), device, seed)
     inputs, labels = ids[:, :-1], ids[:, 1:]

@@ -9,7 +9,6 @@ CUDA and their compiled extensions, so they are imported lazily, once, and any f
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
 from typing import Literal, get_args
 
 import torch
@@ -34,14 +33,29 @@ class BackendError(ValueError):
     """An unknown backend name, or a kernel backend that cannot run here."""
 
 
-@lru_cache(maxsize=None)
+# The modules the ops import their kernels from, loaded together with the package: an op's own
+# function-level import then only finds them in sys.modules, which torch.compile traces for free.
+KERNEL_MODULES: dict[str, tuple[str, ...]] = {
+    "causal_conv1d": ("causal_conv1d",),
+    "mamba_ssm": ("mamba_ssm", "mamba_ssm.ops.selective_scan_interface", "mamba_ssm.ops.triton.ssd_combined",
+                  "mamba_ssm.ops.triton.selective_state_update"),
+    "torch": ("torch",),
+}
+# A plain dict, not functools.lru_cache: torch.compile traces through an lru_cache wrapper into the
+# wrapped function (here: the import machinery) on every call, but reads a dict as a constant.
+_IMPORT_OUTCOMES: dict[str, str] = {}
+
+
 def _import_outcome(package: str) -> str:
     """'ok', or why the package does not import (cached: importing is slow and sticky)."""
-    try:
-        importlib.import_module(package)
-    except Exception as error:  # noqa: BLE001 - any failure means "no kernel here"
-        return f"unavailable ({type(error).__name__}: {error})"
-    return "ok"
+    if package not in _IMPORT_OUTCOMES:
+        try:
+            for module in KERNEL_MODULES[package]:
+                importlib.import_module(module)
+            _IMPORT_OUTCOMES[package] = "ok"
+        except Exception as error:  # noqa: BLE001 - any failure means "no kernel here"
+            _IMPORT_OUTCOMES[package] = f"unavailable ({type(error).__name__}: {error})"
+    return _IMPORT_OUTCOMES[package]
 
 
 def kernel_available(package: str) -> bool:
@@ -50,7 +64,8 @@ def kernel_available(package: str) -> bool:
 
 
 def describe_backends() -> dict[str, str]:
-    """Which kernel packages import here, e.g. ``{"mamba_ssm": "ok", ...}`` (for run logs)."""
+    """Which kernel packages import here, e.g. ``{"mamba_ssm": "ok", ...}`` (for run logs). Call it before
+    torch.compile, so that compiled code finds the outcomes cached and never traces an import."""
     report = {package: _import_outcome(package) for package in KERNEL_PACKAGES}
     report["cuda"] = "ok" if torch.cuda.is_available() else "unavailable"
     return report
