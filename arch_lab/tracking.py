@@ -52,6 +52,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def backends_tag() -> str:
+    """Which kernel packages import here and whether CUDA is up, e.g. "causal_conv1d=ok, mamba_ssm=ok, cuda=ok":
+    with backend=auto this is what decides kernel or reference for every op of the run."""
+    from components.ops.backend import describe_backends
+
+    return ", ".join(f"{name}={outcome.split(' ')[0]}" for name, outcome in describe_backends().items())
+
+
 def log_text_artifact(text: str, file_name: str, artifact_path: Optional[str] = None) -> None:
     import mlflow
 

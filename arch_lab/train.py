@@ -12,7 +12,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from components.config import ModelConfig
-from components.ops.backend import describe_backends
 
 from . import evaluate, tracking
 from .data_factory import build_datamodule, build_tokenizer, data_vocab_size, tokenizer_spec
@@ -199,7 +198,7 @@ def _log_setup(cfg: DictConfig, model) -> None:
     counts = counts_of(model)
     mlflow.log_metrics(counts.as_metrics())
     mlflow.set_tags({"params.attn_to_ssm": counts.attn_to_ssm,
-                     "backends": ", ".join(f"{k}={v.split(' ')[0]}" for k, v in describe_backends().items())})
+                     "backends": tracking.backends_tag()})
     mlflow.log_metrics(evaluate.cache_metrics(model, list(cfg.eval.cache_lengths)))
     log.info("layer plan:\n%s", model.plan.to_table())
     log.info("parameters: %d total, Attn:SSM %s", counts.total, counts.attn_to_ssm)

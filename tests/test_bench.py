@@ -80,6 +80,8 @@ def test_bench_run_logs_sane_metrics(bench_runs: dict[str, dict], model_name: st
     assert run.info.status == "FINISHED"
     assert tags["bench"] == "true" and tags["model"] == f"{model_name}_tiny" and tags["dtype"] == "float32"
     assert tags["device"].endswith("CPU")
+    # the kernel-or-reference choice is logged: no CUDA here, so every op ran its reference
+    assert "cuda=unavailable" in tags["backends"] and "mamba_ssm=" in tags["backends"]
     expected = COMMON_METRICS + (HF_METRICS if model_name == "transformer" else [])
     missing = [name for name in expected if name not in metrics]
     assert not missing

@@ -329,7 +329,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     bench = _Bench(cfg, settings, model, device_name)
     run_name = cfg.run_name or f"bench-{model.cfg.name}-ctx{settings.context}-b{settings.batch}"
     tags = {"bench": "true", "model": model.cfg.name, "device": device_name, "dtype": settings.dtype,
-            "git_commit": tracking.git_commit(), **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
+            "git_commit": tracking.git_commit(), "backends": tracking.backends_tag(),
+            **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         mlflow.set_tracking_uri(cfg.logger.tracking_uri)
@@ -337,8 +338,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             mlflow.log_params(tracking.loggable_params(cfg))
             tracking.log_text_artifact(OmegaConf.to_yaml(cfg, resolve=False), "config.yaml")
             tracking.log_text_artifact(model.plan.to_table(), "layer_plan.txt")
-            log.info("benchmarking %s on %s (%s)\n%s", model.cfg.name, device_name, settings.dtype,
-                     model.plan.to_table())
+            log.info("benchmarking %s on %s (%s, backend=%s: %s)\n%s", model.cfg.name, device_name, settings.dtype,
+                     cfg.backend, tags["backends"], model.plan.to_table())
             bench.static()
             steps = [("decode", bench.cached), ("profile", bench.profile), ("recompute", bench.recompute),
                      ("hf", bench.hf), ("train", bench.train)]
