@@ -27,12 +27,13 @@ class LitHybridLM(L.LightningModule):
         self.save_hyperparameters(logger=False)  # the run logs its own flattened, path-free params
         self.model = HybridLM(ModelConfig.from_dict(model_cfg))
         self.model.set_backend(backend)
-        self._forward = self.model.compiled() if compile else self.model
+        if compile:
+            self.model.compile()  # in place: a torch.compile wrapper held here would save every weight twice
         # Weight decay is chosen by parameter shape; FSDP flattens parameters before the optimizer is built.
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._forward(batch["input_ids"])
+        logits = self.model(batch["input_ids"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         return loss, logits
 
@@ -54,7 +55,7 @@ class LitHybridLM(L.LightningModule):
         on all ranks): the averaged gradient is then the gradient of the global batch's token-mean loss, as one
         device with the whole batch computes it, and the logged loss is that global mean on every rank.
         """
-        logits = self._forward(batch["input_ids"])
+        logits = self.model(batch["input_ids"])
         labels = batch["labels"].flatten()
         summed = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="sum")
         totals = torch.stack([summed.detach(), (labels != -100).sum().to(summed.dtype)])

@@ -66,11 +66,11 @@ class HybridLM(nn.Module):
             if hasattr(module, "backend"):
                 module.backend = backend
 
-    def compiled(self) -> nn.Module:
-        """torch.compile(self) for training. The kernel packages are imported first, so that the compiled code
-        finds their import outcome cached and never traces an import."""
+    def compile(self, *args, **kwargs) -> None:
+        """nn.Module.compile (in place: parameter names and checkpoints stay as they are), with the kernel packages
+        imported first, so that the compiled code finds their import outcome cached and never traces an import."""
         describe_backends()
-        return torch.compile(self)
+        super().compile(*args, **kwargs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on hidden states (meta positions already removed)."""

@@ -52,6 +52,8 @@ def test_checkpoint_loads_with_weights_only(text_checkpoint):
     ckpt = torch.load(text_checkpoint, weights_only=True)
     assert ckpt["hyper_parameters"]["tokenizer"] == {"kind": "byte", "path": None}
     assert not list(text_checkpoint.parent.glob("*.tmp"))
+    # every weight once, under the HybridLM's own names (no second copy under a wrapper's name)
+    assert all(key.startswith("model.") for key in ckpt["state_dict"])
 
 
 def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):

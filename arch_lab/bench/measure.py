@@ -210,10 +210,11 @@ def measure_train_throughput(model, batch: int, seq_len: int, steps: int, warmup
     """Training tokens/s: AdamW steps on random tokens (forward, next-token loss, backward, update).
 
     `autocast_dtype` (e.g. bfloat16) runs the forward under autocast with float32 master weights, as
-    bf16-mixed training does; `compile` wraps the forward in torch.compile, as the training run can.
+    bf16-mixed training does; `compile` compiles the model in place, as a training run with compile=true does.
     """
     device = next(model.parameters()).device
-    forward = model.compiled() if compile else model
+    if compile:
+        model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = _random_ids(model.cfg.vocab_size, (batch, seq_len + 1), device, seed)
     inputs, labels = ids[:, :-1], ids[:, 1:]
@@ -221,7 +222,7 @@ def measure_train_throughput(model, batch: int, seq_len: int, steps: int, warmup
 
     def train_step() -> None:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = forward(inputs)
+            logits = model(inputs)
         F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
