@@ -92,6 +92,13 @@ class LitHybridLM(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before compile=true compiled in place hold a second copy of every weight under
+        # "_forward."; drop it so that those runs still resume.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("_forward.")]:
+            del state[key]
+
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         optimizer, scheduler = build_optimizer(self.model, self.hparams.optim_cfg, int(total), self._param_ndims)

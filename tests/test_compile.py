@@ -31,3 +31,14 @@ def test_compiled_training_module_matches_eager_and_keeps_parameter_names():
     assert compiled.model._compiled_call_impl is not None  # the compiled path really ran
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert all(key.startswith("model.") for key in compiled.state_dict())
+
+
+def test_checkpoints_with_the_old_duplicate_weights_still_load():
+    model_cfg = preset("transformer", "tiny").to_dict()
+    source, target = LitHybridLM(model_cfg, {"lr": 1e-3}), LitHybridLM(model_cfg, {"lr": 1e-3})
+    state = source.state_dict()
+    checkpoint = {"state_dict": {**state, **{f"_forward.{k.removeprefix('model.')}": v for k, v in state.items()}}}
+    target.on_load_checkpoint(checkpoint)
+    target.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning resumes
+    for (name, p), (_, q) in zip(source.named_parameters(), target.named_parameters()):
+        torch.testing.assert_close(q, p, msg=name)
