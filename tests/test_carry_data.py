@@ -25,6 +25,8 @@ def shared_data(tmp_path):
         with gzip.open(src / f"gutenberg/{name}.txt.gz", "wt", encoding="utf-8") as f:
             f.write(f"{name} text")
     (src / "wikitext2/wiki.test.raw").write_text("wiki text")
+    (src / "tinyshakespeare").mkdir()
+    (src / "tinyshakespeare/input.txt").write_text("First Citizen:")  # the test suite's conftest looks for it
     return src
 
 
@@ -38,4 +40,5 @@ def test_prefix_gives_the_same_tokens_as_the_full_file(shared_data, tmp_path, bu
     prefix = tokenize_corpus(iter_documents(dst / "gutenberg/train.txt.gz"), tok, max_tokens=budget)
     assert len(full) == budget and prefix.equal(full)
     assert (dst / "gutenberg/train.txt.gz").stat().st_size < (shared_data / "gutenberg/train.txt.gz").stat().st_size
+    assert (dst / "tinyshakespeare/input.txt").read_text() == "First Citizen:"
     assert (dst / "wikitext2/wiki.test.raw").read_text() == "wiki text"
