@@ -22,8 +22,9 @@ lab() {
   local case=$1 limit=$2 start=$SECONDS
   shift 2
   # On timeout SIGABRT makes Python's faulthandler print every thread's stack into the log: where it hung.
-  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 15 "$limit" python3 -m arch_lab logger.tracking_uri="$DB" hydra.run.dir="/tmp/ddp_check/$case" \
-    trainer.enable_progress_bar=false +tags.study=ddp_check +tags.case="$case" "$@" > "$OUT/$case.log" 2>&1
+  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 15 "$limit" python3 -m arch_lab logger.tracking_uri="$DB" \
+    hydra.run.dir="/tmp/ddp_check/$case" trainer.enable_progress_bar=false +tags.study=ddp_check +tags.case="$case" \
+    "$@" > "$OUT/$case.log" 2>&1
   echo "$case: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
   grep -E "run [0-9a-f]+ finished|peak GPU memory|Error|error:" "$OUT/$case.log" | tail -6
 }
@@ -47,8 +48,11 @@ if [[ $phase == fsdp || $phase == all ]]; then
        trainer.limit_val_batches=2 optim.lr=3e-4 optim.warmup_steps=5 optim.schedule=constant
        eval.decode.enabled=false eval.analysis.enabled=false)
   lab fsdp ${FSDP_TIMEOUT_S:-220} "${BIG[@]}" trainer=fsdp trainer.devices=2 data.batch_size=4
-  [[ -n ${FSDP_SINGLE:-} ]] && lab single_1p5b ${FSDP_TIMEOUT_S:-220} "${BIG[@]}" trainer=gpu data.batch_size=8
-  refs=(case=fsdp); [[ -n ${FSDP_SINGLE:-} ]] && refs=(case=single_1p5b case=fsdp --tolerance 0.05)
+  refs=(case=fsdp)
+  if [[ -n ${FSDP_SINGLE:-} ]]; then
+    lab single_1p5b ${FSDP_TIMEOUT_S:-220} "${BIG[@]}" trainer=gpu data.batch_size=8
+    refs=(case=single_1p5b case=fsdp --tolerance 0.05)
+  fi
   python3 -m arch_lab.compare_runs "$DB" "${refs[@]}" --every 1 2>&1 | tee "$OUT/fsdp.txt"
 fi
 ls -la "$OUT"

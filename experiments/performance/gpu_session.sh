@@ -15,9 +15,10 @@
 # TRAIN_COMPILE picks the train phase's modes (default "false true"). Each bench stops after BENCH_TIMEOUT_S (default
 # 150) or when BUDGET_S (default 540) seconds of the call are spent, whichever comes first.
 # TESTS_SELECT (a pytest -k expression) runs part of the parity tests; DECODE_ROWS picks the decode phase's rows
-# (keep transformer among them: ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others
-# run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the
-# stores come back whole even when MQAR_STEPS / TEXT_STEPS ask for more than a device call holds.
+# (keep transformer among them: ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+"
+# run side by side on the one GPU (e.g. text+head_ratio); the others run one after another. Each study run gets
+# SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the stores come back whole even when MQAR_STEPS /
+# TEXT_STEPS ask for more than a device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
 # Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
 # MLflow stores and artifacts).
 set -uo pipefail

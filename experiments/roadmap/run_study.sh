@@ -24,7 +24,8 @@ declare -A experiment=([transformer]=roadmap_transformer [mamba]=roadmap_mamba [
 # (unset by default) stops training at a wall-clock limit, e.g. to fit a device call; runs it stops early train fewer
 # steps than the others (the report's steps column shows it).
 # MQAR_DATA picks the MQAR data config (default mqar_roadmap, the recorded study's; mqar_roadmap_v128 is the next).
-mqar=(data=${MQAR_DATA:-mqar_roadmap} trainer.max_steps=${MQAR_STEPS:-600} trainer.val_check_interval=200 optim.lr=1e-3)
+mqar=(data=${MQAR_DATA:-mqar_roadmap} trainer.max_steps=${MQAR_STEPS:-600} trainer.val_check_interval=200
+      optim.lr=1e-3)
 text=(data=text_gutenberg data.seq_len=512 data.batch_size=16 data.max_train_tokens=7000000
       data.max_eval_tokens=262144 trainer.max_steps=${TEXT_STEPS:-800} trainer.val_check_interval=400 optim.lr=2e-3
       eval.passkey.seq_len=512 eval.passkey.num_per_depth=20)
