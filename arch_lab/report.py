@@ -8,12 +8,15 @@ Bench runs tagged `study=head_ratio` (with `n_heads`) feed Table 9's throughput 
 
 Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers, MQAR by slice with the losses and the attention
 analysis; mean ± spread over seeds) and the plots
-`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer_<task>.png` (mqar, text).
+`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer_<task>.png` (mqar, text),
+and, per MQAR run, its validation accuracy by step (`mqar_learning_curves.png` and a table): MQAR is learned in a
+sudden jump whose timing varies by seed, so a mean over seeds can hide whether any run learned at all.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +48,8 @@ def _runs(tracking_uris: list[str], experiment: str):
     frames = []
     for uri in tracking_uris:
         mlflow.set_tracking_uri(uri)
-        frames.append(mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'"))
+        frame = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
+        frames.append(frame.assign(store=uri))  # where each run's metric history lives
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -118,19 +122,27 @@ def table1(runs, bench) -> str:
     seeds = {r: len(v) for r, v in mqar.items()}
     base = mean_spread(decode.get("transformer", []))[0]
     paper_base = PAPER_TABLE1["transformer"][3]
-    lines = ["| row | MQAR acc % | val ppl | gutenberg test ppl | wikitext2 ppl | passkey % | decode tok/s (× Transformer) "
-             "| paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds | steps (MQAR / text) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | MQAR acc % | MQAR runs learned | val ppl | gutenberg test ppl | wikitext2 ppl | passkey % "
+             "| decode tok/s (× Transformer) | paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds | steps (MQAR / text) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _, recall, tok_s, cache_mb) in PAPER_TABLE1.items():
         d = mean_spread(decode.get(row, []))[0]
         ratio = f"{d:.0f} ({d / base:.2f}×)" if not math.isnan(d) and base and not math.isnan(base) else "–"
         lines.append(
-            f"| {label} | {_fmt(*mean_spread(mqar.get(row, [])), 100)} | {_fmt(*mean_spread(ppl.get(row, [])), 1, 2)} "
+            f"| {label} | {_fmt(*mean_spread(mqar.get(row, [])), 100)} | {_learned(mqar.get(row, []))} "
+            f"| {_fmt(*mean_spread(ppl.get(row, [])), 1, 2)} "
             f"| {_fmt(*mean_spread(gut.get(row, [])), 1, 2)} | {_fmt(*mean_spread(wiki.get(row, [])), 1, 2)} "
             f"| {_fmt(*mean_spread(passkey.get(row, [])), 100)} | {ratio} | {tok_s} ({tok_s / paper_base:.2f}×) "
             f"| {_fmt(*mean_spread(cache.get(row, [])), 1, 1)} | {cache_mb} | {recall} | {seeds.get(row, 0)} "
             f"| {_step_range(steps['mqar'].get(row))} / {_step_range(steps['text'].get(row))} |")
     return "\n".join(lines)
+
+
+def _learned(accuracies: list[float]) -> str:
+    """How many runs learned MQAR (test accuracy above 50%): runs jump from the in-context-guess plateau to ~100%
+    or stay, so this count says more than a mean over seeds."""
+    runs = [a for a in accuracies if not math.isnan(a)]
+    return f"{sum(a > 0.5 for a in runs)}/{len(runs)}" if runs else "–"
 
 
 def _mqar_vocabularies(runs) -> list[int]:
@@ -206,6 +218,71 @@ def table9(runs, ratio_bench=None) -> str:
 def paper_heads(rank: int) -> int:
     """The paper's head count (0, 4, 8, 16 at 300M) of a Table 9 row, by rank."""
     return sorted(PAPER_TABLE9)[rank] if rank < len(PAPER_TABLE9) else -1
+
+
+def _run_label(run) -> Optional[str]:
+    """A run's name in per-run listings: its Table 1 row, or its head count for head-ratio trials, and its seed."""
+    row = _row_key(str(run.get("tags.model", "")))
+    if row is None:
+        return None
+    seed = run.get("tags.seed")
+    seed = f" s{seed}" if isinstance(seed, str) else ""
+    if isinstance(run.get("tags.sweep.study_name"), str):
+        return f"{PAPER_TABLE1[row][0].split(' ')[0]}, {int(run['params.model.n_heads'])} heads{seed}"
+    return PAPER_TABLE1[row][0].split(" ")[0] + seed
+
+
+def mqar_curves(runs) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(label, [(step, validation MQAR accuracy)]) for every MQAR run: Table 1 rows in the paper's order, then the
+    head-ratio trials by head count."""
+    from mlflow.tracking import MlflowClient
+
+    if runs.empty or "tags.task" not in runs:
+        return []
+    mqar = runs[runs["tags.task"] == "mqar"]
+    lrs = mqar["params.optim.lr"] if "params.optim.lr" in mqar else None
+    curves = []
+    for _, run in mqar.iterrows():
+        label = _run_label(run)
+        if label is None:
+            continue
+        if lrs is not None and lrs.nunique() > 1:  # e.g. a learning-rate probe: name the lr
+            label = f"{label} lr {run['params.optim.lr']}"
+        history = MlflowClient(tracking_uri=run["store"]).get_metric_history(run["run_id"], "val/mqar_acc")
+        if history:
+            curves.append((label, sorted((m.step, m.value) for m in history)))
+    order = {PAPER_TABLE1[r][0].split(" ")[0]: i for i, r in enumerate(PAPER_TABLE1)}
+    return sorted(curves, key=lambda c: ("heads" in c[0], order.get(c[0].split(" ")[0].rstrip(","), 99), c[0]))
+
+
+def curves_table(curves) -> str:
+    steps = sorted({step for _, points in curves for step, _ in points})
+    lines = ["| run | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for label, points in curves:
+        at = dict(points)
+        lines.append(f"| {label} | " + " | ".join(f"{100 * at[s]:.1f}" if s in at else "–" for s in steps) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves, path: Path) -> Optional[Path]:
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours: dict[str, str] = {}
+    for label, points in curves:
+        kind = re.sub(r" s\d+", "", label)  # one colour and legend entry per row (or head count), one line per seed
+        first = kind not in colours
+        colour = colours.setdefault(kind, plt.get_cmap("tab20")(len(colours) % 20))
+        ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", markersize=3, color=colour,
+                label=kind if first else None)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation MQAR accuracy %")
+    ax.set_title("MQAR learning curves, one line per run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_fig1(runs, bench, path: Path) -> Path:
@@ -289,9 +366,15 @@ def main(argv=None) -> int:
             "", mqar_chance(runs), "", "## MQAR by slice, losses and attention analysis (Table 1 rows)", "",
             slice_table(runs), "", "## Table 9 rows 1–4 (head ratio at fixed size)", "",
             table9(runs, ratio_bench), ""]
+    curves = mqar_curves(runs)
+    if curves:
+        text += ["## MQAR validation accuracy % by step, per run", "",
+                 "Steps as Lightning logs them: validation after 200 training steps is logged at step 199.", "",
+                 curves_table(curves), ""]
     (out / "tables.md").write_text("\n".join(text))
     plot_fig1(runs, bench, out / "fig1_accuracy_throughput_cache.png")
     plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")
+    plot_curves(curves, out / "mqar_learning_curves.png")
     for task in ("mqar", "text"):
         plot_entropy(runs, task, out / f"fig9_entropy_per_layer_{task}.png")
     print("\n".join(text))

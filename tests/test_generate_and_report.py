@@ -72,6 +72,8 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
                                     "recall/mqar_acc_kv64": acc - 0.1, "val/loss": 2.0 + seed,
                                     "analysis/erf": 3.0 + seed,
                                     "analysis/attn_entropy_layer0": 1.0, "analysis/attn_entropy_layer1": 2.0})
+                for step, value in ((19, acc), (9, acc / 2)):  # validation accuracy by step, logged out of order
+                    mlflow.log_metric("val/mqar_acc", value, step=step)
     with mlflow.start_run(tags={"model": "roadmap_d_tiny", "task": "mqar"}):
         mlflow.log_metrics({"recall/mqar_acc": 0.45, "analysis/attn_entropy_layer0": 1.5,
                             "analysis/attn_entropy_layer1": 2.5})
@@ -79,9 +81,9 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert report.main(["--tracking-uri", uri, "--experiment", "roadmap", "--out", str(out)]) == 0
     tables = (out / "tables.md").read_text()
     transformer = next(line for line in tables.splitlines() if line.startswith("| Transformer"))
-    assert "| 35.0 ± 5.0 |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
+    assert "| 35.0 ± 5.0 | 0/2 |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
     row_e = next(line for line in tables.splitlines() if line.startswith("| E + meta tokens"))
-    assert "| 55.0 ± 5.0 |" in row_e
+    assert "| 55.0 ± 5.0 | 1/2 |" in row_e  # runs above 50% count as learned: 0.6 does, 0.5 does not
     assert "MQAR chance (a uniform guess among the vocab/2 values): 0.78% at vocabulary 256" in tables
     # the slice table: one column per slice found in the runs, then the losses (text has no runs: "–")
     assert "| row | 8 pairs % | 64 pairs % | MQAR val loss | text val loss |" in tables
@@ -91,6 +93,11 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert (out / "fig9_entropy_per_layer_mqar.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "fig9_entropy_per_layer_text.png").exists()  # no text runs: no text figure
     assert report.mean_spread([1.0, 3.0]) == (2.0, 1.0)
+    # learning curves: one line per run with a validation history, Table 1 order, steps ascending
+    curves = tables.split("## MQAR validation accuracy % by step, per run")[1].strip().splitlines()[2:]
+    assert curves == ["| run | 9 | 19 |", "|---|---|---|", "| Transformer s0 | 15.0 | 30.0 |",
+                      "| Transformer s1 | 20.0 | 40.0 |", "| E s0 | 25.0 | 50.0 |", "| E s1 | 30.0 | 60.0 |"]
+    assert (out / "mqar_learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_path):
@@ -104,6 +111,8 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
         mlflow.set_experiment("roadmap")
         with mlflow.start_run(tags={"model": "mamba_small", "task": "mqar", "seed": str(seed)}):
             mlflow.log_metrics({"recall/mqar_acc": 0.1 + 0.2 * seed, "train/steps": 800 - 100 * seed})
+            mlflow.log_params({"optim.lr": (0.001, 0.0005)[seed]})
+            mlflow.log_metric("val/mqar_acc", 0.1 + 0.2 * seed, step=199)
         with mlflow.start_run(tags={"model": "roadmap_b_small", "sweep.study_name": "head_ratio",
                                     "params.attn_to_ssm": "1:1.18"}):
             mlflow.log_params({"model.n_heads": 2})
@@ -130,4 +139,6 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     two_heads = next(line for line in lines if line.startswith("| 2 |"))
     # recall pooled over both stores; speed/cache from the bench run at the paper's 4 heads (second row)
     # answer perplexity exp(val/loss) (4 and 6) and the seed count pooled too
+    # runs that differ in learning rate (a probe) are named with it in the learning-curve table
+    assert "| Mamba s0 lr 0.001 | 10.0 |" in lines and "| Mamba s1 lr 0.0005 | 30.0 |" in lines
     assert two_heads.startswith("| 2 | 1:1.18 | 55.0 ± 5.0 | 5.0 ± 1.0 | 2 | 2500 | 200.000 | 1:8.48 |")

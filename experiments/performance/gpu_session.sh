@@ -76,6 +76,8 @@ for phase in "$@"; do
     done ;;
   *)  # study tasks, side by side when joined by "+"
     export STORES=/tmp/stores LOGS=$OUT/logs RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-500}
+    # A warm machine can keep /tmp from an earlier call: start from empty stores so only this call's runs come back.
+    [[ -z ${stores_cleared:-} ]] && rm -rf /tmp/stores /tmp/roadmap_runs mlruns && stores_cleared=1
     for task in ${phase//+/ }; do
       case $task in
       mqar|text|head_ratio) bash experiments/roadmap/run_study.sh $task "${SEEDS:-0 1}" & ;;

@@ -19,18 +19,22 @@ mkdir -p "$STORES" "$LOGS"
 rows=("$@"); [[ ${#rows[@]} -eq 0 ]] && rows=(transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e)
 declare -A experiment=([transformer]=roadmap_transformer [mamba]=roadmap_mamba [roadmap_a]=roadmap_step1_sequential \
   [roadmap_b]=roadmap_step1 [roadmap_c]=roadmap_step2_local_global [roadmap_d]=roadmap_step2 [roadmap_e]=roadmap_step3)
-# Same recipe and token budget for every row. MQAR (conf/data/mqar_roadmap.yaml): 600 steps of 32 x 256 tokens (4.9M
-# tokens); text: 800 steps of 16 x 512 (6.6M tokens); MQAR_STEPS / TEXT_STEPS change them. MAX_TIME=DD:HH:MM:SS
+# Same recipe and token budget for every row. MQAR (conf/data/mqar_roadmap_v128.yaml): 1200 steps of 64 x 256 tokens
+# (19.7M tokens) at lr 5e-4; text: 800 steps of 16 x 512 (6.6M tokens). MQAR_STEPS / MQAR_LR / TEXT_STEPS change
+# them and MQAR_DATA the MQAR data config (mqar_roadmap: the first study's vocabulary-256 task). MAX_TIME=DD:HH:MM:SS
 # (unset by default) stops training at a wall-clock limit, e.g. to fit a device call; runs it stops early train fewer
 # steps than the others (the report's steps column shows it).
-# MQAR_DATA picks the MQAR data config (default mqar_roadmap, the recorded study's; mqar_roadmap_v128 is the next).
-mqar=(data=${MQAR_DATA:-mqar_roadmap} trainer.max_steps=${MQAR_STEPS:-600} trainer.val_check_interval=200
-      optim.lr=1e-3)
+mqar=(data=${MQAR_DATA:-mqar_roadmap_v128} trainer.max_steps=${MQAR_STEPS:-1200} trainer.val_check_interval=200
+      optim.lr=${MQAR_LR:-5e-4})
 text=(data=text_gutenberg data.seq_len=512 data.batch_size=16 data.max_train_tokens=7000000
       data.max_eval_tokens=262144 trainer.max_steps=${TEXT_STEPS:-800} trainer.val_check_interval=400 optim.lr=2e-3
       eval.passkey.seq_len=512 eval.passkey.num_per_depth=20)
 common=(trainer=${TRAINER:-gpu} trainer.enable_progress_bar=false logger.experiment_name=roadmap)
 [[ -n ${MAX_TIME:-} ]] && common+=(+trainer.max_time=$MAX_TIME)
+# OVERRIDES (space-separated Hydra overrides) go last on every run's command line, so they win; SUFFIX is added to
+# the run names (stores, logs) so variants of one row can run side by side, e.g. an lr probe:
+#   OVERRIDES="optim.lr=2e-3" SUFFIX=_lr2e-3 bash experiments/roadmap/run_study.sh mqar 0 transformer roadmap_b
+extra=(${OVERRIDES:-}); suffix=${SUFFIX:-}
 # RUN_TIMEOUT_S (unset by default) sends each run SIGTERM after that many seconds: the lab stops it after the current
 # step and marks it KILLED, so its store is complete when a device call's hard limit would otherwise cut it mid-write.
 launch=(); [[ -n ${RUN_TIMEOUT_S:-} ]] && launch=(timeout -k 30 "$RUN_TIMEOUT_S")
@@ -41,11 +45,11 @@ if [[ $task == head_ratio ]]; then
   # one grid point per process so the points train side by side (each its own study storage and store).
   for seed in "${seeds[@]}"; do
     for heads in 0 2 3 6; do
-      name=head_ratio_h${heads}_$seed
+      name=head_ratio_h${heads}_$seed$suffix
       "${launch[@]}" python3 -m arch_lab -m hparams_search=head_ratio experiment=roadmap_step1 model=roadmap_b_small \
         "model.n_heads=choice($heads)" "${mqar[@]}" "${common[@]}" seed=$seed +tags.seed=$seed +tags.task=mqar \
         hydra.sweeper.storage="sqlite:///$STORES/optuna_$name.db" logger.tracking_uri="sqlite:///$STORES/$name.db" \
-        hydra.sweep.dir="/tmp/roadmap_runs/$name" >"$LOGS/$name.log" 2>&1 &
+        hydra.sweep.dir="/tmp/roadmap_runs/$name" "${extra[@]}" >"$LOGS/$name.log" 2>&1 &
     done
   done
 else
@@ -53,10 +57,10 @@ else
   data+=(eval.decode.enabled=false)
   for seed in "${seeds[@]}"; do
     for row in "${rows[@]}"; do
-      name=${row}_${task}_${seed}
+      name=${row}_${task}_${seed}$suffix
       "${launch[@]}" python3 -m arch_lab experiment=${experiment[$row]} model=${row}_small "${data[@]}" \
         "${common[@]}" seed=$seed logger.tracking_uri="sqlite:///$STORES/$name.db" +tags.seed=$seed +tags.task=$task \
-        hydra.run.dir="/tmp/roadmap_runs/$name" >"$LOGS/$name.log" 2>&1 &
+        hydra.run.dir="/tmp/roadmap_runs/$name" "${extra[@]}" >"$LOGS/$name.log" 2>&1 &
     done
   done
 fi
