@@ -42,3 +42,71 @@ def test_checkpoints_with_the_old_duplicate_weights_still_load():
     target.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning resumes
     for (name, p), (_, q) in zip(source.named_parameters(), target.named_parameters()):
         torch.testing.assert_close(q, p, msg=name)
+
+
+def test_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu():
+    """torch.compile sees the mamba_ssm scan only through the custom op's fake implementation and its registered
+    backward: trace both on fake tensors (the kernel never runs) and check the shapes and dtypes the CUDA kernel
+    returns: outputs in u's dtype, a float32 last state, and each gradient in its input's dtype."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from components.ops.custom_ops import selective_scan_kernel
+
+    b, d, n, l = 2, 8, 4, 4100  # three of the kernel's 2048-step chunks
+
+    def scan_and_grads(u, delta, A, B, C, D, z, bias):
+        y, last = selective_scan_kernel(u, delta, A, B, C, D, z, bias, True, True)
+        return y, last, torch.autograd.grad(y.float().sum(), (u, delta, A, B, C, D, z, bias))
+
+    bf16 = torch.bfloat16
+    shapes = [((b, d, l), bf16), ((b, d, l), bf16), ((d, n), torch.float32), ((b, n, l), bf16), ((b, n, l), bf16),
+              ((d,), torch.float32), ((b, d, l), bf16), ((d,), torch.float32)]
+    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
+    graph = make_fx(scan_and_grads, tracing_mode="fake")(*inputs)
+    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert "arch_lab.selective_scan_fwd.default" in ops and "arch_lab.selective_scan_bwd.default" in ops
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    results = [(tuple(v.meta["val"].shape), v.meta["val"].dtype) for v in torch.utils._pytree.tree_leaves(output.args)]
+    assert results == [((b, d, l), bf16), ((b, d, n), torch.float32), *shapes]
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_conv_custom_op_traces_forward_and_backward_in_the_input_layout(channel_last):
+    """The causal-conv custom op as torch.compile sees it (fake tensors, no GPU): its output and dx keep the
+    input's layout (channel-last for Mamba's transposed projection) and its gradients their inputs' dtypes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from components.ops.custom_ops import causal_conv1d_fwd
+
+    b, d, l = 2, 16, 40
+    x = torch.randn(b, l, d, dtype=torch.bfloat16).transpose(1, 2) if channel_last else \
+        torch.randn(b, d, l, dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    weight, bias = torch.randn(d, 4, requires_grad=True), torch.randn(d, requires_grad=True)
+
+    def conv_and_grads(x, weight, bias):
+        y = causal_conv1d_fwd(x, weight, bias, True)
+        return y, torch.autograd.grad(y.float().sum(), (x, weight, bias))
+
+    graph = make_fx(conv_and_grads, tracing_mode="fake")(x, weight, bias)
+    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert "arch_lab.causal_conv1d_fwd.default" in ops and "arch_lab.causal_conv1d_bwd.default" in ops
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    y, dx, dweight, dbias = [v.meta["val"] for v in torch.utils._pytree.tree_leaves(output.args)]
+    assert y.shape == dx.shape == x.shape and y.stride() == dx.stride() == x.stride()
+    assert (y.dtype, dx.dtype, dweight.dtype, dbias.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32,
+                                                               torch.float32)
+
+
+@pytest.mark.parametrize("name", ["roadmap_d", "roadmap_e"])
+def test_reference_path_compiles_the_training_loss_into_one_graph(name):
+    """Cross-layer KV sharing (the KV bus) and meta tokens trace without graph breaks: on the GPU only the kernels
+    could split the graph, and those are custom ops (tests/test_model_gpu_parity.py checks the kernel path)."""
+    from components import HybridLM
+
+    torch._dynamo.reset()
+    model = HybridLM(preset(name, "tiny", window=16, n_meta_tokens=4 if name == "roadmap_e" else 0))
+    model.set_backend("reference")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64))
+    explained = torch._dynamo.explain(model.loss)(ids, torch.roll(ids, -1, dims=1))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -41,6 +41,22 @@ def test_model_loss_and_gradients_fast_vs_reference(name):
     assert worst[0] < 5e-2, f"gradient of {worst[1]} differs: rel err {worst[0]:.3g}"
 
 
+@pytest.mark.parametrize("name", ["mamba", "roadmap_e"])
+def test_compiled_training_forward_has_no_graph_breaks(name):
+    """With the scan kernel as a custom op, torch.compile captures the whole training loss in one graph (breaks
+    split it, and the frames between them recompiled per layer)."""
+    pytest.importorskip("mamba_ssm")
+    torch._dynamo.reset()
+    cfg = preset(name, "tiny", **GPU_SIZED, window=64, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)
+    model = HybridLM(cfg).cuda()
+    model.set_backend("kernel")
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model.loss)(ids, torch.roll(ids, -1, dims=1))
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("window,num_meta", [(128, 0), (128, 16), (1024, 128)])
 def test_flex_attention_matches_reference_with_gradients(window, num_meta):
     torch.manual_seed(0)

@@ -148,6 +148,35 @@ def test_selective_scan_kernel_matches_reference(dtype: torch.dtype) -> None:
     )
 
 
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_causal_conv1d_custom_op_passes_opcheck(channel_last: bool) -> None:
+    require("causal_conv1d")
+    from components.ops.custom_ops import causal_conv1d_fwd
+
+    g = generator(3)
+    x = torch.randn(BATCH, SEQLEN, 64, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+    x = (x if channel_last else x.contiguous()).requires_grad_(True)
+    weight = torch.randn(64, 4, device="cuda", generator=g).requires_grad_(True)
+    bias = torch.randn(64, device="cuda", generator=g).requires_grad_(True)
+    torch.library.opcheck(causal_conv1d_fwd, (x, weight, bias, True))
+
+
+@pytest.mark.parametrize("optional", [("D", "z", "delta_bias"), ()])
+def test_selective_scan_custom_op_passes_opcheck(optional: tuple[str, ...]) -> None:
+    """The registration torch.compile relies on: fake shapes and dtypes, autograd, schema (torch.library.opcheck
+    runs the real kernel against each), with and without the optional inputs."""
+    require("mamba_ssm")
+    import components.ops.custom_ops  # noqa: F401 - registers torch.ops.arch_lab.*
+
+    inputs = {name: t.to(torch.bfloat16) if name in ("u", "delta", "B", "C", "z") else t
+              for name, t in scan_inputs().items()}
+    for name in ("u", "delta", "A", "B", "C", *optional):
+        inputs[name].requires_grad_(True)
+    args = [inputs[name] if name in ("u", "delta", "A", "B", "C") or name in optional else None
+            for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    torch.library.opcheck(torch.ops.arch_lab.selective_scan_fwd.default, (*args, True))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_optional", [True, False])
 def test_selective_state_update_kernel_matches_reference(dtype: torch.dtype, with_optional: bool) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
+from components.ops.custom_ops import causal_conv1d_fwd
 
 ACTIVATIONS: tuple[str | None, ...] = (None, "silu")
 # causal_conv1d's CUDA kernels only instantiate these widths.
@@ -79,8 +80,6 @@ def _causal_conv1d_kernel(
     activation: str | None,
     return_final_state: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    from causal_conv1d import causal_conv1d_fn
-
     x_in = x
     # Initial states exist only in the kernel's channel-last variant, which needs
     # dim % 8 == 0; an input that is already channel-last (a transposed (b, l, d)
@@ -91,13 +90,13 @@ def _causal_conv1d_kernel(
             initial_state = _channel_last(initial_state.to(x.dtype))
     elif x.stride(2) != 1:
         x = x.contiguous()
-    y = causal_conv1d_fn(
-        x,
-        weight,
-        None if bias is None else bias.to(weight.dtype),
-        initial_states=initial_state,
-        activation=activation,
-    )
+    bias = None if bias is None else bias.to(weight.dtype)
+    if initial_state is None:  # training and fresh prefill: the custom op, which torch.compile keeps in its graph
+        y = causal_conv1d_fwd(x, weight, bias, activation == "silu")
+    else:
+        from causal_conv1d import causal_conv1d_fn
+
+        y = causal_conv1d_fn(x, weight, bias, initial_states=initial_state, activation=activation)
     # The final state is sliced here rather than taken from the kernel: in v1.7.0 its
     # channel-last backward reads d(final_states) at wrong offsets unless that gradient
     # is itself channel-last (found by tests/test_ops_ssm_gpu_parity.py in float32).

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
+from components.ops.custom_ops import selective_scan_kernel
 from components.ops.ssd import segsum
 
 # Default chunking target of selective_scan_reference: elements in one per-step slice.
@@ -209,18 +210,17 @@ def selective_scan(
     """Selective scan over a sequence (see the module docstring for the recurrence).
 
     Returns out (b, d, l) in u's dtype and, if ``return_last_state``, the float32 state
-    after the last step (b, d, n). The kernel is mamba_ssm's selective_scan_fn, which has
-    no initial-state input: calls with ``initial_state`` always run on the reference. As in
+    after the last step (b, d, n). The kernel is mamba_ssm's selective-scan CUDA kernel (as
+    a custom op that torch.compile keeps in its graph: custom_ops.py), which has no
+    initial-state input: calls with ``initial_state`` always run on the reference. As in
     mamba_ssm, the kernel's backward ignores gradients flowing into last_state.
     """
     chosen = resolve_backend(backend, u, "selective_scan")
     if chosen == "kernel" and initial_state is None:
         _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, None)
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
         # The CUDA kernel wants delta/B/C/z in u's dtype and A/D/delta_bias in float32.
         dtype = u.dtype
-        return selective_scan_fn(
+        return selective_scan_kernel(
             u,
             delta.to(dtype),
             A.float(),

@@ -1,0 +1,153 @@
+"""The training kernels (mamba_ssm's selective scan, causal_conv1d's conv) as torch.library custom ops.
+
+Both packages call their extensions from inside a torch.autograd.Function. torch.compile cannot trace into the
+scan's pybind call, and causal_conv1d's own custom op writes into an `out=` tensor that is channel-last for
+Mamba's transposed input, which Dynamo also refuses. Either broke every SSM layer's compiled graph, and the
+frames between the breaks recompiled per layer. As functional custom ops with fake (shape-only)
+implementations and registered backwards, the kernels sit inside one graph. The extensions are imported when
+an op first runs, so importing this module needs no GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# The kernel keeps one float32 (state, carry) pair per state dim for every chunk of this many steps.
+_KERNEL_CHUNK = 2048
+
+
+def _absent(like: Tensor) -> Tensor:
+    """Stand-in for a None output (custom ops return tensors only)."""
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("arch_lab::selective_scan_fwd", mutates_args=(), device_types="cuda")
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor],
+                       delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, chunk states x, out gated by silu(z), or an empty tensor without z)."""
+    import selective_scan_cuda
+
+    out, x, *rest = selective_scan_cuda.fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias,
+                                            delta_softplus)
+    return out, x, rest[0] if z is not None else _absent(out)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    batch, dim, seqlen = u.shape
+    chunks = (seqlen + _KERNEL_CHUNK - 1) // _KERNEL_CHUNK
+    x = u.new_empty(batch, dim, chunks, 2 * A.shape[1], dtype=torch.float32)
+    return torch.empty_like(delta), x, torch.empty_like(z) if z is not None else _absent(delta)
+
+
+@torch.library.custom_op("arch_lab::selective_scan_bwd", mutates_args=(), device_types="cuda")
+def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], dout: Tensor, x: Tensor, out: Tensor,
+                       delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype; empty for absent
+    inputs."""
+    import selective_scan_cuda
+
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = selective_scan_cuda.bwd(
+        u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, dout, x, out, None, delta_softplus, False)
+    # The kernel accumulates dB/dC (and dD, ddelta_bias) in float32 whatever the inputs' dtype.
+    return (du, ddelta, dA, dB.squeeze(1).to(B.dtype), dC.squeeze(1).to(C.dtype),
+            dD if D is not None else _absent(du), rest[0] if z is not None else _absent(du),
+            ddelta_bias if delta_bias is not None else _absent(du))
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, dout, x, out, delta_softplus):
+    def like(t: Optional[Tensor]) -> Tensor:
+        return torch.empty_like(t) if t is not None else _absent(u)
+
+    return like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    out, x, _ = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
+    ctx.delta_softplus = delta_softplus
+    ctx.present = (D is not None, z is not None, delta_bias is not None)
+
+
+def _backward(ctx, d_out, d_x, d_out_z):
+    u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+    # The gradient arrives on the output the caller used: out_z with a gate, else out. As in mamba_ssm, the
+    # chunk states (and so a last state read from them) get no gradient.
+    dout = (d_out_z if z is not None else d_out).contiguous()
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, dout, x, out, ctx.delta_softplus)
+    has_D, has_z, has_bias = ctx.present
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None,
+            ddelta_bias if has_bias else None, None)
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                          return_last_state: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba_ssm's selective_scan_fn through the custom op: same arguments and results (inputs already in the
+    kernel's dtypes: delta/B/C/z like u, A/D/delta_bias float32)."""
+    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    z = None if z is None else z.contiguous()
+    out, x, out_z = selective_scan_fwd(u, delta, A.contiguous(), B, C, None if D is None else D.contiguous(), z,
+                                       delta_bias, delta_softplus)
+    y = out_z if z is not None else out
+    return (y, x[:, :, -1, 1::2]) if return_last_state else y
+
+
+@torch.library.custom_op("arch_lab::causal_conv1d_fwd", mutates_args=(), device_types="cuda")
+def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    """causal_conv1d's forward without initial or final states; out has x's layout (channel-first or -last)."""
+    import causal_conv1d_cuda
+
+    out = torch.empty_like(x)
+    causal_conv1d_cuda.causal_conv1d_fwd(x, weight, bias, None, None, out, None, silu)
+    return out
+
+
+@causal_conv1d_fwd.register_fake
+def _(x, weight, bias, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("arch_lab::causal_conv1d_bwd", mutates_args=(), device_types="cuda")
+def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor,
+                      silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias or an empty tensor without bias), in the inputs' dtypes."""
+    import causal_conv1d_cuda
+
+    dx = torch.empty_like(x)
+    dweight = torch.zeros_like(weight, dtype=torch.float32)
+    dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+    causal_conv1d_cuda.causal_conv1d_bwd(x, weight, bias, dout, None, None, None, dx, dweight, dbias, None, silu)
+    return dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else _absent(dx)
+
+
+@causal_conv1d_bwd.register_fake
+def _(x, weight, bias, dout, silu):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else _absent(x)
+
+
+def _conv_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu = silu
+
+
+def _conv_backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    # The kernel wants dout in x's layout: channel-last (stride 1 over channels) or contiguous.
+    dout = dout.contiguous() if x.stride(2) == 1 else dout.transpose(1, 2).contiguous().transpose(1, 2)
+    dx, dweight, dbias = causal_conv1d_bwd(x, weight, bias, dout, ctx.silu)
+    return dx, dweight, dbias if bias is not None else None, None
+
+
+causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
