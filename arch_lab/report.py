@@ -123,7 +123,8 @@ def table1(runs, bench) -> str:
     base = mean_spread(decode.get("transformer", []))[0]
     paper_base = PAPER_TABLE1["transformer"][3]
     lines = ["| row | MQAR acc % | MQAR runs learned | val ppl | gutenberg test ppl | wikitext2 ppl | passkey % "
-             "| decode tok/s (× Transformer) | paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds | steps (MQAR / text) |",
+             "| decode tok/s (× Transformer) | paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds "
+             "| steps (MQAR / text) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _, recall, tok_s, cache_mb) in PAPER_TABLE1.items():
         d = mean_spread(decode.get(row, []))[0]
