@@ -32,13 +32,19 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
         text = str(value)
         for prefix in roots:
             text = text.replace(prefix, "<data_root>")
-        scheme, sep, rest = text.partition(":///")  # sqlite:////abs/path.db and friends
-        if sep and os.path.isabs(rest):
-            text = f"{scheme}:///<abs>/{Path(rest).name}"
-        elif os.path.isabs(text.split(",")[0].strip("[]' ")):
-            text = "<abs>/" + Path(text).name
-        params[key] = text[:_MAX_PARAM_LEN]
+        params[key] = hide_absolute_path(text)[:_MAX_PARAM_LEN]
     return params
+
+
+def hide_absolute_path(text: str) -> str:
+    """An absolute path, or a URL to one (sqlite:////abs/path.db), reduced to its file name under `<abs>/`: logged
+    values must not carry a machine's directory layout."""
+    scheme, sep, rest = text.partition(":///")
+    if sep and os.path.isabs(rest):
+        return f"{scheme}:///<abs>/{Path(rest).name}"
+    if os.path.isabs(text.split(",")[0].strip("[]' ")):
+        return "<abs>/" + Path(text).name
+    return text
 
 
 def git_commit() -> str:

@@ -36,6 +36,7 @@ from arch_lab.sweep.search_space import (
     parse_param,
 )
 from arch_lab.sweep.study_tracking import ENV_TRIAL_NUMBER, open_storage, redact_url, resolve_storage_url
+from arch_lab.tracking import hide_absolute_path
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "sweep_app" / "app.py"
@@ -139,7 +140,7 @@ def test_multi_objective_sweep_has_one_parent_run_and_a_child_per_trial(workdir:
     client = mlflow_client(workdir)
     parent = parent_run(client, "multi")
     assert parent.info.run_name == "multi" and parent.info.status == "FINISHED"
-    assert parent.data.tags["sweep.storage"] == f"sqlite:///{workdir / 'optuna.db'}"
+    assert parent.data.tags["sweep.storage"] == "sqlite:///<abs>/optuna.db"  # no machine paths in logged values
     assert parent.data.tags["sweep.sampler"] == "nsgaii(seed=0)"
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
 
@@ -432,6 +433,10 @@ def test_storage_urls_default_beside_mlflow_and_hide_passwords(tmp_path: Path) -
     assert resolve_storage_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
     assert resolve_storage_url("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'sub' / 'x.db'}"
     assert redact_url("postgresql://lab:s3cret@db:5432/optuna") == "postgresql://lab:***@db:5432/optuna"
+    # the sweep.storage tag also drops absolute paths (relative ones and server URLs stay as they are)
+    assert hide_absolute_path(redact_url("sqlite:////tmp/stores/optuna_h2.db")) == "sqlite:///<abs>/optuna_h2.db"
+    assert hide_absolute_path("sqlite:///optuna.db") == "sqlite:///optuna.db"
+    assert hide_absolute_path("postgresql://lab:***@db:5432/optuna") == "postgresql://lab:***@db:5432/optuna"
 
 
 def test_current_trial_is_none_outside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:

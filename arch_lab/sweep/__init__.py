@@ -21,7 +21,7 @@ A worker that dies without cleaning up (SIGKILL) stops its heartbeat; after `gra
 trial turns FAIL and the next ask re-runs its values. SQLite stores get `<file>.lock` beside them.
 
 MLflow. One parent run per study (run name = study name; tags `sweep.study_name`,
-`sweep.storage` with the password hidden, `sweep.sampler`, ...), reused when the study is
+`sweep.storage` with the password and any absolute path hidden, `sweep.sampler`, ...), reused when the study is
 resumed or joined. When the study is done the parent run gets `pareto/pareto_front.csv`,
 `pareto/pareto_front.json` (mlflow table) and `pareto/pareto_front.png`, the best (Pareto-front)
 trials' child runs get `sweep.best=true`, and the parent run ends FINISHED; a sweep that

@@ -35,6 +35,7 @@ from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from arch_lab.sweep.pareto import Objective, log_front
+from arch_lab.tracking import hide_absolute_path
 from arch_lab.sweep.search_space import (
     PARAMS_KEY,
     SearchSpace,
@@ -327,7 +328,7 @@ class OptunaSweeper(Sweeper):
         if run_id is not None and tracker.reopen_parent(run_id):
             return run_id
         tags = {
-            "sweep.storage": redact_url(storage_url),
+            "sweep.storage": hide_absolute_path(redact_url(storage_url)),
             "sweep.sampler": _sampler_label(self.sampler_conf),
             "sweep.pruner": self.pruner_conf.kind,
             "sweep.directions": ",".join(f"{o.name}:{o.direction}" for o in objectives.items),
