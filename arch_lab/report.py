@@ -123,8 +123,8 @@ def table1(runs, bench) -> str:
     base = mean_spread(decode.get("transformer", []))[0]
     paper_base = PAPER_TABLE1["transformer"][3]
     lines = ["| row | MQAR acc % | MQAR runs learned | val ppl | gutenberg test ppl | wikitext2 ppl | passkey % "
-             "| decode tok/s (× Transformer) | paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % | seeds "
-             "| steps (MQAR / text) |",
+             "| decode tok/s (× Transformer) | paper tok/s (×) | cache MB @16k | paper cache MB | paper recall % "
+             "| seeds | steps (MQAR / text) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (label, _, recall, tok_s, cache_mb) in PAPER_TABLE1.items():
         d = mean_spread(decode.get(row, []))[0]
@@ -221,39 +221,44 @@ def paper_heads(rank: int) -> int:
     return sorted(PAPER_TABLE9)[rank] if rank < len(PAPER_TABLE9) else -1
 
 
-def _run_label(run) -> Optional[str]:
-    """A run's name in per-run listings: its Table 1 row, or its head count for head-ratio trials, and its seed."""
+def _short_label(row: str) -> str:
+    """A Table 1 row's letter or name for plots and per-run listings ("A", "Transformer", ...)."""
+    return PAPER_TABLE1[row][0].split(" ")[0]
+
+
+def _run_label(run) -> Optional[tuple[tuple, str]]:
+    """(sort key, name) of a run in per-run listings: its Table 1 row, or its head count for head-ratio trials, and
+    its seed. Table 1 rows sort in the paper's order, then the trials by head count."""
     row = _row_key(str(run.get("tags.model", "")))
     if row is None:
         return None
     seed = run.get("tags.seed")
     seed = f" s{seed}" if isinstance(seed, str) else ""
-    if isinstance(run.get("tags.sweep.study_name"), str):
-        return f"{PAPER_TABLE1[row][0].split(' ')[0]}, {int(run['params.model.n_heads'])} heads{seed}"
-    return PAPER_TABLE1[row][0].split(" ")[0] + seed
+    heads = int(run["params.model.n_heads"]) if isinstance(run.get("tags.sweep.study_name"), str) else None
+    key = (heads is not None, list(PAPER_TABLE1).index(row), heads or 0, seed)
+    return key, _short_label(row) + (f", {heads} heads" if heads is not None else "") + seed
 
 
 def mqar_curves(runs) -> list[tuple[str, list[tuple[int, float]]]]:
-    """(label, [(step, validation MQAR accuracy)]) for every MQAR run: Table 1 rows in the paper's order, then the
-    head-ratio trials by head count."""
+    """(label, [(step, validation MQAR accuracy)]) for every MQAR run, in `_run_label`'s order."""
     from mlflow.tracking import MlflowClient
 
     if runs.empty or "tags.task" not in runs:
         return []
     mqar = runs[runs["tags.task"] == "mqar"]
-    lrs = mqar["params.optim.lr"] if "params.optim.lr" in mqar else None
+    name_lr = "params.optim.lr" in mqar and mqar["params.optim.lr"].nunique() > 1  # e.g. a learning-rate probe
     curves = []
     for _, run in mqar.iterrows():
-        label = _run_label(run)
-        if label is None:
+        keyed = _run_label(run)
+        if keyed is None:
             continue
-        if lrs is not None and lrs.nunique() > 1:  # e.g. a learning-rate probe: name the lr
+        key, label = keyed
+        if name_lr:
             label = f"{label} lr {run['params.optim.lr']}"
         history = MlflowClient(tracking_uri=run["store"]).get_metric_history(run["run_id"], "val/mqar_acc")
         if history:
-            curves.append((label, sorted((m.step, m.value) for m in history)))
-    order = {PAPER_TABLE1[r][0].split(" ")[0]: i for i, r in enumerate(PAPER_TABLE1)}
-    return sorted(curves, key=lambda c: ("heads" in c[0], order.get(c[0].split(" ")[0].rstrip(","), 99), c[0]))
+            curves.append(((key, label), label, sorted((m.step, m.value) for m in history)))
+    return [(label, points) for _, label, points in sorted(curves)]
 
 
 def curves_table(curves) -> str:
@@ -297,7 +302,7 @@ def plot_fig1(runs, bench, path: Path) -> Path:
             continue
         mb = mean_spread(cache.get(row, []))[0]
         ax.scatter(tok, 100 * acc, s=20 + (0 if math.isnan(mb) else 3 * math.sqrt(mb)), alpha=0.6)
-        ax.annotate(PAPER_TABLE1[row][0].split(" ")[0], (tok, 100 * acc), fontsize=8)
+        ax.annotate(_short_label(row), (tok, 100 * acc), fontsize=8)
     for vocab in _mqar_vocabularies(runs):
         ax.axhline(100 * 2 / vocab, color="grey", linestyle="--", linewidth=0.8, label=f"chance (vocabulary {vocab})")
     if ax.get_legend_handles_labels()[0]:
@@ -317,7 +322,7 @@ def plot_erf_vs_cache(runs, bench, path: Path) -> Optional[Path]:
 
     erf = collect(runs, "analysis/erf", "mqar")
     cache = _speed_and_cache(runs, bench)[1]
-    points = [(PAPER_TABLE1[r][0].split(" ")[0], mean_spread(cache.get(r, []))[0], mean_spread(erf[r])[0])
+    points = [(_short_label(r), mean_spread(cache.get(r, []))[0], mean_spread(erf[r])[0])
               for r in erf if r in cache]
     return draw(points, path) if points else None
 

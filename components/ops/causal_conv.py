@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
-from components.ops.custom_ops import causal_conv1d_fwd
+from components.ops.custom_ops import causal_conv1d_fwd, channel_last
 
 ACTIVATIONS: tuple[str | None, ...] = (None, "silu")
 # causal_conv1d's CUDA kernels only instantiate these widths.
@@ -65,13 +65,6 @@ def _final_state(x: torch.Tensor, initial_state: torch.Tensor | None, state_len:
     return tail.clone()
 
 
-def _channel_last(t: torch.Tensor) -> torch.Tensor:
-    """(batch, dim, len) with stride(1) == 1 and the other strides multiples of 8 (kernel rule)."""
-    if t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.stride(2) % 8 == 0:
-        return t
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _causal_conv1d_kernel(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -85,9 +78,9 @@ def _causal_conv1d_kernel(
     # dim % 8 == 0; an input that is already channel-last (a transposed (b, l, d)
     # projection, as in Mamba) also uses it without a copy.
     if initial_state is not None or (x.stride(1) == 1 and x.shape[1] % 8 == 0):
-        x = _channel_last(x)
+        x = channel_last(x)
         if initial_state is not None:
-            initial_state = _channel_last(initial_state.to(x.dtype))
+            initial_state = channel_last(initial_state.to(x.dtype))
     elif x.stride(2) != 1:
         x = x.contiguous()
     bias = None if bias is None else bias.to(weight.dtype)

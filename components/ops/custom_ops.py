@@ -103,6 +103,13 @@ def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return (y, x[:, :, -1, 1::2]) if return_last_state else y
 
 
+def channel_last(t: Tensor) -> Tensor:
+    """(batch, dim, len) with stride(1) == 1 and the other strides multiples of 8 (causal_conv1d's rule)."""
+    if t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.stride(2) % 8 == 0:
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @torch.library.custom_op("arch_lab::causal_conv1d_fwd", mutates_args=(), device_types="cuda")
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     """causal_conv1d's forward without initial or final states; out has x's layout (channel-first or -last)."""
@@ -144,8 +151,8 @@ def _conv_setup_context(ctx, inputs, output) -> None:
 
 def _conv_backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
-    # The kernel wants dout in x's layout: channel-last (stride 1 over channels) or contiguous.
-    dout = dout.contiguous() if x.stride(2) == 1 else dout.transpose(1, 2).contiguous().transpose(1, 2)
+    # The kernel wants dout in x's layout: contiguous or channel-last.
+    dout = dout.contiguous() if x.stride(2) == 1 else channel_last(dout)
     dx, dweight, dbias = causal_conv1d_bwd(x, weight, bias, dout, ctx.silu)
     return dx, dweight, dbias if bias is not None else None, None
 
