@@ -38,11 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONTEXT, BATCH, NEW_TOKENS, TRAIN_SEQ_LEN = 24, 2, 4, 24
 APP_OVERRIDES = [f"context={CONTEXT}", f"batch={BATCH}", f"new_tokens={NEW_TOKENS}", "recompute_new_tokens=2",
                  f"train_seq_len={TRAIN_SEQ_LEN}", "train_batch=2", "train_steps=1", "train_warmup_steps=1",
-                 "warmup_steps=1"]
+                 "warmup_steps=1", "measure=[decode,prefill,train,recompute,hf,train_profile]", "profile_steps=1"]
 COMMON_METRICS = ["bench/decode_tok_s", "bench/decode_batch", "bench/prefill_tok_s", "bench/train_tok_s",
                   "bench/train_mfu", "bench/recompute_tok_s", "bench/decode_speedup_vs_recompute",
                   "bench/decode_bw_bound_tok_s", "bench/decode_bw_fraction", "bench/cache_mb_16k",
-                  "bench/state_bytes", "bench/params"]
+                  "bench/state_bytes", "bench/params", "bench/train_profile_wall_ms_per_step"]
 HF_METRICS = ["bench/hf_decode_tok_s", "bench/decode_speedup_vs_hf"]
 
 
@@ -122,12 +122,14 @@ def test_results_json_and_table_are_artifacts(bench_runs: dict[str, dict]):
     assert results["mlflow_run_id"] == info["run"].info.run_id
     assert results["metrics"] == pytest.approx(info["run"].data.metrics)
     assert results["settings"]["batch"] == BATCH and results["settings"]["measure"] == list(
-        ("decode", "prefill", "train", "recompute", "hf"))
+        ("decode", "prefill", "train", "recompute", "hf", "train_profile"))
     table = (info["artifacts"] / "bench_table.txt").read_text()
     assert table == (info["out"] / "bench_table.txt").read_text()
     assert table.splitlines()[2].split() == ["measurement", "value", "unit"]
     assert table.strip() in info["stdout"]
     assert {"config.yaml", "layer_plan.txt"} <= {p.name for p in info["artifacts"].iterdir()}
+    # measure=[train_profile]: the profiled training step's operators, AdamW's update among them
+    assert "Optimizer.step#AdamW.step" in (info["artifacts"] / "train_profile.txt").read_text()
 
 
 # ---------------------------------------------------------------------------- config validation
@@ -146,7 +148,7 @@ def test_defaults_resolve_per_device():
 
 @pytest.mark.parametrize("override, message", [
     ("measure=[decode,speed]", "measure: unknown measurement(s) ['speed']; allowed: decode, prefill, train, "
-                               "recompute, hf, profile"),
+                               "recompute, hf, profile, train_profile"),
     ("profile_steps=0", "profile_steps must be an integer >= 1, got 0"),
     ("dtype=int8", "dtype must be one of auto, float32, bfloat16, float16; got 'int8'"),
     ("device=tpu", "device must be one of auto, cpu, cuda, cuda:<index>; got 'tpu'"),
@@ -184,6 +186,23 @@ def test_decode_profile_covers_exactly_the_profiled_steps():
     assert int(attention.split()[-1]) == 6 * 3
     assert (result.steps, result.kernels_per_step, result.kernel_ms_per_step) == (3, 0, 0)  # a CPU has no kernels
     assert result.wall_ms_per_step > 0
+
+
+def test_train_profile_covers_exactly_the_profiled_steps_and_leaves_the_model_clean():
+    from arch_lab.bench.measure import measure_train_throughput
+    from components.model import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("roadmap_e", "tiny"))
+    timing = measure_train_throughput(model, batch=2, seq_len=16, steps=1, warmup_steps=1, profile=2)
+    assert timing.tokens_per_s > 0 and timing.profile.steps == 2
+    # one AdamW update per profiled step: the warm-up and the timed step are outside the profile
+    update = next(line for line in timing.profile.table.splitlines()
+                  if line.split() and line.split()[0] == "Optimizer.step#AdamW.step")
+    assert int(update.split()[-1]) == 2
+    # a retry at a smaller batch (out of memory) starts from a model without gradients, in eval mode
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert measure_train_throughput(model, batch=1, seq_len=8, steps=1, warmup_steps=0).profile is None
 
 
 # ---------------------------------------------------------------------------- out-of-memory halving

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("arch_lab.bench")
 
-MEASUREMENTS = ("decode", "prefill", "train", "recompute", "hf", "profile")
+MEASUREMENTS = ("decode", "prefill", "train", "recompute", "hf", "profile", "train_profile")
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -128,7 +128,7 @@ class BenchSettings:
             wanted["context + profile_steps + 1"] = self.context + self.profile_steps + 1
         if "recompute" in self.measure:
             wanted["context + recompute_new_tokens - 1"] = self.context + self.recompute_new_tokens - 1
-        if "train" in self.measure:
+        if {"train", "train_profile"} & set(self.measure):
             wanted["train_seq_len"] = self.train_seq_len
         for what, length in wanted.items():
             if length > max_seq_len:
@@ -224,20 +224,25 @@ class _Bench:
                         "bench/decode_bw_fraction": timing.decode_tokens_per_s / bound})
         self._record(out)
 
+    def _record_profile(self, what: str, artifact: str, result, batch: int) -> None:
+        """A StepProfile as bench/<what>_* metrics, with its table as an MLflow artifact."""
+        from .. import tracking
+
+        tracking.log_text_artifact(result.table, artifact)
+        log.info("%s (batch %d, %d steps):\n%s", what, batch, result.steps, result.table)
+        self._record({f"bench/{what}_batch": batch, f"bench/{what}_wall_ms_per_step": result.wall_ms_per_step,
+                      f"bench/{what}_kernels_per_step": result.kernels_per_step,
+                      f"bench/{what}_kernel_ms_per_step": result.kernel_ms_per_step})
+
     def profile(self) -> None:
         """Kernels of one eager decode step (at the batch the timed decode used, when it ran first)."""
-        from .. import tracking
         from .measure import profile_eager_decode
 
         s = self.s
         batch = int(self.metrics.get("bench/decode_batch", s.batch))
         result, batch = self._fit("profile", lambda b: profile_eager_decode(
             self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk), batch)
-        tracking.log_text_artifact(result.table, "decode_profile.txt")
-        log.info("decode profile (batch %d, %d steps):\n%s", batch, result.steps, result.table)
-        self._record({"bench/profile_batch": batch, "bench/profile_wall_ms_per_step": result.wall_ms_per_step,
-                      "bench/profile_kernels_per_step": result.kernels_per_step,
-                      "bench/profile_kernel_ms_per_step": result.kernel_ms_per_step})
+        self._record_profile("profile", "decode_profile.txt", result, batch)
 
     def recompute(self) -> None:
         from .measure import measure_recompute_decode
@@ -289,16 +294,19 @@ class _Bench:
         model = HybridLM(self.model.cfg).to(self.device)  # float32 master weights, as mixed-precision training
         model.set_backend(self.cfg.backend)
         autocast = None if self.dtype == torch.float32 else self.dtype
-        tok_s, batch = self._fit("train", lambda b: measure_train_throughput(
+        profile = s.profile_steps if "train_profile" in s.measure else 0
+        timing, batch = self._fit("train", lambda b: measure_train_throughput(
             model, b, s.train_seq_len, s.train_steps, s.train_warmup_steps, autocast, s.compile,
-            seed=self.cfg.seed), s.train_batch)
+            seed=self.cfg.seed, profile=profile), s.train_batch)
         del model
         free_device_memory()
         peak = s.peak_tflops or peak_tflops(self.device, self.dtype, self.device_name)
         flops = train_flops_per_token(self.model, s.train_seq_len)
-        self._record({"bench/train_tok_s": tok_s, "bench/train_batch": batch, "bench/peak_tflops": peak,
-                      "bench/train_flops_per_token": flops,
-                      "bench/train_mfu": model_flops_utilization(tok_s, flops, peak)})
+        self._record({"bench/train_tok_s": timing.tokens_per_s, "bench/train_batch": batch,
+                      "bench/peak_tflops": peak, "bench/train_flops_per_token": flops,
+                      "bench/train_mfu": model_flops_utilization(timing.tokens_per_s, flops, peak)})
+        if timing.profile:
+            self._record_profile("train_profile", "train_profile.txt", timing.profile, batch)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -344,7 +352,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             steps = [("decode", bench.cached), ("profile", bench.profile), ("recompute", bench.recompute),
                      ("hf", bench.hf), ("train", bench.train)]
             for name, step in steps:
-                if name in settings.measure or (name == "decode" and "prefill" in settings.measure):
+                implied = {"decode": "prefill", "train": "train_profile"}.get(name)  # measured within the step
+                if name in settings.measure or implied in settings.measure:
                     step()
                     free_device_memory()
             title = f"arch_lab.bench: {model.cfg.name} on {device_name} ({settings.dtype})"

@@ -137,44 +137,53 @@ def measure_cached_decode(model, batch: int, context: int, new_tokens: int, gene
 
 
 @dataclass
-class DecodeProfile:
+class StepProfile:
     steps: int
     wall_ms_per_step: float     # under the profiler, so above the unprofiled step time
-    kernels_per_step: float     # GPU kernel launches per decode step (0 on a CPU)
+    kernels_per_step: float     # GPU kernel launches per step (0 on a CPU)
     kernel_ms_per_step: float   # their summed run time per step (0 on a CPU)
     table: str                  # the profiler's operators and kernels, most expensive first
 
 
-@torch.no_grad()
-def profile_eager_decode(model, batch: int, context: int, steps: int, seed: int = 0,
-                         prefill_chunk: Optional[int] = None) -> DecodeProfile:
-    """Profile `steps` cached decode steps after a `context`-token prefill: which kernels one step launches and
-    how long they run. The steps run eagerly, because a CUDA-graph replay shows up as one opaque launch. Summed
-    kernel time per step, set against the bandwidth bound, says whether a step is limited by its bytes or by the
-    count and size of its kernels."""
+def profile_steps(step: Callable[[], None], steps: int, device: torch.device) -> StepProfile:
+    """Run `step` `steps` times under torch.profiler: kernel launches and summed kernel time per step, and the
+    table of operators and kernels. Summed kernel time against the wall time says whether a step waits on its
+    kernels or on the host launching them; the table says which kernels dominate."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    gen = Generator(model, cuda_graph=False)
-    device = gen.device
-    ids = _random_ids(model.cfg.vocab_size, (batch, context), device, seed)
-    state = gen.new_state(batch, context + steps + 1)
-    decode = gen.decoder(state)
-    logits = _prefill(model, ids, state, prefill_chunk)
-    logits = decode(logits.argmax(-1)[:, None])[:, -1]  # a first step outside the profile (lazy initialisation)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            logits = decode(logits.argmax(-1)[:, None])[:, -1]
+            step()
         _sync(device)
         wall = time.perf_counter() - t0
     averages = prof.key_averages()
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
     table = averages.table(sort_by="self_device_time_total" if kernels else "cpu_time_total", row_limit=30)
-    return DecodeProfile(steps, 1000 * wall / steps, sum(e.count for e in kernels) / steps,
-                         sum(e.self_device_time_total for e in kernels) / 1000 / steps, table)
+    return StepProfile(steps, 1000 * wall / steps, sum(e.count for e in kernels) / steps,
+                       sum(e.self_device_time_total for e in kernels) / 1000 / steps, table)
+
+
+@torch.no_grad()
+def profile_eager_decode(model, batch: int, context: int, steps: int, seed: int = 0,
+                         prefill_chunk: Optional[int] = None) -> StepProfile:
+    """Profile `steps` cached decode steps after a `context`-token prefill. The steps run eagerly, because a
+    CUDA-graph replay shows up as one opaque launch; set against the bandwidth bound, the summed kernel time says
+    whether a step is limited by its bytes or by the count and size of its kernels."""
+    gen = Generator(model, cuda_graph=False)
+    ids = _random_ids(model.cfg.vocab_size, (batch, context), gen.device, seed)
+    state = gen.new_state(batch, context + steps + 1)
+    decode = gen.decoder(state)
+    logits = _prefill(model, ids, state, prefill_chunk)
+    last = [decode(logits.argmax(-1)[:, None])[:, -1]]  # a first step outside the profile (lazy initialisation)
+
+    def step() -> None:
+        last[0] = decode(last[0].argmax(-1)[:, None])[:, -1]
+
+    return profile_steps(step, steps, gen.device)
 
 
 def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -204,41 +213,65 @@ def measure_recompute_decode(model, batch: int, context: int, new_tokens: int, s
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
+class TrainingStep:
+    """One AdamW step on fixed random tokens (forward, next-token loss, backward, update), as a training run takes.
+
+    `autocast_dtype` (e.g. bfloat16) runs the forward under autocast with float32 master weights, as bf16-mixed
+    training does; `compile` compiles the model in place, as a training run with compile=true does. Used as a
+    context manager, it leaves the model without gradients and in eval mode, so an out-of-memory retry at a
+    smaller batch does not inherit this batch's gradients.
+    """
+
+    def __init__(self, model, batch: int, seq_len: int, autocast_dtype: Optional[torch.dtype] = None,
+                 compile: bool = False, seed: int = 0):
+        self.model, self.autocast_dtype = model, autocast_dtype
+        self.device = next(model.parameters()).device
+        if compile:
+            model.compile()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
+        ids = _random_ids(model.cfg.vocab_size, (batch, seq_len + 1), self.device, seed)
+        self.inputs, self.labels = ids[:, :-1], ids[:, 1:]
+        self.tokens = batch * seq_len
+
+    def __enter__(self) -> "TrainingStep":
+        self.model.train()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.model.eval()
+
+    def __call__(self) -> None:
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.model(self.inputs)
+        F.cross_entropy(logits.float().flatten(0, 1), self.labels.flatten()).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class TrainTiming:
+    tokens_per_s: float
+    profile: Optional[StepProfile] = None  # of further steps after the timed ones, when asked for
+
+
 def measure_train_throughput(model, batch: int, seq_len: int, steps: int, warmup_steps: int = 2,
                              autocast_dtype: Optional[torch.dtype] = None, compile: bool = False,
-                             seed: int = 0) -> float:
-    """Training tokens/s: AdamW steps on random tokens (forward, next-token loss, backward, update).
-
-    `autocast_dtype` (e.g. bfloat16) runs the forward under autocast with float32 master weights, as
-    bf16-mixed training does; `compile` compiles the model in place, as a training run with compile=true does.
-    """
-    device = next(model.parameters()).device
-    if compile:
-        model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ids = _random_ids(model.cfg.vocab_size, (batch, seq_len + 1), device, seed)
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    model.train()
-
-    def train_step() -> None:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs)
-        F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    try:
+                             seed: int = 0, profile: int = 0) -> TrainTiming:
+    """Training tokens/s over `steps` timed steps after `warmup_steps` (compilation and autotuning), then, when
+    `profile` > 0, that many steps under the profiler (the same compiled model and optimizer, so the kernels
+    profiled are the kernels timed)."""
+    with TrainingStep(model, batch, seq_len, autocast_dtype, compile, seed) as train_step:
         for _ in range(warmup_steps):
             train_step()
-        _sync(device)
+        _sync(train_step.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             train_step()
-        _sync(device)
-        return batch * seq_len * steps / (time.perf_counter() - t0)
-    finally:
-        model.zero_grad(set_to_none=True)  # an out-of-memory retry must not inherit this batch's gradients
-        model.eval()
+        _sync(train_step.device)
+        tok_s = train_step.tokens * steps / (time.perf_counter() - t0)
+        return TrainTiming(tok_s, profile_steps(train_step, profile, train_step.device) if profile else None)
 
 
 # ---- device ceilings --------------------------------------------------------------------------------------------

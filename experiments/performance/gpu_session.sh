@@ -9,11 +9,12 @@
 #   ratio       Table 9 rows 1-4 at 300M: the parallel hybrid (B) with 0, 4, 8, 16 attention heads, same protocol
 #   profile     kernels of one eager decode step at 300M, 8k context (rows: PROFILE_ROWS, default "roadmap_e mamba")
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
+#   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
-# TRAIN_COMPILE picks the train phase's modes (default "false true"). Each bench stops after BENCH_TIMEOUT_S (default
-# 150) or when BUDGET_S (default 540) seconds of the call are spent, whichever comes first.
+# TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"). Each bench stops after
+# BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent, whichever comes first.
 # TESTS_SELECT (a pytest -k expression) runs part of the parity tests; DECODE_ROWS picks the decode phase's rows
 # (keep transformer among them: ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+"
 # run side by side on the one GPU (e.g. text+head_ratio); the others run one after another. Each study run gets
@@ -67,11 +68,13 @@ for phase in "$@"; do
       bench model=${row}_300m "${protocol[@]/measure=\[decode\]/measure=[decode,profile]}" +tags.row=$row \
         +tags.study=profile | tee -a "$OUT/bench_profile.txt"
     done ;;
-  train)
-    for compile in ${TRAIN_COMPILE:-false true}; do
-      for row in transformer roadmap_e; do
-        bench model=${row}_300m measure=[train] train_seq_len=2048 train_batch=8 train_steps=6 compile=$compile \
-          +tags.row=$row +tags.study=performance +tags.compiled=$compile | tee -a "$OUT/bench_train.txt"
+  train|train_profile)
+    [[ $phase == train ]] && rows="transformer roadmap_e" || rows=${PROFILE_ROWS:-roadmap_e}
+    for compile in ${TRAIN_COMPILE:-$([[ $phase == train ]] && echo false true || echo true)}; do
+      for row in $rows; do
+        bench model=${row}_300m measure=[$phase] profile_steps=3 train_seq_len=2048 train_batch=8 train_steps=6 \
+          compile=$compile +tags.row=$row +tags.study=performance +tags.compiled=$compile \
+          | tee -a "$OUT/bench_$phase.txt"
       done
     done ;;
   *)  # study tasks, side by side when joined by "+"
@@ -81,7 +84,7 @@ for phase in "$@"; do
     for task in ${phase//+/ }; do
       case $task in
       mqar|text|head_ratio) bash experiments/roadmap/run_study.sh $task "${SEEDS:-0 1}" & ;;
-      *) echo "unknown phase $task (tests|decode|ratio|profile|train|mqar|text|head_ratio)"; exit 2 ;;
+      *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|mqar|text|head_ratio)"; exit 2 ;;
       esac
     done
     wait ;;
