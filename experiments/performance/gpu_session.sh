@@ -15,9 +15,11 @@
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
 # TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"). Each bench stops after
 # BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent, whichever comes first.
-# TESTS_SELECT (a pytest -k expression) runs part of the parity tests; DECODE_ROWS picks the decode phase's rows
-# (keep transformer among them: ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+"
-# run side by side on the one GPU (e.g. text+head_ratio); the others run one after another. Each study run gets
+# BENCH_OVERRIDES (space-separated Hydra overrides) go last on every bench's command line, e.g. "model.ssm=mamba2
+# +tags.variant=mamba2" to measure the rows with Mamba-2 heads. TESTS_SELECT (a pytest -k expression) runs part of
+# the parity tests; DECODE_ROWS picks the decode phase's rows (keep transformer among them: ratios are taken within
+# one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio);
+# the others run one after another. Each study run gets
 # SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the stores come back whole even when MQAR_STEPS /
 # TEXT_STEPS ask for more than a device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
 # Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
@@ -27,7 +29,7 @@ source experiments/device_env.sh
 export ARCH_LAB_DATA_ROOT=$PWD/.data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-start=$SECONDS
+start=$SECONDS repo=$PWD
 bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10-minute limit
   local left=$(( ${BUDGET_S:-540} - (SECONDS - start) )) limit=${BENCH_TIMEOUT_S:-150}
   if (( left <= 0 )); then echo "skipped (time): $*"; return; fi
@@ -37,7 +39,8 @@ bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10
   mkdir -p "$OUT/bench_logs"
   local log=$OUT/bench_logs/$(date +%H%M%S)_$RANDOM.log
   timeout -k 10 $limit python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" \
-    hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" >"$log" 2>&1 || echo "bench exited with $? (timeout: 124): $*"
+    hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" ${BENCH_OVERRIDES:-} >"$log" 2>&1 \
+    || echo "bench exited with $? (timeout: 124): $*"
   grep -vi warning "$log" | tail -22
 }
 run_tests() {
@@ -78,12 +81,15 @@ for phase in "$@"; do
       done
     done ;;
   *)  # study tasks, side by side when joined by "+"
-    export STORES=/tmp/stores LOGS=$OUT/logs RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-500}
-    # A warm machine can keep /tmp from an earlier call: start from empty stores so only this call's runs come back.
-    [[ -z ${stores_cleared:-} ]] && rm -rf /tmp/stores /tmp/roadmap_runs mlruns && stores_cleared=1
+    # A fresh directory per call: the machine can keep /tmp and the checkout's ignored files (./mlruns) from earlier
+    # calls, and their runs must not come back mixed into this call's. The runs start there, so MLflow puts their
+    # artifacts in its ./mlruns, beside the stores.
+    study_dir=${study_dir:-$(mktemp -d /tmp/study.XXXXXX)}
+    export STORES=$study_dir/stores RUNS=$study_dir/runs LOGS=$OUT/logs RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-500}
     for task in ${phase//+/ }; do
       case $task in
-      mqar|text|head_ratio) bash experiments/roadmap/run_study.sh $task "${SEEDS:-0 1}" & ;;
+      mqar|text|head_ratio)
+        (cd "$study_dir" && bash "$repo/experiments/roadmap/run_study.sh" $task "${SEEDS:-0 1}") & ;;
       *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|mqar|text|head_ratio)"; exit 2 ;;
       esac
     done
@@ -91,9 +97,8 @@ for phase in "$@"; do
   esac
   echo "phase $phase done at ${SECONDS}s"
 done
-if [[ -d /tmp/stores ]]; then
-  # The runs' artifacts (plots, layer plans, configs) go where MLflow puts them for a SQLite store: ./mlruns.
-  tar czf "$OUT/stores.tar.gz" --exclude='*.lock' -C /tmp stores $( [[ -d mlruns ]] && echo "-C $PWD mlruns" )
+if [[ -n ${study_dir:-} ]]; then  # the stores and the runs' artifacts (plots, layer plans, configs)
+  tar czf "$OUT/stores.tar.gz" --exclude='*.lock' -C "$study_dir" stores $( [[ -d $study_dir/mlruns ]] && echo mlruns )
   (cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
 fi
 ls -la "$OUT"

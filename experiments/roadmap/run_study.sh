@@ -15,6 +15,7 @@ task=${1:-mqar}; seeds=(${2:-0}); shift 2 || true
 OUT=${OUT:-/tmp/arch_lab_out}
 STORES=${STORES:-$OUT/stores}
 LOGS=${LOGS:-$OUT/logs}
+RUNS=${RUNS:-/tmp/roadmap_runs}  # each run's Hydra directory (checkpoints, .hydra/)
 mkdir -p "$STORES" "$LOGS"
 rows=("$@"); [[ ${#rows[@]} -eq 0 ]] && rows=(transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e)
 declare -A experiment=([transformer]=roadmap_transformer [mamba]=roadmap_mamba [roadmap_a]=roadmap_step1_sequential \
@@ -49,7 +50,7 @@ if [[ $task == head_ratio ]]; then
       "${launch[@]}" python3 -m arch_lab -m hparams_search=head_ratio experiment=roadmap_step1 model=roadmap_b_small \
         "model.n_heads=choice($heads)" "${mqar[@]}" "${common[@]}" seed=$seed +tags.seed=$seed +tags.task=mqar \
         hydra.sweeper.storage="sqlite:///$STORES/optuna_$name.db" logger.tracking_uri="sqlite:///$STORES/$name.db" \
-        hydra.sweep.dir="/tmp/roadmap_runs/$name" "${extra[@]}" >"$LOGS/$name.log" 2>&1 &
+        hydra.sweep.dir="$RUNS/$name" "${extra[@]}" >"$LOGS/$name.log" 2>&1 &
     done
   done
 else
@@ -60,7 +61,7 @@ else
       name=${row}_${task}_${seed}$suffix
       "${launch[@]}" python3 -m arch_lab experiment=${experiment[$row]} model=${row}_small "${data[@]}" \
         "${common[@]}" seed=$seed logger.tracking_uri="sqlite:///$STORES/$name.db" +tags.seed=$seed +tags.task=$task \
-        hydra.run.dir="/tmp/roadmap_runs/$name" "${extra[@]}" >"$LOGS/$name.log" 2>&1 &
+        hydra.run.dir="$RUNS/$name" "${extra[@]}" >"$LOGS/$name.log" 2>&1 &
     done
   done
 fi
