@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 
 from .inference_state import InferenceState
+from .ops.backend import describe_backends
 
 
 @dataclass
@@ -44,21 +46,22 @@ class CUDAGraphDecoder:
     launches (small-batch and SSM-heavy decoding is launch-bound otherwise).
 
     Capturing runs real steps on `state`, so the state is rewound to the learned initialization afterwards;
-    create the decoder before the prefill.
+    create the decoder before the prefill. `step` is the model's `forward_cached`, or a compiled version of it.
     """
 
-    def __init__(self, model, state: InferenceState, learned_init: InferenceState):
-        self.model, self.state = model, state
+    def __init__(self, step, state: InferenceState, learned_init: InferenceState):
+        self.state = state
         self.tokens = torch.zeros(state.batch, 1, dtype=torch.long, device=state.pad.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: autotuning and lazy initialisation stay out of the graph
+        # Warm-up: autotuning, lazy initialisation and compilation stay out of the graph.
+        with torch.cuda.stream(side):
             for _ in range(2):
-                model.forward_cached(self.tokens, state)
+                step(self.tokens, state)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.forward_cached(self.tokens, state)
+            self.logits = step(self.tokens, state)
         state.load_learned_init(learned_init)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,15 +74,26 @@ class CUDAGraphDecoder:
 
 
 class Generator:
-    """Holds a model and its learned cache initialization (computed once, reused for every batch)."""
+    """Holds a model and its learned cache initialization (computed once, reused for every batch).
 
-    def __init__(self, model, dtype: Optional[torch.dtype] = None, cuda_graph: Optional[bool] = None):
+    `compile=True` runs the tensor work of each decode step through torch.compile, which fuses the step's many
+    small element-wise kernels (norms, RoPE, gates, casts); the compiled code is kept here, so every decoder of
+    this Generator reuses it. Prefill stays eager.
+    """
+
+    def __init__(self, model, dtype: Optional[torch.dtype] = None, cuda_graph: Optional[bool] = None,
+                 compile: bool = False):
         self.model = model
         param = next(model.parameters())
         self.dtype = dtype or param.dtype
         self.device = param.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.learned_init: InferenceState = model.learned_cache_init(self.dtype, self.device)
+        self.decode_step = model.forward_cached
+        if compile:
+            describe_backends()  # kernel imports resolved before tracing, as HybridLM.compile does
+            self.decode_step = partial(model.forward_cached,
+                                       layers_and_logits=torch.compile(model.cached_layers_and_logits))
 
     def new_state(self, batch: int, max_len: int) -> InferenceState:
         return self.model.new_inference_state(batch, max_len, self.dtype, self.device, self.learned_init)
@@ -100,8 +114,8 @@ class Generator:
     def decoder(self, state: InferenceState):
         """A callable running one decode step on `state`: a CUDA-graph replay on GPUs, eager otherwise."""
         if self.cuda_graph:
-            return CUDAGraphDecoder(self.model, state, self.learned_init).step
-        return lambda tokens: self.model.forward_cached(tokens, state)
+            return CUDAGraphDecoder(self.decode_step, state, self.learned_init).step
+        return lambda tokens: self.decode_step(tokens, state)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,

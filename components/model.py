@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +123,14 @@ class HybridLM(nn.Module):
         state.load_learned_init(learned_init or self.learned_cache_init(dtype, device))
         return state
 
-    def forward_cached(self, input_ids: torch.Tensor, state: InferenceState,
-                       pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Prefill (l > 1) or decode (l == 1) from `state`; `pad` (b,) = left padding of a prefill chunk."""
+    def forward_cached(self, input_ids: torch.Tensor, state: InferenceState, pad: Optional[torch.Tensor] = None,
+                       layers_and_logits: Optional[Callable] = None) -> torch.Tensor:
+        """Prefill (l > 1) or decode (l == 1) from `state`; `pad` (b,) = left padding of a prefill chunk.
+
+        The Python bookkeeping (lengths, padding) happens here; the tensor work is `cached_layers_and_logits`, or
+        `layers_and_logits` in its place (a compiled version of it: it reads no per-step Python value, so one
+        compilation serves every step).
+        """
         b, l = input_ids.shape
         start = state.seq_len
         if start + l > state.max_len:
@@ -139,7 +144,11 @@ class HybridLM(nn.Module):
         token_mask = real if start < state.max_pad else None
         step = StepInfo(positions=positions, start=state.position.clone(), pad=state.pad, token_mask=token_mask,
                         fresh_ssm_state=start == 0 and self.cfg.n_meta_tokens == 0)
-        h = self._run_cached(self.embed(input_ids), step, state)
+        logits = (layers_and_logits or self.cached_layers_and_logits)(input_ids, step, state)
         state.seq_len += l
         state.position += l
-        return self.logits(h)
+        return logits
+
+    def cached_layers_and_logits(self, input_ids: torch.Tensor, step: StepInfo,
+                                 state: InferenceState) -> torch.Tensor:
+        return self.logits(self._run_cached(self.embed(input_ids), step, state))

@@ -180,7 +180,7 @@ def test_decode_profile_covers_exactly_the_profiled_steps():
     torch.manual_seed(0)
     model = HybridLM(preset("roadmap_e", "tiny")).eval()
     result = profile_eager_decode(model, batch=2, context=8, steps=3)
-    # each of the 6 layers attends once per profiled step; the prefill and the first (unprofiled) step are left out
+    # each of the 6 layers attends once per profiled step; the prefill and the warm-up step are left out
     attention = next(line for line in result.table.splitlines()
                      if line.split() and line.split()[0] == "aten::scaled_dot_product_attention")
     assert int(attention.split()[-1]) == 6 * 3

@@ -98,6 +98,38 @@ def test_conv_custom_op_traces_forward_and_backward_in_the_input_layout(channel_
                                                                torch.float32)
 
 
+def test_decode_step_custom_ops_trace_as_in_place_state_updates():
+    """The decode kernels as torch.compile sees them (fake tensors, no GPU): each returns a new tensor shaped and
+    typed like its input x, and updates the conv or SSM state it declares as mutated."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from components.ops.custom_ops import causal_conv1d_update, selective_state_update
+
+    b, d, n = 2, 16, 4
+    bf16 = torch.bfloat16
+    inputs = {"x": torch.randn(b, d, dtype=bf16), "conv_state": torch.randn(b, d, 3, dtype=bf16),
+              "weight": torch.randn(d, 4), "bias": torch.randn(d), "ssm_state": torch.randn(b, d, n),
+              "dt": torch.randn(b, d, dtype=bf16), "A": torch.randn(d, n), "B": torch.randn(b, n),
+              "C": torch.randn(b, n), "D": torch.randn(d), "z": torch.randn(b, d, dtype=bf16), "dt_bias": torch.randn(d)}
+
+    def step(x, conv_state, weight, bias, ssm_state, dt, A, B, C, D, z, dt_bias):
+        xc = causal_conv1d_update(x, conv_state, weight, bias, True)
+        return xc, selective_state_update(ssm_state, xc, dt, A, B, C, D, z, dt_bias, True)
+
+    graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(*inputs.values())
+    # Functionalized, each op becomes a pure call that returns its state's new value; the state it mutates is
+    # the input it declares.
+    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    mutated = {str(node.args[0]): [list(inputs)[placeholders.index(base)] for base in node.kwargs["_all_bases"]]
+               for node in graph.graph.nodes if "_all_bases" in node.kwargs}
+    assert mutated == {"arch_lab.causal_conv1d_update.default": ["conv_state"],
+                       "arch_lab.selective_state_update.default": ["ssm_state"]}
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    xc, y = [v.meta["val"] for v in torch.utils._pytree.tree_leaves(output.args)]
+    assert (xc.shape, xc.dtype, y.shape, y.dtype) == ((b, d), bf16, (b, d), bf16)
+
+
 @pytest.mark.parametrize("name", ["roadmap_d", "roadmap_e"])
 def test_reference_path_compiles_the_training_loss_into_one_graph(name):
     """Cross-layer KV sharing (the KV bus) and meta tokens trace without graph breaks: on the GPU only the kernels

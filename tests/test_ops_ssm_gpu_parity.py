@@ -177,6 +177,32 @@ def test_selective_scan_custom_op_passes_opcheck(optional: tuple[str, ...]) -> N
     torch.library.opcheck(torch.ops.arch_lab.selective_scan_fwd.default, (*args, True))
 
 
+# Decode steps have no backward: every opcheck test but the autograd registration's.
+OPCHECK_NO_AUTOGRAD = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_decode_step_custom_ops_pass_opcheck() -> None:
+    """The decode kernels as custom ops that update their state in place: schema (the declared mutation), fake
+    shapes and dtypes, checked by torch.library.opcheck against the real kernels."""
+    require("mamba_ssm")
+    require("causal_conv1d")
+    from components.ops.custom_ops import causal_conv1d_update, selective_state_update
+
+    g = generator(5)
+    x = torch.randn(BATCH, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    conv_state = torch.randn(BATCH, 64, 3, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = torch.randn(64, 4, device="cuda", generator=g, dtype=torch.bfloat16)
+    bias = torch.randn(64, device="cuda", generator=g, dtype=torch.bfloat16)
+    torch.library.opcheck(causal_conv1d_update, (x, conv_state, weight, bias, True),
+                          test_utils=OPCHECK_NO_AUTOGRAD)
+    inputs = scan_inputs()
+    state = torch.randn(BATCH, SCAN_DIM, SCAN_STATE, device="cuda", generator=g)
+    step = (state, inputs["u"][..., 0].contiguous(), inputs["delta"][..., 0].contiguous(), inputs["A"],
+            inputs["B"][..., 0].contiguous(), inputs["C"][..., 0].contiguous(), inputs["D"],
+            inputs["z"][..., 0].contiguous(), inputs["delta_bias"], True)
+    torch.library.opcheck(selective_state_update, step, test_utils=OPCHECK_NO_AUTOGRAD)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_optional", [True, False])
 def test_selective_state_update_kernel_matches_reference(dtype: torch.dtype, with_optional: bool) -> None:

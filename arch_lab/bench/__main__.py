@@ -79,6 +79,7 @@ class BenchSettings:
     bandwidth_gbs: Optional[float]
     cache_lengths: tuple[int, ...]
     compile: bool
+    compile_decode: bool
     cuda_graph: Optional[bool]
     profile_steps: int
 
@@ -110,7 +111,7 @@ class BenchSettings:
             train_steps=_positive_int(cfg, "train_steps"),
             train_warmup_steps=_positive_int(cfg, "train_warmup_steps", 0),
             peak_tflops=_auto_or_positive(cfg, "peak_tflops"), bandwidth_gbs=_auto_or_positive(cfg, "bandwidth_gbs"),
-            cache_lengths=lengths, compile=bool(cfg.compile),
+            cache_lengths=lengths, compile=bool(cfg.compile), compile_decode=bool(cfg.compile_decode),
             cuda_graph=None if cfg.cuda_graph == "auto" else cfg.cuda_graph,
             profile_steps=_positive_int(cfg, "profile_steps"),
         )
@@ -121,11 +122,14 @@ class BenchSettings:
 
     def check_lengths(self, max_seq_len: int) -> None:
         """Every measured sequence must fit the model's `max_seq_len`."""
+        from .measure import PROFILE_WARMUP_STEPS
+
         wanted = {}
         if {"decode", "prefill", "hf"} & set(self.measure):
             wanted["context + new_tokens"] = self.context + self.new_tokens
         if "profile" in self.measure:
-            wanted["context + profile_steps + 1"] = self.context + self.profile_steps + 1
+            wanted[f"context + profile_steps + {PROFILE_WARMUP_STEPS}"] = (self.context + self.profile_steps
+                                                                             + PROFILE_WARMUP_STEPS)
         if "recompute" in self.measure:
             wanted["context + recompute_new_tokens - 1"] = self.context + self.recompute_new_tokens - 1
         if {"train", "train_profile"} & set(self.measure):
@@ -209,7 +213,8 @@ class _Bench:
 
         s = self.s
         timing, batch = self._fit("decode", lambda b: measure_cached_decode(
-            self.model, b, s.context, s.new_tokens, Generator(self.model, cuda_graph=s.cuda_graph),
+            self.model, b, s.context, s.new_tokens,
+            Generator(self.model, cuda_graph=s.cuda_graph, compile=s.compile_decode),
             warmup_steps=s.warmup_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk), s.batch)
         out = {"bench/state_bytes": timing.state_bytes, "bench/decode_batch": batch}
         if "prefill" in s.measure:
@@ -241,7 +246,8 @@ class _Bench:
         s = self.s
         batch = int(self.metrics.get("bench/decode_batch", s.batch))
         result, batch = self._fit("profile", lambda b: profile_eager_decode(
-            self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk), batch)
+            self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk,
+            compile=s.compile_decode), batch)
         self._record_profile("profile", "decode_profile.txt", result, batch)
 
     def recompute(self) -> None:

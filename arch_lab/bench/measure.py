@@ -167,18 +167,24 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
                        sum(e.self_device_time_total for e in kernels) / 1000 / steps, table)
 
 
+# Decode steps before the profiled ones: lazy initialisation and, with compile, the compilation.
+PROFILE_WARMUP_STEPS = 1
+
+
 @torch.no_grad()
 def profile_eager_decode(model, batch: int, context: int, steps: int, seed: int = 0,
-                         prefill_chunk: Optional[int] = None) -> StepProfile:
-    """Profile `steps` cached decode steps after a `context`-token prefill. The steps run eagerly, because a
-    CUDA-graph replay shows up as one opaque launch; set against the bandwidth bound, the summed kernel time says
-    whether a step is limited by its bytes or by the count and size of its kernels."""
-    gen = Generator(model, cuda_graph=False)
+                         prefill_chunk: Optional[int] = None, compile: bool = False) -> StepProfile:
+    """Profile `steps` cached decode steps after a `context`-token prefill. The steps run outside a CUDA graph,
+    because a replay shows up as one opaque launch (`compile`: through torch.compile, as the timed decode with
+    compile_decode=true); set against the bandwidth bound, the summed kernel time says whether a step is limited
+    by its bytes or by the count and size of its kernels."""
+    gen = Generator(model, cuda_graph=False, compile=compile)
     ids = _random_ids(model.cfg.vocab_size, (batch, context), gen.device, seed)
-    state = gen.new_state(batch, context + steps + 1)
+    state = gen.new_state(batch, context + steps + PROFILE_WARMUP_STEPS)
     decode = gen.decoder(state)
-    logits = _prefill(model, ids, state, prefill_chunk)
-    last = [decode(logits.argmax(-1)[:, None])[:, -1]]  # a first step outside the profile (lazy initialisation)
+    last = [_prefill(model, ids, state, prefill_chunk)]
+    for _ in range(PROFILE_WARMUP_STEPS):
+        last[0] = decode(last[0].argmax(-1)[:, None])[:, -1]
 
     def step() -> None:
         last[0] = decode(last[0].argmax(-1)[:, None])[:, -1]

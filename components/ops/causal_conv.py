@@ -175,15 +175,10 @@ def causal_conv1d_step(
     check_shape("conv_state", conv_state, (x.shape[0], x.shape[1], weight.shape[1] - 1))
     chosen = resolve_backend(backend, x, "causal_conv1d_step")
     if chosen == "kernel" and weight.shape[1] in KERNEL_WIDTHS:
-        from causal_conv1d import causal_conv1d_update
+        from .custom_ops import causal_conv1d_update
 
         # The kernel wants x in the state's dtype and bias in the weight's dtype.
-        y = causal_conv1d_update(
-            x.to(conv_state.dtype),
-            conv_state,
-            weight,
-            None if bias is None else bias.to(weight.dtype),
-            activation=activation,
-        )
+        y = causal_conv1d_update(x.to(conv_state.dtype), conv_state, weight,
+                                 None if bias is None else bias.to(weight.dtype), activation == "silu")
         return y.to(x.dtype)
     return causal_conv1d_step_reference(x, conv_state, weight, bias, activation=activation)

@@ -1,11 +1,13 @@
-"""The training kernels (mamba_ssm's selective scan, causal_conv1d's conv) as torch.library custom ops.
+"""The SSM kernels (mamba_ssm's selective scan and state update, causal_conv1d's conv and conv update) as
+torch.library custom ops.
 
-Both packages call their extensions from inside a torch.autograd.Function. torch.compile cannot trace into the
-scan's pybind call, and causal_conv1d's own custom op writes into an `out=` tensor that is channel-last for
-Mamba's transposed input, which Dynamo also refuses. Either broke every SSM layer's compiled graph, and the
-frames between the breaks recompiled per layer. As functional custom ops with fake (shape-only)
-implementations and registered backwards, the kernels sit inside one graph. The extensions are imported when
-an op first runs, so importing this module needs no GPU.
+Both packages call their extensions from inside a torch.autograd.Function or through a Python-side launcher.
+torch.compile cannot trace into the scan's pybind call, nor into the Triton state update's device-switching
+launcher, and causal_conv1d's own custom ops write into `out=` tensors laid out like the (strided) input, which
+Dynamo also refuses. Either broke every SSM layer's compiled graph, and the frames between the breaks recompiled
+per layer. As functional custom ops with fake (shape-only) implementations and, for training, registered
+backwards, the kernels sit inside one graph. The decode-step ops mutate their state argument in place, as the
+kernels do. The extensions are imported when an op first runs, so importing this module needs no GPU.
 """
 from __future__ import annotations
 
@@ -158,3 +160,36 @@ def _conv_backward(ctx, dout):
 
 
 causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+# ---- decode steps: the state is updated in place -----------------------------------------------------------------
+@torch.library.custom_op("arch_lab::causal_conv1d_update", mutates_args=("conv_state",), device_types="cuda")
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         silu: bool) -> Tensor:
+    """One conv step: x (batch, dim) in conv_state's dtype; conv_state (batch, dim, width - 1) shifts in x."""
+    import causal_conv1d_cuda
+
+    x = x.contiguous()[..., None]
+    out = torch.empty_like(x)
+    causal_conv1d_cuda.causal_conv1d_update(x, conv_state, weight, bias, out, silu, None, None)
+    return out[..., 0]
+
+
+@causal_conv1d_update.register_fake
+def _(x, conv_state, weight, bias, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("arch_lab::selective_state_update", mutates_args=("state",), device_types="cuda")
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                           z: Optional[Tensor], dt_bias: Tensor, dt_softplus: bool) -> Tensor:
+    """mamba_ssm's Triton selective_state_update (Mamba-1 layout, or Mamba-2's multi-head one with A, dt, D and
+    dt_bias broadcast over the head dim); y has x's shape and dtype."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as update_kernel
+
+    return update_kernel(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+@selective_state_update.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)

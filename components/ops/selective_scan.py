@@ -292,18 +292,13 @@ def selective_state_update(
             check_shape(name, tensor, (dim,))
     chosen = resolve_backend(backend, x, "selective_state_update")
     if chosen == "kernel":
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as update_kernel
+        from .custom_ops import selective_state_update as update_kernel
 
         # mamba_ssm 2.3.2 unpacks D.stride()/dt_bias.stride() without a None check, so
         # absent ones are passed as zeros (same result).
         zeros = torch.zeros(dim, device=x.device, dtype=torch.float32)
-        return update_kernel(
-            state, x, dt, A, B, C,
-            D=zeros if D is None else D,
-            z=z,
-            dt_bias=zeros if dt_bias is None else dt_bias,
-            dt_softplus=dt_softplus,
-        )
+        return update_kernel(state, x, dt, A, B, C, zeros if D is None else D, z,
+                             zeros if dt_bias is None else dt_bias, dt_softplus)
     return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 

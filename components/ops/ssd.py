@@ -277,7 +277,7 @@ def ssd_step(
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, state, "state")
     chosen = resolve_backend(backend, x, "ssd_step")
     if chosen == "kernel":
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as update_kernel
+        from .custom_ops import selective_state_update as update_kernel
 
         batch, nheads, headdim = x.shape
         dstate = B.shape[-1]
@@ -292,9 +292,9 @@ def ssd_step(
             A.float()[:, None, None].expand(nheads, headdim, dstate),
             B,
             C,
-            D=D_heads if D_heads.dim() == 2 else D_heads[:, None].expand(nheads, headdim),
-            z=z,
-            dt_bias=(zeros if dt_bias is None else dt_bias.float())[:, None].expand(nheads, headdim),
-            dt_softplus=dt_softplus,
+            D_heads if D_heads.dim() == 2 else D_heads[:, None].expand(nheads, headdim),
+            z,
+            (zeros if dt_bias is None else dt_bias.float())[:, None].expand(nheads, headdim),
+            dt_softplus,
         )
     return ssd_step_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -13,8 +13,10 @@
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
-# TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"). Each bench stops after
-# BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent, whichever comes first.
+# TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"), DECODE_COMPILE the
+# decode phase's (compile_decode; default "false"; each row runs its modes back to back, HF generate with the first).
+# Each bench stops after BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent,
+# whichever comes first.
 # BENCH_OVERRIDES (space-separated Hydra overrides) go last on every bench's command line, e.g. "model.ssm=mamba2
 # +tags.variant=mamba2" to measure the rows with Mamba-2 heads. TESTS_SELECT (a pytest -k expression) runs part of
 # the parity tests; DECODE_ROWS picks the decode phase's rows (keep transformer among them: ratios are taken within
@@ -56,10 +58,13 @@ for phase in "$@"; do
   tests)
     run_tests ;;
   decode)
+    modes=(${DECODE_COMPILE:-false})
     for row in ${DECODE_ROWS:-transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e}; do
-      extra=(); [[ $row == transformer ]] && extra=(measure=[decode,hf])
-      bench model=${row}_300m "${protocol[@]}" "${extra[@]}" +tags.row=$row +tags.study=performance \
-        | tee -a "$OUT/bench_decode.txt"
+      for compile in "${modes[@]}"; do
+        extra=(); [[ $row == transformer && $compile == "${modes[0]}" ]] && extra=(measure=[decode,hf])
+        bench model=${row}_300m "${protocol[@]}" "${extra[@]}" compile_decode=$compile +tags.row=$row \
+          +tags.study=performance +tags.compiled_decode=$compile | tee -a "$OUT/bench_decode.txt"
+      done
     done ;;
   ratio)
     for heads in 0 4 8 16; do
