@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,17 +174,22 @@ def test_sequences_longer_than_the_model_are_refused():
         _settings("context=1000", "new_tokens=2", "measure=[profile]", "profile_steps=24").check_lengths(1024)
 
 
-def test_decode_profile_covers_exactly_the_profiled_steps():
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_decode_profile_covers_exactly_the_profiled_steps(compile):
     from arch_lab.bench.measure import profile_eager_decode
     from components.model import HybridLM
 
     torch.manual_seed(0)
-    model = HybridLM(preset("roadmap_e", "tiny")).eval()
-    result = profile_eager_decode(model, batch=2, context=8, steps=3)
-    # each of the 6 layers attends once per profiled step; the prefill and the warm-up step are left out
-    attention = next(line for line in result.table.splitlines()
-                     if line.split() and line.split()[0] == "aten::scaled_dot_product_attention")
-    assert int(attention.split()[-1]) == 6 * 3
+    layers = 2 if compile else 6  # compiling is the slow part
+    model = HybridLM(preset("roadmap_e", "tiny", n_layers=layers, param_budget=None)).eval()
+    result = profile_eager_decode(model, batch=2, context=8, steps=3, compile=compile)
+    # each layer attends once per profiled step (eager), or each step enters the compiled graph once; the prefill
+    # and the warm-up step (which compiles) are left out
+    calls = {re.split(r"\s{2,}", line.strip())[0]: int(line.split()[-1]) for line in result.table.splitlines()[3:-3]}
+    if compile:
+        assert calls["Torch-Compiled Region: 0/0"] == 3 and "aten::scaled_dot_product_attention" not in calls
+    else:
+        assert calls["aten::scaled_dot_product_attention"] == layers * 3
     assert (result.steps, result.kernels_per_step, result.kernel_ms_per_step) == (3, 0, 0)  # a CPU has no kernels
     assert result.wall_ms_per_step > 0
 
