@@ -3,6 +3,7 @@
     python -m arch_lab.generate outputs/<date>/<time>/checkpoints/last.ckpt --prompt "ROMEO:" --max-new-tokens 200
     python -m arch_lab.generate <ckpt> --prompt "To be" --prompt "Once upon" --sample --temperature 0.8 --top-k 40
     python -m arch_lab.generate <ckpt> --ids 3,17,5,9          # token ids (MQAR models have no text tokenizer)
+    python -m arch_lab.generate <ckpt> --prompt "ROMEO:" --max-new-tokens 2000 --compile   # compiled decode steps
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="run each decode step through torch.compile (fuses its small kernels; compiling takes "
+                             "tens of seconds, so it pays off for long generations on a GPU)")
     args = parser.parse_args(argv)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     if args.prompt and tokenizer is None:
@@ -49,7 +53,7 @@ def main(argv=None) -> int:
     prompts += [[int(t) for t in ids.split(",")] for ids in args.ids]
     if not prompts:
         parser.error("give at least one --prompt or --ids")
-    out = Generator(model).generate(prompts, args.max_new_tokens, greedy=not args.sample,
+    out = Generator(model, compile=args.compile).generate(prompts, args.max_new_tokens, greedy=not args.sample,
                                     temperature=args.temperature, top_k=args.top_k,
                                     eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed,
                                     vocab_limit=tokenizer.vocab_size if tokenizer else None)

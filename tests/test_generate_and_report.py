@@ -32,9 +32,11 @@ def text_checkpoint(tmp_path_factory) -> Path:
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_generate_cli_prints_the_greedy_continuation_of_the_checkpoint(text_checkpoint):
+@pytest.mark.parametrize("flags", [[], pytest.param(["--compile"], marks=pytest.mark.slow)])
+def test_generate_cli_prints_the_greedy_continuation_of_the_checkpoint(text_checkpoint, flags):
+    """The same tokens with the decode steps compiled (--compile) as eager."""
     out = subprocess.run([sys.executable, "-m", "arch_lab.generate", str(text_checkpoint), "--prompt", "ROMEO:",
-                          "--prompt", "To be", "--max-new-tokens", "6", "--device", "cpu"],
+                          "--prompt", "To be", "--max-new-tokens", "6", "--device", "cpu", *flags],
                          env=_env(), capture_output=True, text=True, timeout=300, check=True).stdout
     model, tokenizer = load_checkpoint(str(text_checkpoint), "cpu")
     expected = Generator(model).generate([tokenizer.encode("ROMEO:"), tokenizer.encode("To be")], 6,
