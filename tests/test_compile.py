@@ -111,7 +111,8 @@ def test_decode_step_custom_ops_trace_as_in_place_state_updates():
     inputs = {"x": torch.randn(b, d, dtype=bf16), "conv_state": torch.randn(b, d, 3, dtype=bf16),
               "weight": torch.randn(d, 4), "bias": torch.randn(d), "ssm_state": torch.randn(b, d, n),
               "dt": torch.randn(b, d, dtype=bf16), "A": torch.randn(d, n), "B": torch.randn(b, n),
-              "C": torch.randn(b, n), "D": torch.randn(d), "z": torch.randn(b, d, dtype=bf16), "dt_bias": torch.randn(d)}
+              "C": torch.randn(b, n), "D": torch.randn(d), "z": torch.randn(b, d, dtype=bf16),
+              "dt_bias": torch.randn(d)}
 
     def step(x, conv_state, weight, bias, ssm_state, dt, A, B, C, D, z, dt_bias):
         xc = causal_conv1d_update(x, conv_state, weight, bias, True)
