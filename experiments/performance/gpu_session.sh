@@ -29,6 +29,11 @@
 set -uo pipefail
 source experiments/device_env.sh
 export ARCH_LAB_DATA_ROOT=$PWD/.data
+if [[ " ${*//+/ } " =~ " "(tests|text|mqar|head_ratio)" " && ! -d .data/gutenberg ]]; then  # before the GPU time
+  echo "gpu_session: the tests and study phases read the shared data from .data/: run" \
+       "'python experiments/roadmap/carry_data.py' here and carry [\".whl\", \".data\"]" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 start=$SECONDS repo=$PWD
