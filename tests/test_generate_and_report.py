@@ -58,6 +58,14 @@ def test_checkpoint_loads_with_weights_only(text_checkpoint):
     assert all(key.startswith("model.") for key in ckpt["state_dict"])
 
 
+@pytest.mark.parametrize("successes, trials, interval", [(0, 5, (0.0, 0.434)), (2, 5, (0.118, 0.769)),
+                                                         (5, 5, (0.566, 1.0)), (50, 100, (0.404, 0.596))])
+def test_wilson_interval_matches_known_values(successes, trials, interval):
+    from arch_lab.report import wilson_interval
+
+    assert wilson_interval(successes, trials) == pytest.approx(interval, abs=1e-3)
+
+
 def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     import mlflow
 
@@ -83,9 +91,9 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert report.main(["--tracking-uri", uri, "--experiment", "roadmap", "--out", str(out)]) == 0
     tables = (out / "tables.md").read_text()
     transformer = next(line for line in tables.splitlines() if line.startswith("| Transformer"))
-    assert "| 35.0 ± 5.0 | 0/2 |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
+    assert "| 35.0 ± 5.0 | 0/2 (0–66%) |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
     row_e = next(line for line in tables.splitlines() if line.startswith("| E + meta tokens"))
-    assert "| 55.0 ± 5.0 | 1/2 |" in row_e  # runs above 50% count as learned: 0.6 does, 0.5 does not
+    assert "| 55.0 ± 5.0 | 1/2 (9–91%) |" in row_e  # runs above 50% count as learned: 0.6 does, 0.5 does not
     assert "MQAR chance (a uniform guess among the vocab/2 values): 0.78% at vocabulary 256" in tables
     # the slice table: one column per slice found in the runs, then the losses (text has no runs: "–")
     assert "| row | 8 pairs % | 64 pairs % | MQAR val loss | text val loss |" in tables
