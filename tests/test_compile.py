@@ -104,7 +104,7 @@ def test_decode_step_custom_ops_trace_as_in_place_state_updates():
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from components.ops.custom_ops import causal_conv1d_update, selective_state_update
+    from components.ops.custom_ops import causal_conv1d_update, selective_state_update_kernel
 
     b, d, n = 2, 16, 4
     bf16 = torch.bfloat16
@@ -116,7 +116,7 @@ def test_decode_step_custom_ops_trace_as_in_place_state_updates():
 
     def step(x, conv_state, weight, bias, ssm_state, dt, A, B, C, D, z, dt_bias):
         xc = causal_conv1d_update(x, conv_state, weight, bias, True)
-        return xc, selective_state_update(ssm_state, xc, dt, A, B, C, D, z, dt_bias, True)
+        return xc, selective_state_update_kernel(ssm_state, xc, dt, A, B, C, D, z, dt_bias, True)
 
     graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(*inputs.values())
     # Functionalized, each op becomes a pure call that returns its state's new value; the state it mutates is

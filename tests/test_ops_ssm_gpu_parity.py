@@ -186,7 +186,7 @@ def test_decode_step_custom_ops_pass_opcheck() -> None:
     shapes and dtypes, checked by torch.library.opcheck against the real kernels."""
     require("mamba_ssm")
     require("causal_conv1d")
-    from components.ops.custom_ops import causal_conv1d_update, selective_state_update
+    from components.ops.custom_ops import causal_conv1d_update, selective_state_update_kernel
 
     g = generator(5)
     x = torch.randn(BATCH, 64, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -200,7 +200,7 @@ def test_decode_step_custom_ops_pass_opcheck() -> None:
     step = (state, inputs["u"][..., 0].contiguous(), inputs["delta"][..., 0].contiguous(), inputs["A"],
             inputs["B"][..., 0].contiguous(), inputs["C"][..., 0].contiguous(), inputs["D"],
             inputs["z"][..., 0].contiguous(), inputs["delta_bias"], True)
-    torch.library.opcheck(selective_state_update, step, test_utils=OPCHECK_NO_AUTOGRAD)
+    torch.library.opcheck(selective_state_update_kernel, step, test_utils=OPCHECK_NO_AUTOGRAD)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
-from components.ops.custom_ops import causal_conv1d_fwd, channel_last
+from components.ops.custom_ops import causal_conv1d_fwd, causal_conv1d_update, channel_last
 
 ACTIVATIONS: tuple[str | None, ...] = (None, "silu")
 # causal_conv1d's CUDA kernels only instantiate these widths.
@@ -175,8 +175,6 @@ def causal_conv1d_step(
     check_shape("conv_state", conv_state, (x.shape[0], x.shape[1], weight.shape[1] - 1))
     chosen = resolve_backend(backend, x, "causal_conv1d_step")
     if chosen == "kernel" and weight.shape[1] in KERNEL_WIDTHS:
-        from .custom_ops import causal_conv1d_update
-
         # The kernel wants x in the state's dtype and bias in the weight's dtype.
         y = causal_conv1d_update(x.to(conv_state.dtype), conv_state, weight,
                                  None if bias is None else bias.to(weight.dtype), activation == "silu")

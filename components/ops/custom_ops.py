@@ -181,8 +181,8 @@ def _(x, conv_state, weight, bias, silu):
 
 
 @torch.library.custom_op("arch_lab::selective_state_update", mutates_args=("state",), device_types="cuda")
-def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                           z: Optional[Tensor], dt_bias: Tensor, dt_softplus: bool) -> Tensor:
+def selective_state_update_kernel(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                                  z: Optional[Tensor], dt_bias: Tensor, dt_softplus: bool) -> Tensor:
     """mamba_ssm's Triton selective_state_update (Mamba-1 layout, or Mamba-2's multi-head one with A, dt, D and
     dt_bias broadcast over the head dim); y has x's shape and dtype."""
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as update_kernel
@@ -190,6 +190,6 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     return update_kernel(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
-@selective_state_update.register_fake
+@selective_state_update_kernel.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)

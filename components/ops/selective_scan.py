@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
-from components.ops.custom_ops import selective_scan_kernel
+from components.ops.custom_ops import selective_scan_kernel, selective_state_update_kernel
 from components.ops.ssd import segsum
 
 # Default chunking target of selective_scan_reference: elements in one per-step slice.
@@ -292,13 +292,11 @@ def selective_state_update(
             check_shape(name, tensor, (dim,))
     chosen = resolve_backend(backend, x, "selective_state_update")
     if chosen == "kernel":
-        from .custom_ops import selective_state_update as update_kernel
-
         # mamba_ssm 2.3.2 unpacks D.stride()/dt_bias.stride() without a None check, so
         # absent ones are passed as zeros (same result).
         zeros = torch.zeros(dim, device=x.device, dtype=torch.float32)
-        return update_kernel(state, x, dt, A, B, C, zeros if D is None else D, z,
-                             zeros if dt_bias is None else dt_bias, dt_softplus)
+        return selective_state_update_kernel(state, x, dt, A, B, C, zeros if D is None else D, z,
+                                             zeros if dt_bias is None else dt_bias, dt_softplus)
     return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 

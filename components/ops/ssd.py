@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
+from components.ops.custom_ops import selective_state_update_kernel
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -277,15 +278,13 @@ def ssd_step(
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, state, "state")
     chosen = resolve_backend(backend, x, "ssd_step")
     if chosen == "kernel":
-        from .custom_ops import selective_state_update as update_kernel
-
         batch, nheads, headdim = x.shape
         dstate = B.shape[-1]
         # mamba_ssm 2.3.2 reads dt_bias.stride()/D.stride() without a None check, so
         # absent ones are passed as zeros (same result).
         zeros = torch.zeros(nheads, device=x.device, dtype=torch.float32)
         D_heads = zeros if D is None else D.float()
-        return update_kernel(
+        return selective_state_update_kernel(
             state,
             x,
             dt[..., None].expand(batch, nheads, headdim),
