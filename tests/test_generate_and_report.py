@@ -137,6 +137,10 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
         mlflow.log_metrics({"bench/decode_tok_s": 4000.0, "bench/cache_mb_16k": 3.6})
     with mlflow.start_run(tags={"model": "transformer_300m", "study": "performance"}):
         mlflow.log_metrics({"bench/decode_tok_s": 2000.0, "bench/cache_mb_16k": 1610.6})
+        mlflow.log_params({"compile_decode": True})
+    with mlflow.start_run(tags={"model": "transformer_300m", "study": "performance"}):  # newer, but eager
+        mlflow.log_metrics({"bench/decode_tok_s": 1500.0, "bench/cache_mb_16k": 1610.6})
+        mlflow.log_params({"compile_decode": False})
     with mlflow.start_run(tags={"model": "roadmap_b_300m", "study": "head_ratio", "n_heads": "4"}):
         mlflow.log_metrics({"bench/decode_tok_s": 2500.0, "bench/cache_mb_16k": 200.0})
     out = tmp_path / "report"
@@ -145,7 +149,10 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     mamba = next(line for line in lines if line.startswith("| Mamba"))
     assert "| 20.0 ± 10.0 |" in mamba and mamba.endswith("| 2 | 700–800 / – |")  # both stores' seeds pooled
     assert "| 3.6 |" in mamba  # cache from the Table 1 bench run, not the head-ratio one
-    assert "| 4000 (2.00×) |" in mamba  # the newest bench run of the row, not a mean with the older one
+    # the newest bench run of the row, not a mean with the older one; the Transformer's compiled run, not its newer
+    # eager one
+    assert "| 4000 (2.00×) |" in mamba
+    assert "Decode tok/s timed with the compiled step: Transformer; the eager step: Mamba." in lines
     two_heads = next(line for line in lines if line.startswith("| 2 |"))
     # recall pooled over both stores; speed/cache from the bench run at the paper's 4 heads (second row)
     # answer perplexity exp(val/loss) (4 and 6) and the seed count pooled too
