@@ -41,10 +41,10 @@ def test_model_loss_and_gradients_fast_vs_reference(name):
     assert worst[0] < 5e-2, f"gradient of {worst[1]} differs: rel err {worst[0]:.3g}"
 
 
-@pytest.mark.parametrize("name", ["mamba", "roadmap_e"])
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "roadmap_e"])
 def test_compiled_training_forward_has_no_graph_breaks(name):
-    """With the scan kernel as a custom op, torch.compile captures the whole training loss in one graph (breaks
-    split it, and the frames between them recompiled per layer)."""
+    """With the scan kernels (selective scan, SSD) as custom ops, torch.compile captures the whole training loss in
+    one graph (breaks split it, and the frames between them recompiled per layer)."""
     pytest.importorskip("mamba_ssm")
     torch._dynamo.reset()
     cfg = preset(name, "tiny", **GPU_SIZED, window=64, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)

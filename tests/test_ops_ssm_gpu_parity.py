@@ -257,6 +257,22 @@ def test_ssd_scan_kernel_matches_reference(dtype: torch.dtype) -> None:
     )
 
 
+@pytest.mark.parametrize("optional", [("D", "z", "dt_bias", "initial_state"), ()])
+def test_ssd_scan_custom_op_passes_opcheck(optional: tuple[str, ...]) -> None:
+    """The SSD op's registration for torch.compile: fake shapes and dtypes (the kernels return some gradients in
+    float32 and others in x's dtype), autograd and schema, against the real Triton kernels."""
+    require("mamba_ssm")
+    inputs = {name: t.to(torch.bfloat16) if name in ("x", "dt", "B", "C", "z") else t
+              for name, t in ssd_inputs().items()}
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+    for name in names:
+        if name in ("x", "dt", "A", "B", "C") or name in optional:
+            inputs[name].requires_grad_(True)
+    x, dt, A, B, C, D, z, dt_bias, initial = (inputs[n] if n in ("x", "dt", "A", "B", "C") or n in optional else None
+                                              for n in names)
+    torch.library.opcheck(torch.ops.arch_lab.ssd_scan_fwd.default, (x, dt, A, B, C, 64, D, z, dt_bias, initial, True))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D_shape", ["heads", "channels", None])
 def test_ssd_step_kernel_matches_reference(dtype: torch.dtype, D_shape: str | None) -> None:

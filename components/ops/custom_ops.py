@@ -1,13 +1,14 @@
-"""The SSM kernels (mamba_ssm's selective scan and state update, causal_conv1d's conv and conv update) as
-torch.library custom ops.
+"""The SSM kernels (mamba_ssm's selective scan, SSD chunked scan and state update, causal_conv1d's conv and conv
+update) as torch.library custom ops.
 
 Both packages call their extensions from inside a torch.autograd.Function or through a Python-side launcher.
-torch.compile cannot trace into the scan's pybind call, nor into the Triton state update's device-switching
-launcher, and causal_conv1d's own custom ops write into `out=` tensors laid out like the (strided) input, which
-Dynamo also refuses. Either broke every SSM layer's compiled graph, and the frames between the breaks recompiled
-per layer. As functional custom ops with fake (shape-only) implementations and, for training, registered
-backwards, the kernels sit inside one graph. The decode-step ops mutate their state argument in place, as the
-kernels do. The extensions are imported when an op first runs, so importing this module needs no GPU.
+torch.compile cannot trace into the scan's pybind call, nor into the Triton launchers (state update, SSD) that
+switch devices and autotune, and causal_conv1d's own custom ops write into `out=` tensors laid out like the
+(strided) input, which Dynamo also refuses. Each broke every SSM layer's compiled graph, and the frames between
+the breaks recompiled per layer. As functional custom ops with fake (shape-only) implementations and, for
+training, registered backwards, the kernels sit inside one graph. The decode-step ops mutate their state argument
+in place, as the kernels do. The extensions are imported when an op first runs, so importing this module needs no
+GPU.
 """
 from __future__ import annotations
 
@@ -160,6 +161,82 @@ def _conv_backward(ctx, dout):
 
 
 causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+# ---- Mamba-2's SSD chunked scan (mamba_ssm's Triton kernels) -----------------------------------------------------
+@torch.library.custom_op("arch_lab::ssd_scan_fwd", mutates_args=(), device_types="cuda")
+def ssd_scan_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor],
+                 z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+                 dt_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, out_x: the output before the gate, empty without z, final states float32 (b, h, p, n))."""
+    from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
+
+    out, out_x, *_, final_states = _mamba_chunk_scan_combined_fwd(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus)
+    return out, out_x if z is not None else _absent(out), final_states
+
+
+@ssd_scan_fwd.register_fake
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus):
+    batch, _, nheads, headdim = x.shape
+    final = x.new_empty((batch, nheads, headdim, B.shape[-1]), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape) if z is not None else _absent(x), final
+
+
+@torch.library.custom_op("arch_lab::ssd_scan_bwd", mutates_args=(), device_types="cuda")
+def ssd_scan_bwd(dout: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, out: Tensor, chunk_size: int,
+                 D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                 initial_states: Optional[Tensor], dfinal_states: Optional[Tensor],
+                 dt_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); absent inputs get empty tensors."""
+    from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd
+
+    grads = _mamba_chunk_scan_combined_bwd(dout, x, dt, A, B, C, out, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                           initial_states=initial_states, dfinal_states=dfinal_states,
+                                           dt_softplus=dt_softplus)
+    return tuple(g if g is not None else _absent(x) for g in grads)
+
+
+@ssd_scan_bwd.register_fake
+def _(dout, x, dt, A, B, C, out, chunk_size, D, z, dt_bias, initial_states, dfinal_states, dt_softplus):
+    def like(t: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+        return torch.empty_like(t, dtype=dtype) if t is not None else _absent(x)
+
+    # The kernels return dA and ddt_bias in float32, and the initial state's gradient in x's dtype.
+    return (like(x), like(dt), like(A, torch.float32), like(B), like(C), like(D), like(z),
+            like(dt_bias, torch.float32), like(initial_states, x.dtype))
+
+
+def _ssd_setup_context(ctx, inputs, output) -> None:
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus = inputs
+    out, out_x, _ = output
+    # As mamba_ssm: the backward recomputes the chunk states and needs the output before the gate.
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, out_x if z is not None else out)
+    ctx.chunk_size, ctx.dt_softplus = chunk_size, dt_softplus
+
+
+def _ssd_backward(ctx, d_out, d_out_x, d_final_states):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, out = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = ssd_scan_bwd(
+        d_out.contiguous(), x, dt, A, B, C, out, ctx.chunk_size, D, z, dt_bias, initial_states,
+        None if d_final_states is None else d_final_states.contiguous(), ctx.dt_softplus)
+    return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if z is not None else None,
+            ddt_bias if dt_bias is not None else None,
+            dinitial.to(initial_states.dtype) if initial_states is not None else None, None)
+
+
+ssd_scan_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+
+
+def ssd_scan_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor],
+                    z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+                    dt_softplus: bool, return_final_states: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba_ssm's mamba_chunk_scan_combined through the custom op: same arguments and results (A, D, dt_bias
+    float32). Inputs are made contiguous so the kernels' gradients are laid out as the fake ones say."""
+    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+    z = None if z is None else z.contiguous()
+    out, _, final_states = ssd_scan_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus)
+    return (out, final_states) if return_final_states else out
 
 
 # ---- decode steps: the state is updated in place -----------------------------------------------------------------

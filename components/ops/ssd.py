@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from components.ops.backend import check_shape, resolve_backend
-from components.ops.custom_ops import selective_state_update_kernel
+from components.ops.custom_ops import selective_state_update_kernel, ssd_scan_kernel
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -208,22 +208,14 @@ def ssd_scan(
     """SSD scan over a sequence (see the module docstring for the recurrence).
 
     Returns y (b, l, h, p) in x's dtype and, if ``return_final_state``, the float32 final
-    state (b, h, p, n). The kernel is mamba_ssm's mamba_chunk_scan_combined.
+    state (b, h, p, n). The kernel is mamba_ssm's mamba_chunk_scan_combined (as a custom op).
     """
     chosen = resolve_backend(backend, x, "ssd_scan")
     if chosen == "kernel":
         _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, "initial_state")
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-        return mamba_chunk_scan_combined(
-            x, dt, A.float(), B, C, chunk_size,
-            D=None if D is None else D.float(),
-            z=z,
-            dt_bias=None if dt_bias is None else dt_bias.float(),
-            initial_states=initial_state,
-            dt_softplus=dt_softplus,
-            return_final_states=return_final_state,
-        )
+        return ssd_scan_kernel(x, dt, A.float(), B, C, chunk_size, None if D is None else D.float(), z,
+                               None if dt_bias is None else dt_bias.float(), initial_state, dt_softplus,
+                               return_final_state)
     return ssd_reference(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=initial_state, return_final_state=return_final_state,
