@@ -18,7 +18,9 @@
 # Each bench stops after BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent,
 # whichever comes first.
 # BENCH_OVERRIDES (space-separated Hydra overrides) go last on every bench's command line, e.g. "model.ssm=mamba2
-# +tags.variant=mamba2" to measure the rows with Mamba-2 heads. TESTS_SELECT (a pytest -k expression) runs part of
+# model.ssm_inner=1024 model.param_budget=null +tags.variant=mamba2" to measure the rows with Mamba-2 heads (value
+# heads of 128, within FlexAttention's limit). On a fresh machine mamba-ssm's SSD kernels first compile every Triton
+# autotune configuration (1-2 minutes): give such benches BENCH_TIMEOUT_S=450. TESTS_SELECT (a pytest -k expression) runs part of
 # the parity tests; DECODE_ROWS picks the decode phase's rows (keep transformer among them: ratios are taken within
 # one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio);
 # the others run one after another. Each study run gets
