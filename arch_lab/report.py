@@ -64,9 +64,11 @@ def _split_bench(bench):
     """(Table 1 bench runs, head-ratio bench runs): the latter are tagged study=head_ratio. A row benched again
     (e.g. after a speed-up, in a later call) takes one run only, its newest with the compiled decode step if it
     has one (the faster step the lab ships), else its newest: averaging runs of older code or of the other step
-    would describe neither."""
+    would describe neither. Runs that did not time decoding (training benches) are left out."""
     if bench is None:
         return None, None
+    if "metrics.bench/decode_tok_s" in bench:
+        bench = bench[bench["metrics.bench/decode_tok_s"].notna()]
     bench = bench.assign(compiled=_compiled_decode(bench)).sort_values(["compiled", "start_time"], ascending=False)
     if "tags.study" not in bench:
         return bench.drop_duplicates("tags.model"), bench.iloc[0:0]
