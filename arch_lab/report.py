@@ -154,9 +154,9 @@ def _decode_steps_note(bench) -> str:
     """Which decode step (compiled or eager) each row's tok/s was timed with: they differ by up to 2.3×."""
     compiled = {_row_key(str(model)): flag for model, flag in zip(bench["tags.model"], bench["compiled"])}
     modes = {}
-    for row, (label, *_) in PAPER_TABLE1.items():
+    for row in PAPER_TABLE1:
         if row in compiled:
-            modes.setdefault("compiled" if compiled[row] else "eager", []).append(label.split(" ")[0])
+            modes.setdefault("compiled" if compiled[row] else "eager", []).append(_short_label(row))
     return "Decode tok/s timed with " + "; ".join(f"the {mode} step: {', '.join(rows)}"
                                                    for mode, rows in sorted(modes.items())) + "."
 

@@ -176,13 +176,13 @@ def test_sequences_longer_than_the_model_are_refused():
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_decode_profile_covers_exactly_the_profiled_steps(compile):
-    from arch_lab.bench.measure import profile_eager_decode
+    from arch_lab.bench.measure import profile_decode_steps
     from components.model import HybridLM
 
     torch.manual_seed(0)
     layers = 2 if compile else 6  # compiling is the slow part
     model = HybridLM(preset("roadmap_e", "tiny", n_layers=layers, param_budget=None)).eval()
-    result = profile_eager_decode(model, batch=2, context=8, steps=3, compile=compile)
+    result = profile_decode_steps(model, batch=2, context=8, steps=3, compile=compile)
     # each layer attends once per profiled step (eager), or each step enters the compiled graph once; the prefill
     # and the warm-up step (which compiles) are left out
     calls = {re.split(r"\s{2,}", line.strip())[0]: int(line.split()[-1]) for line in result.table.splitlines()[3:-3]}

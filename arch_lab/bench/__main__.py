@@ -240,12 +240,13 @@ class _Bench:
                       f"bench/{what}_kernel_ms_per_step": result.kernel_ms_per_step})
 
     def profile(self) -> None:
-        """Kernels of one eager decode step (at the batch the timed decode used, when it ran first)."""
-        from .measure import profile_eager_decode
+        """Kernels of decode steps outside a CUDA graph (compiled with compile_decode), at the batch the timed
+        decode used when it ran first."""
+        from .measure import profile_decode_steps
 
         s = self.s
         batch = int(self.metrics.get("bench/decode_batch", s.batch))
-        result, batch = self._fit("profile", lambda b: profile_eager_decode(
+        result, batch = self._fit("profile", lambda b: profile_decode_steps(
             self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk,
             compile=s.compile_decode), batch)
         self._record_profile("profile", "decode_profile.txt", result, batch)

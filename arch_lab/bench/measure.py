@@ -172,7 +172,7 @@ PROFILE_WARMUP_STEPS = 1
 
 
 @torch.no_grad()
-def profile_eager_decode(model, batch: int, context: int, steps: int, seed: int = 0,
+def profile_decode_steps(model, batch: int, context: int, steps: int, seed: int = 0,
                          prefill_chunk: Optional[int] = None, compile: bool = False) -> StepProfile:
     """Profile `steps` cached decode steps after a `context`-token prefill. The steps run outside a CUDA graph,
     because a replay shows up as one opaque launch (`compile`: through torch.compile, as the timed decode with

@@ -293,10 +293,12 @@ def selective_state_update(
     chosen = resolve_backend(backend, x, "selective_state_update")
     if chosen == "kernel":
         # mamba_ssm 2.3.2 unpacks D.stride()/dt_bias.stride() without a None check, so
-        # absent ones are passed as zeros (same result).
-        zeros = torch.zeros(dim, device=x.device, dtype=torch.float32)
-        return selective_state_update_kernel(state, x, dt, A, B, C, zeros if D is None else D, z,
-                                             zeros if dt_bias is None else dt_bias, dt_softplus)
+        # absent ones are passed as zeros (same result; allocated only then, this runs every decode step).
+        def zeros() -> torch.Tensor:
+            return torch.zeros(dim, device=x.device, dtype=torch.float32)
+
+        return selective_state_update_kernel(state, x, dt, A, B, C, zeros() if D is None else D, z,
+                                             zeros() if dt_bias is None else dt_bias, dt_softplus)
     return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 

@@ -273,9 +273,11 @@ def ssd_step(
         batch, nheads, headdim = x.shape
         dstate = B.shape[-1]
         # mamba_ssm 2.3.2 reads dt_bias.stride()/D.stride() without a None check, so
-        # absent ones are passed as zeros (same result).
-        zeros = torch.zeros(nheads, device=x.device, dtype=torch.float32)
-        D_heads = zeros if D is None else D.float()
+        # absent ones are passed as zeros (same result; allocated only then, this runs every decode step).
+        def zeros() -> torch.Tensor:
+            return torch.zeros(nheads, device=x.device, dtype=torch.float32)
+
+        D_heads = zeros() if D is None else D.float()
         return selective_state_update_kernel(
             state,
             x,
@@ -285,7 +287,7 @@ def ssd_step(
             C,
             D_heads if D_heads.dim() == 2 else D_heads[:, None].expand(nheads, headdim),
             z,
-            (zeros if dt_bias is None else dt_bias.float())[:, None].expand(nheads, headdim),
+            (zeros() if dt_bias is None else dt_bias.float())[:, None].expand(nheads, headdim),
             dt_softplus,
         )
     return ssd_step_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -7,7 +7,7 @@
 #   tests       GPU parity tests (kernels vs references, full model fast vs reference path, CUDA-graph decoding)
 #   decode      Table 1 rows at 300M: decode at 8k context, batch 128 halved on OOM (+ HF generate for the Transformer)
 #   ratio       Table 9 rows 1-4 at 300M: the parallel hybrid (B) with 0, 4, 8, 16 attention heads, same protocol
-#   profile     kernels of one eager decode step at 300M, 8k context (rows: PROFILE_ROWS, default "roadmap_e mamba")
+#   profile     kernels of decode steps (no CUDA graph), 300M, 8k context (rows: PROFILE_ROWS, default "roadmap_e mamba")
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
