@@ -70,6 +70,32 @@ def test_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gp
     assert results == [((b, d, l), bf16), ((b, d, n), torch.float32), *shapes]
 
 
+def test_ssd_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu():
+    """The Mamba-2 SSD op as torch.compile sees it (fake tensors, no GPU): outputs in x's dtype, a float32 final
+    state, and each gradient in its input's dtype (the kernels return the initial state's in x's dtype, which
+    autograd casts)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from components.ops.custom_ops import ssd_scan_kernel
+
+    b, l, h, p, g, n = 2, 100, 4, 8, 2, 16
+
+    def scan_and_grads(x, dt, A, B, C, D, z, dt_bias, initial):
+        y, final = ssd_scan_kernel(x, dt, A, B, C, 64, D, z, dt_bias, initial, True, True)
+        return y, final, torch.autograd.grad(y.float().sum() + final.sum(), (x, dt, A, B, C, D, z, dt_bias, initial))
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    shapes = [((b, l, h, p), bf16), ((b, l, h), bf16), ((h,), f32), ((b, l, g, n), bf16), ((b, l, g, n), bf16),
+              ((h,), f32), ((b, l, h, p), bf16), ((h,), f32), ((b, h, p, n), f32)]
+    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
+    graph = make_fx(scan_and_grads, tracing_mode="fake")(*inputs)
+    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert "arch_lab.ssd_scan_fwd.default" in ops and "arch_lab.ssd_scan_bwd.default" in ops
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    results = [(tuple(v.meta["val"].shape), v.meta["val"].dtype) for v in torch.utils._pytree.tree_leaves(output.args)]
+    assert results == [((b, l, h, p), bf16), ((b, h, p, n), f32), *shapes]
+
+
 @pytest.mark.parametrize("channel_last", [False, True])
 def test_conv_custom_op_traces_forward_and_backward_in_the_input_layout(channel_last):
     """The causal-conv custom op as torch.compile sees it (fake tensors, no GPU): its output and dx keep the

@@ -222,7 +222,7 @@ def _ssd_backward(ctx, d_out, d_out_x, d_final_states):
         None if d_final_states is None else d_final_states.contiguous(), ctx.dt_softplus)
     return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if z is not None else None,
             ddt_bias if dt_bias is not None else None,
-            dinitial.to(initial_states.dtype) if initial_states is not None else None, None)
+            dinitial if initial_states is not None else None, None)  # autograd casts it to the state's dtype
 
 
 ssd_scan_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
