@@ -17,6 +17,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def gpu_model(name: str, window: int) -> HybridLM:
+    """A tiny preset at GPU-friendly widths, on the GPU (row E with 8 meta tokens)."""
+    cfg = preset(name, "tiny", **GPU_SIZED, window=window, n_meta_tokens=8 if name == "roadmap_e" else 0,
+                 param_budget=None)
+    return HybridLM(cfg).cuda()
+
+
 def _loss_and_grads(model, ids, backend):
     model.set_backend(backend)
     model.zero_grad(set_to_none=True)
@@ -30,9 +37,8 @@ def _loss_and_grads(model, ids, backend):
 def test_model_loss_and_gradients_fast_vs_reference(name):
     pytest.importorskip("mamba_ssm")
     torch.manual_seed(0)
-    cfg = preset(name, "tiny", **GPU_SIZED, window=64, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)
-    model = HybridLM(cfg).cuda()
-    ids = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda")
+    model = gpu_model(name, window=64)
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 512), device="cuda")
     loss_fast, grads_fast = _loss_and_grads(model, ids, "kernel")
     loss_ref, grads_ref = _loss_and_grads(model, ids, "reference")
     assert abs(loss_fast.item() - loss_ref.item()) / loss_ref.item() < 1e-2
@@ -47,10 +53,9 @@ def test_compiled_training_forward_has_no_graph_breaks(name):
     one graph (breaks split it, and the frames between them recompiled per layer)."""
     pytest.importorskip("mamba_ssm")
     torch._dynamo.reset()
-    cfg = preset(name, "tiny", **GPU_SIZED, window=64, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)
-    model = HybridLM(cfg).cuda()
+    model = gpu_model(name, window=64)
     model.set_backend("kernel")
-    ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model.loss)(ids, torch.roll(ids, -1, dims=1))
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
@@ -79,9 +84,8 @@ def test_flex_attention_matches_reference_with_gradients(window, num_meta):
 def test_cuda_graph_decoding_matches_eager_and_full_forward(name):
     pytest.importorskip("mamba_ssm")
     torch.manual_seed(0)
-    cfg = preset(name, "tiny", **GPU_SIZED, window=32, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)
-    model = HybridLM(cfg).cuda().eval()
-    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (40, 25, 7)]
+    model = gpu_model(name, window=32).eval()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (40, 25, 7)]
     graphed = Generator(model, cuda_graph=True).generate(prompts, 24, keep_logits=True)
     eager = Generator(model, cuda_graph=False).generate(prompts, 24, keep_logits=True)
     assert graphed.tokens == eager.tokens
@@ -98,9 +102,8 @@ def test_compiled_cuda_graph_decoding_matches_eager(name):
     pytest.importorskip("mamba_ssm")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = preset(name, "tiny", **GPU_SIZED, window=32, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)
-    model = HybridLM(cfg).cuda().eval()
-    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (40, 25, 7)]
+    model = gpu_model(name, window=32).eval()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (40, 25, 7)]
     compiled = Generator(model, cuda_graph=True, compile=True).generate(prompts, 24, keep_logits=True)
     eager = Generator(model, cuda_graph=False).generate(prompts, 24, keep_logits=True)
     assert compiled.tokens == eager.tokens
@@ -113,13 +116,12 @@ def test_compiled_decode_step_has_no_graph_breaks(name):
     """With the decode kernels (conv update, state update) as custom ops, one decode step is one graph."""
     pytest.importorskip("mamba_ssm")
     torch._dynamo.reset()
-    cfg = preset(name, "tiny", **GPU_SIZED, window=32, n_meta_tokens=8 if name == "roadmap_e" else 0, param_budget=None)
-    model = HybridLM(cfg).cuda().eval()
+    model = gpu_model(name, window=32).eval()
     model.set_backend("kernel")
     gen = Generator(model, cuda_graph=False)
     state = gen.new_state(2, 64)
     with torch.no_grad():
-        logits = gen.prefill(state, torch.randint(0, cfg.vocab_size, (2, 40), device="cuda"))
+        logits = gen.prefill(state, torch.randint(0, model.cfg.vocab_size, (2, 40), device="cuda"))
         explained = torch._dynamo.explain(model.forward_cached)(logits.argmax(-1)[:, None], state)
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
     assert explained.graph_count == 1

@@ -7,7 +7,7 @@
 #   tests       GPU parity tests (kernels vs references, full model fast vs reference path, CUDA-graph decoding)
 #   decode      Table 1 rows at 300M: decode at 8k context, batch 128 halved on OOM (+ HF generate for the Transformer)
 #   ratio       Table 9 rows 1-4 at 300M: the parallel hybrid (B) with 0, 4, 8, 16 attention heads, same protocol
-#   profile     kernels of decode steps (no CUDA graph), 300M, 8k context (rows: PROFILE_ROWS, default "roadmap_e mamba")
+#   profile     kernels of decode steps (no CUDA graph), 300M, 8k context (PROFILE_ROWS, default "roadmap_e mamba")
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
@@ -20,12 +20,12 @@
 # BENCH_OVERRIDES (space-separated Hydra overrides) go last on every bench's command line, e.g. "model.ssm=mamba2
 # model.ssm_inner=1024 model.param_budget=null +tags.variant=mamba2" to measure the rows with Mamba-2 heads (value
 # heads of 128, within FlexAttention's limit). On a fresh machine mamba-ssm's SSD kernels first compile every Triton
-# autotune configuration (1-2 minutes): give such benches BENCH_TIMEOUT_S=450. TESTS_SELECT (a pytest -k expression) runs part of
-# the parity tests; DECODE_ROWS picks the decode phase's rows (keep transformer among them: ratios are taken within
-# one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio);
-# the others run one after another. Each study run gets
-# SIGTERM after RUN_TIMEOUT_S (default 500) and ends KILLED, so the stores come back whole even when MQAR_STEPS /
-# TEXT_STEPS ask for more than a device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
+# autotune configuration (1-2 minutes): give such benches BENCH_TIMEOUT_S=450. TESTS_SELECT (a pytest -k
+# expression) runs part of the parity tests; DECODE_ROWS picks the decode phase's rows (keep transformer among them:
+# ratios are taken within one call). SEEDS defaults to "0 1". Phases joined by "+" run side by side on the one GPU
+# (e.g. text+head_ratio); the others run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S
+# (default 500) and ends KILLED, so the stores come back whole even when MQAR_STEPS / TEXT_STEPS ask for more than a
+# device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
 # Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
 # MLflow stores and artifacts).
 set -uo pipefail
