@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 
 class LitHybridLM(L.LightningModule):
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], backend: str = "auto",
-                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None):
+                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None, scan_kernel: str = "mamba_ssm"):
         super().__init__()
         # Plain dicts only, so checkpoints load with weights_only=True; `tokenizer` (kind, path) lets
         # `python -m arch_lab.generate` rebuild the run's tokenizer from the checkpoint alone.
         self.save_hyperparameters(logger=False)  # the run logs its own flattened, path-free params
         self.model = HybridLM(ModelConfig.from_dict(model_cfg))
-        self.model.set_backend(backend)
+        self.model.set_backend(backend, scan_kernel)
         if compile:
             self.model.compile()  # in place: a torch.compile wrapper held here would save every weight twice
         # Weight decay is chosen by parameter shape; FSDP flattens parameters before the optimizer is built.

@@ -80,7 +80,7 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str):
+def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str, scan_kernel: str):
     """The trained HybridLM on rank 0's device for the final evaluation; None on the other ranks.
 
     After fit Lightning has moved the model to the CPU (DDP and one device). Under FSDP every rank holds a shard
@@ -100,7 +100,7 @@ def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str)
             return None
         with torch.device(device):
             model = HybridLM(ModelConfig.from_dict(model_cfg))
-        model.set_backend(backend)
+        model.set_backend(backend, scan_kernel)
         state = {unwrapped_name(k): v for k, v in state.items()}
         model.load_state_dict(hybrid_lm_state(state))
         return model
@@ -137,7 +137,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     _check_inputs_exist(cfg, data_cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
-    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec)
+    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
+                      cfg.scan_kernel)
     model = lit.model
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
@@ -168,7 +169,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                                  "(trainer=cpu or trainer=gpu) with -m")
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             stopper.raise_if_requested()  # interrupted: the run ends KILLED, without evaluating a partial model
-            model = _model_for_evaluation(trainer, lit, model_cfg, cfg.backend)
+            model = _model_for_evaluation(trainer, lit, model_cfg, cfg.backend, cfg.scan_kernel)
             if model is None:  # rank > 0: rank 0 evaluates and logs
                 return {}
             metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)

@@ -77,6 +77,7 @@ class Mamba1Heads(nn.Module):
         self.B_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.C_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.backend = "auto"
+        self.scan_kernel = "mamba_ssm"  # the selective scan's GPU kernel (ops/selective_scan.py: SCAN_KERNELS)
         self.captured_maps: Optional[list] = None  # set to a list to record the implicit attention (analysis)
         with torch.no_grad():
             self.dt_proj.bias.copy_(_dt_bias_init(d_inner))
@@ -101,7 +102,7 @@ class Mamba1Heads(nn.Module):
             if self.captured_maps is not None:
                 self.captured_maps.append(self._implicit_attention(dt, A, B, C))
             y = selective_scan(xc, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
-                               delta_softplus=True, backend=self.backend)
+                               delta_softplus=True, backend=self.backend, kernel=self.scan_kernel)
             return y.transpose(1, 2)
         if x.shape[-1] == 1 and step.token_mask is None:  # one decode step
             xc = causal_conv1d_step(x[..., 0], state.conv, weight, self.conv1d.bias, activation="silu",
@@ -124,7 +125,7 @@ class Mamba1Heads(nn.Module):
             xc, delta = xc * keep, delta * keep
         y, last = selective_scan(xc, delta.to(xc.dtype), A, B, C, self.D.float(), z,
                                  initial_state=None if step.fresh_ssm_state else state.ssm, return_last_state=True,
-                                 backend=self.backend)
+                                 backend=self.backend, kernel=self.scan_kernel)
         state.ssm.copy_(last)
         return y.transpose(1, 2)
 

@@ -70,6 +70,33 @@ def test_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gp
     assert results == [((b, d, l), bf16), ((b, d, n), torch.float32), *shapes]
 
 
+def test_triton_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu():
+    """arch_lab's Triton scan as torch.compile sees it (fake tensors, no GPU, no kernel run): the output stored
+    (b, l, d) as the kernel writes it, a float32 last state, and every gradient, the initial state's and the one
+    from the last state included, in its input's dtype and shape."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from components.ops.custom_ops import triton_scan_kernel
+
+    b, d, n, l = 2, 8, 4, 130  # three of the kernel's 64-step chunks
+
+    def scan_and_grads(u, delta, A, B, C, D, z, bias, initial):
+        y, last = triton_scan_kernel(u, delta, A, B, C, D, z, bias, initial, True, True)
+        return y, last, torch.autograd.grad(y.float().sum() + last.sum(), (u, delta, A, B, C, D, z, bias, initial))
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    shapes = [((b, d, l), bf16), ((b, d, l), bf16), ((d, n), f32), ((b, n, l), bf16), ((b, n, l), bf16), ((d,), f32),
+              ((b, d, l), bf16), ((d,), f32), ((b, d, n), f32)]
+    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
+    graph = make_fx(scan_and_grads, tracing_mode="fake")(*inputs)
+    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert "arch_lab.triton_scan_fwd.default" in ops and "arch_lab.triton_scan_bwd.default" in ops
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    values = [v.meta["val"] for v in torch.utils._pytree.tree_leaves(output.args)]
+    assert [(tuple(v.shape), v.dtype) for v in values] == [((b, d, l), bf16), ((b, d, n), f32), *shapes]
+    assert values[0].stride() == (l * d, 1, d)
+
+
 def test_ssd_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu():
     """The Mamba-2 SSD op as torch.compile sees it (fake tensors, no GPU): outputs in x's dtype, a float32 final
     state, and each gradient in its input's dtype (the kernels return the initial state's in x's dtype, which

@@ -135,6 +135,14 @@ def test_gpu_only_experiment_refuses_cpu_before_opening_a_run(tmp_path: Path, de
     assert lab_runs(tmp_path) == []  # refused before MLflow opened a run: nothing left RUNNING
 
 
+def test_unknown_scan_kernel_is_refused_before_opening_a_run(tmp_path: Path, dev_runs_process):
+    proc = run_lab(["scan_kernel=cuda", *TINY], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert exception_lines(proc) == [
+        "components.ops.backend.BackendError: scan_kernel must be one of ['mamba_ssm', 'triton'], got 'cuda'"]
+    assert lab_runs(tmp_path) == []
+
+
 @pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
 def test_cpu_experiment_dev_run_finishes_with_recall_logged(experiment: str, dev_runs):
     runs = dev_runs

@@ -1,5 +1,7 @@
 """GPU parity of the whole model: the fast path (mamba-ssm / causal-conv1d kernels, FlexAttention, SDPA, CUDA
 graphs) against the plain-PyTorch reference path. Runs on the GPU machine; skipped on CPU."""
+import importlib
+
 import pytest
 import torch
 
@@ -24,8 +26,8 @@ def gpu_model(name: str, window: int) -> HybridLM:
     return HybridLM(cfg).cuda()
 
 
-def _loss_and_grads(model, ids, backend):
-    model.set_backend(backend)
+def _loss_and_grads(model, ids, backend, scan_kernel="mamba_ssm"):
+    model.set_backend(backend, scan_kernel)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model.loss(ids, torch.roll(ids, -1, dims=1))
@@ -33,13 +35,15 @@ def _loss_and_grads(model, ids, backend):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["transformer", "mamba", "mamba2", "roadmap_a", "roadmap_c", "roadmap_e"])
-def test_model_loss_and_gradients_fast_vs_reference(name):
+@pytest.mark.parametrize("name,scan_kernel", [
+    *[(name, "mamba_ssm") for name in ("transformer", "mamba", "mamba2", "roadmap_a", "roadmap_c", "roadmap_e")],
+    ("mamba", "triton"), ("roadmap_e", "triton")])
+def test_model_loss_and_gradients_fast_vs_reference(name, scan_kernel):
     pytest.importorskip("mamba_ssm")
     torch.manual_seed(0)
     model = gpu_model(name, window=64)
     ids = torch.randint(0, model.cfg.vocab_size, (4, 512), device="cuda")
-    loss_fast, grads_fast = _loss_and_grads(model, ids, "kernel")
+    loss_fast, grads_fast = _loss_and_grads(model, ids, "kernel", scan_kernel)
     loss_ref, grads_ref = _loss_and_grads(model, ids, "reference")
     assert abs(loss_fast.item() - loss_ref.item()) / loss_ref.item() < 1e-2
     assert grads_fast.keys() == grads_ref.keys()
@@ -47,19 +51,46 @@ def test_model_loss_and_gradients_fast_vs_reference(name):
     assert worst[0] < 5e-2, f"gradient of {worst[1]} differs: rel err {worst[0]:.3g}"
 
 
-@pytest.mark.parametrize("name", ["mamba", "mamba2", "roadmap_e"])
-def test_compiled_training_forward_has_no_graph_breaks(name):
+@pytest.mark.parametrize("name,scan_kernel", [("mamba", "mamba_ssm"), ("mamba2", "mamba_ssm"),
+                                              ("roadmap_e", "mamba_ssm"), ("roadmap_e", "triton")])
+def test_compiled_training_forward_has_no_graph_breaks(name, scan_kernel):
     """With the scan kernels (selective scan, SSD) as custom ops, torch.compile captures the whole training loss in
     one graph (breaks split it, and the frames between them recompiled per layer)."""
     pytest.importorskip("mamba_ssm")
     torch._dynamo.reset()
     model = gpu_model(name, window=64)
-    model.set_backend("kernel")
+    model.set_backend("kernel", scan_kernel)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model.loss)(ids, torch.roll(ids, -1, dims=1))
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["mamba", "roadmap_e"])
+def test_chunked_prefill_runs_the_triton_scan_and_matches_one_chunk(name, monkeypatch):
+    """Prefill chunks after the first start from the SSM state: mamba_ssm's scan takes none, so they run on the
+    Triton scan (not the reference), and the chunked prefill gives the one-chunk prefill's tokens and logits."""
+    pytest.importorskip("mamba_ssm")
+    scan_module = importlib.import_module("components.ops.selective_scan")  # the package exports the function
+
+    original, calls = scan_module.triton_scan_kernel, []
+
+    def counting(*args):
+        calls.append(args[8] is not None)  # initial_state
+        return original(*args)
+
+    monkeypatch.setattr(scan_module, "triton_scan_kernel", counting)
+    torch.manual_seed(0)
+    model = gpu_model(name, window=32).eval()
+    model.set_backend("kernel")
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (70, 45, 9)]
+    chunked = Generator(model, cuda_graph=False).generate(prompts, 8, keep_logits=True, prefill_chunk=16)
+    assert calls and all(calls), "prefill chunks after the first ran the Triton scan with an initial state"
+    whole = Generator(model, cuda_graph=False).generate(prompts, 8, keep_logits=True)
+    assert chunked.tokens == whole.tokens
+    for c, w in zip(chunked.step_logits, whole.step_logits):
+        assert rel_err(c, w) < 1e-4
 
 
 @pytest.mark.parametrize("window,num_meta", [(128, 0), (128, 16), (1024, 128)])

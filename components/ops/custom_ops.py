@@ -106,6 +106,83 @@ def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return (y, x[:, :, -1, 1::2]) if return_last_state else y
 
 
+# ---- arch_lab's own Triton selective scan (selective_scan_triton.py), the same op boundary ----------------------
+# Its kernels keep one float32 start state per chunk of this many steps for the backward.
+TRITON_SCAN_CHUNK = 64
+
+
+@torch.library.custom_op("arch_lab::triton_scan_fwd", mutates_args=(), device_types="cuda")
+def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                    z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                    delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, the output before the gate or an empty tensor without z, chunk start states, last state)."""
+    from components.ops.selective_scan_triton import scan_fwd
+
+    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk=TRITON_SCAN_CHUNK)
+
+
+@triton_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    batch, dim, seqlen = u.shape
+    out = u.new_empty(batch, seqlen, dim).transpose(1, 2)  # the kernel's (b, l, d) storage
+    y = u.new_empty(batch, seqlen, dim).transpose(1, 2) if z is not None else _absent(u)
+    starts = u.new_empty(batch, -(-seqlen // TRITON_SCAN_CHUNK), dim, A.shape[1], dtype=torch.float32)
+    return out, y, starts, u.new_empty(batch, dim, A.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("arch_lab::triton_scan_bwd", mutates_args=(), device_types="cuda")
+def triton_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                    z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor,
+                    dlast: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                          Tensor, Tensor, Tensor, Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); absent inputs get empty tensors."""
+    from components.ops.selective_scan_triton import scan_bwd
+
+    grads = scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, y, dout, dlast, delta_softplus,
+                     chunk=TRITON_SCAN_CHUNK)
+    return tuple(g if g is not None else _absent(u) for g in grads)
+
+
+@triton_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, starts, y, dout, dlast, delta_softplus):
+    def like(t: Optional[Tensor]) -> Tensor:
+        return torch.empty_like(t) if t is not None else _absent(u)
+
+    state = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+    return (like(u), like(delta), like(A), B.new_empty(B.shape), C.new_empty(C.shape), like(D), like(z),
+            like(delta_bias), state)
+
+
+def _triton_scan_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    _, y, starts, _ = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts, y)
+    ctx.delta_softplus = delta_softplus
+    ctx.present = (D is not None, z is not None, delta_bias is not None, initial_state is not None)
+
+
+def _triton_scan_backward(ctx, d_out, d_y, d_starts, d_last):
+    u, delta, A, B, C, D, z, delta_bias, starts, y = ctx.saved_tensors
+    # Unlike mamba_ssm's kernel, this one takes the last state's gradient too (prefill chunks chain through it).
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = triton_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, starts, y, d_out, d_last, ctx.delta_softplus)
+    has_D, has_z, has_bias, has_h0 = ctx.present
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+            dh0 if has_h0 else None, None)
+
+
+triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_triton_scan_setup_context)
+
+
+def triton_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                       delta_softplus: bool, return_last_state: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """The Triton selective scan through its custom op: selective_scan_kernel's arguments plus an initial state
+    (float32, like A, D and delta_bias). Any strides: nothing is copied to contiguous first."""
+    out, _, _, last = triton_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return (out, last) if return_last_state else out
+
+
 def channel_last(t: Tensor) -> Tensor:
     """(batch, dim, len) with stride(1) == 1 and the other strides multiples of 8 (causal_conv1d's rule)."""
     if t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.stride(2) % 8 == 0:

@@ -17,9 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from components.ops.backend import check_shape, resolve_backend
-from components.ops.custom_ops import selective_scan_kernel, selective_state_update_kernel
+from components.ops.backend import BackendError, check_shape, resolve_backend
+from components.ops.custom_ops import selective_scan_kernel, selective_state_update_kernel, triton_scan_kernel
 from components.ops.ssd import segsum
+
+# The GPU kernels of selective_scan: mamba_ssm's CUDA kernel, or arch_lab's Triton one (selective_scan_triton.py).
+SCAN_KERNELS: tuple[str, ...] = ("mamba_ssm", "triton")
 
 # Default chunking target of selective_scan_reference: elements in one per-step slice.
 _STEP_ELEMENTS = 1 << 16
@@ -206,17 +209,32 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
     backend: str = "auto",
+    kernel: str = "mamba_ssm",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan over a sequence (see the module docstring for the recurrence).
 
     Returns out (b, d, l) in u's dtype and, if ``return_last_state``, the float32 state
-    after the last step (b, d, n). The kernel is mamba_ssm's selective-scan CUDA kernel (as
-    a custom op that torch.compile keeps in its graph: custom_ops.py), which has no
-    initial-state input: calls with ``initial_state`` always run on the reference. As in
-    mamba_ssm, the kernel's backward ignores gradients flowing into last_state.
+    after the last step (b, d, n). ``kernel`` picks the GPU kernel (both are custom ops that
+    torch.compile keeps in its graph: custom_ops.py):
+    - "mamba_ssm": mamba_ssm's selective-scan CUDA kernel (the faster one, scan_kernel_bench.py). It
+      has no initial-state input, so calls with ``initial_state`` (prefill chunks after the first)
+      run on the Triton kernel, or on the reference where triton is missing. As in mamba_ssm, its
+      backward ignores gradients flowing into last_state.
+    - "triton": arch_lab's Triton kernel (selective_scan_triton.py), with an initial state and
+      gradients for it and from last_state, on inputs of any strides.
     """
-    chosen = resolve_backend(backend, u, "selective_scan")
-    if chosen == "kernel" and initial_state is None:
+    if kernel not in SCAN_KERNELS:
+        raise BackendError(f"scan_kernel must be one of {list(SCAN_KERNELS)}, got {kernel!r}")
+    if kernel == "triton" or initial_state is not None:
+        if resolve_backend(backend, u, "selective_scan_triton") == "kernel":
+            _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+            return triton_scan_kernel(
+                u, delta, A.float().contiguous(), B, C, None if D is None else D.float().contiguous(), z,
+                None if delta_bias is None else delta_bias.float().contiguous(),
+                None if initial_state is None else initial_state.float().contiguous(), delta_softplus,
+                return_last_state,
+            )
+    elif resolve_backend(backend, u, "selective_scan") == "kernel":
         _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, None)
         # The CUDA kernel wants delta/B/C/z in u's dtype and A/D/delta_bias in float32.
         dtype = u.dtype

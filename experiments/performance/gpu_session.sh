@@ -10,6 +10,8 @@
 #   profile     kernels of decode steps (no CUDA graph), 300M, 8k context (PROFILE_ROWS, default "roadmap_e mamba")
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
+#   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
+#               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPS)
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
@@ -92,6 +94,10 @@ for phase in "$@"; do
           | tee -a "$OUT/bench_$phase.txt"
       done
     done ;;
+  scan)
+    timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 experiments/performance/scan_kernel_bench.py \
+      ${SCAN_CONFIGS:+--configs $SCAN_CONFIGS} --out "$OUT/scan_kernel_bench.json" 2>&1 \
+      | grep -vi warning | tee "$OUT/scan_kernel_bench.txt" ;;
   *)  # study tasks, side by side when joined by "+"
     # A fresh directory per call: the machine can keep /tmp and the checkout's ignored files (./mlruns) from earlier
     # calls, and their runs must not come back mixed into this call's. The runs start there, so MLflow puts their
@@ -102,7 +108,8 @@ for phase in "$@"; do
       case $task in
       mqar|text|head_ratio)
         (cd "$study_dir" && bash "$repo/experiments/roadmap/run_study.sh" $task "${SEEDS:-0 1}") & ;;
-      *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|mqar|text|head_ratio)"; exit 2 ;;
+      *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|scan|mqar|text|head_ratio)"
+         exit 2 ;;
       esac
     done
     wait ;;
