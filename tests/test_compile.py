@@ -44,12 +44,22 @@ def test_checkpoints_with_the_old_duplicate_weights_still_load():
         torch.testing.assert_close(q, p, msg=name)
 
 
+def trace_on_fake_tensors(fn, shapes):
+    """make_fx of ``fn`` on fake tensors (requires_grad) of the given (shape, dtype)s: the custom ops called in the
+    graph, and the fake values of its outputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
+    graph = make_fx(fn, tracing_mode="fake")(*inputs)
+    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    return ops, [v.meta["val"] for v in torch.utils._pytree.tree_leaves(output.args)]
+
+
 def test_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu():
     """torch.compile sees the mamba_ssm scan only through the custom op's fake implementation and its registered
     backward: trace both on fake tensors (the kernel never runs) and check the shapes and dtypes the CUDA kernel
     returns: outputs in u's dtype, a float32 last state, and each gradient in its input's dtype."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     from components.ops.custom_ops import selective_scan_kernel
 
     b, d, n, l = 2, 8, 4, 4100  # three of the kernel's 2048-step chunks
@@ -61,21 +71,15 @@ def test_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gp
     bf16 = torch.bfloat16
     shapes = [((b, d, l), bf16), ((b, d, l), bf16), ((d, n), torch.float32), ((b, n, l), bf16), ((b, n, l), bf16),
               ((d,), torch.float32), ((b, d, l), bf16), ((d,), torch.float32)]
-    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
-    graph = make_fx(scan_and_grads, tracing_mode="fake")(*inputs)
-    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    ops, values = trace_on_fake_tensors(scan_and_grads, shapes)
     assert "arch_lab.selective_scan_fwd.default" in ops and "arch_lab.selective_scan_bwd.default" in ops
-    output = next(node for node in graph.graph.nodes if node.op == "output")
-    results = [(tuple(v.meta["val"].shape), v.meta["val"].dtype) for v in torch.utils._pytree.tree_leaves(output.args)]
-    assert results == [((b, d, l), bf16), ((b, d, n), torch.float32), *shapes]
+    assert [(tuple(v.shape), v.dtype) for v in values] == [((b, d, l), bf16), ((b, d, n), torch.float32), *shapes]
 
 
 def test_triton_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu():
     """arch_lab's Triton scan as torch.compile sees it (fake tensors, no GPU, no kernel run): the output stored
     (b, l, d) as the kernel writes it, a float32 last state, and every gradient, the initial state's and the one
     from the last state included, in its input's dtype and shape."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     from components.ops.custom_ops import triton_scan_kernel
 
     b, d, n, l = 2, 8, 4, 130  # three of the kernel's 64-step chunks
@@ -87,12 +91,8 @@ def test_triton_scan_custom_op_traces_forward_and_backward_with_kernel_shapes_an
     bf16, f32 = torch.bfloat16, torch.float32
     shapes = [((b, d, l), bf16), ((b, d, l), bf16), ((d, n), f32), ((b, n, l), bf16), ((b, n, l), bf16), ((d,), f32),
               ((b, d, l), bf16), ((d,), f32), ((b, d, n), f32)]
-    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
-    graph = make_fx(scan_and_grads, tracing_mode="fake")(*inputs)
-    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    ops, values = trace_on_fake_tensors(scan_and_grads, shapes)
     assert "arch_lab.triton_scan_fwd.default" in ops and "arch_lab.triton_scan_bwd.default" in ops
-    output = next(node for node in graph.graph.nodes if node.op == "output")
-    values = [v.meta["val"] for v in torch.utils._pytree.tree_leaves(output.args)]
     assert [(tuple(v.shape), v.dtype) for v in values] == [((b, d, l), bf16), ((b, d, n), f32), *shapes]
     assert values[0].stride() == (l * d, 1, d)
 
@@ -101,8 +101,6 @@ def test_ssd_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu
     """The Mamba-2 SSD op as torch.compile sees it (fake tensors, no GPU): outputs in x's dtype, a float32 final
     state, and each gradient in its input's dtype (the kernels return the initial state's in x's dtype, which
     autograd casts)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     from components.ops.custom_ops import ssd_scan_kernel
 
     b, l, h, p, g, n = 2, 100, 4, 8, 2, 16
@@ -114,13 +112,9 @@ def test_ssd_custom_op_traces_forward_and_backward_with_kernel_shapes_and_no_gpu
     bf16, f32 = torch.bfloat16, torch.float32
     shapes = [((b, l, h, p), bf16), ((b, l, h), bf16), ((h,), f32), ((b, l, g, n), bf16), ((b, l, g, n), bf16),
               ((h,), f32), ((b, l, h, p), bf16), ((h,), f32), ((b, h, p, n), f32)]
-    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
-    graph = make_fx(scan_and_grads, tracing_mode="fake")(*inputs)
-    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    ops, values = trace_on_fake_tensors(scan_and_grads, shapes)
     assert "arch_lab.ssd_scan_fwd.default" in ops and "arch_lab.ssd_scan_bwd.default" in ops
-    output = next(node for node in graph.graph.nodes if node.op == "output")
-    results = [(tuple(v.meta["val"].shape), v.meta["val"].dtype) for v in torch.utils._pytree.tree_leaves(output.args)]
-    assert results == [((b, l, h, p), bf16), ((b, h, p, n), f32), *shapes]
+    assert [(tuple(v.shape), v.dtype) for v in values] == [((b, l, h, p), bf16), ((b, h, p, n), f32), *shapes]
 
 
 @pytest.mark.parametrize("channel_last", [False, True])
