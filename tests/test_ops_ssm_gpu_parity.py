@@ -151,7 +151,8 @@ def test_selective_scan_kernel_matches_reference(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_selective_scan_matches_reference(dtype: torch.dtype) -> None:
     """arch_lab's Triton scan: outputs, last state and every gradient, including the initial state's and the one
-    flowing in from the last state, on channel-last views (as the model passes them) and contiguous inputs."""
+    flowing in from the last state, on channel-last views (as the model passes them) and contiguous inputs, and at
+    an odd length (the walks take UNROLL steps per iteration: a chunk of odd length runs the remainder too)."""
     require("triton")
     g = generator(2)
     inputs = dict(scan_inputs(), initial_state=torch.randn(BATCH, SCAN_DIM, SCAN_STATE, device="cuda", generator=g))
@@ -159,6 +160,8 @@ def test_triton_selective_scan_matches_reference(dtype: torch.dtype) -> None:
     options = dict(delta_softplus=True, return_last_state=True, kernel="triton")
     low = ("u", "delta", "B", "C", "z")
     compare_kernel_with_reference(selective_scan, inputs, low, dtype, (0, 1), **options)
+    odd = {name: t[..., :SEQLEN - 1] if t.shape[-1] == SEQLEN else t for name, t in inputs.items()}
+    compare_kernel_with_reference(selective_scan, odd, low, dtype, (0, 1), **options)
     channel_last = {name: t.transpose(1, 2).contiguous().transpose(1, 2) if name in ("u", "delta", "z") else t
                     for name, t in inputs.items()}
     del channel_last["initial_state"]

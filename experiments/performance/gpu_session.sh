@@ -15,7 +15,8 @@
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
-# TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"), DECODE_COMPILE the
+# TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"), TRAIN_SCAN_KERNELS the
+# Mamba-1 scan kernels their SSM rows run with, one bench each (default "mamba_ssm"), DECODE_COMPILE the
 # decode phase's (compile_decode; default "false"; each row runs its modes back to back, HF generate with the first).
 # Each bench stops after BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent,
 # whichever comes first.
@@ -89,9 +90,11 @@ for phase in "$@"; do
     [[ $phase == train ]] && rows="transformer roadmap_e" || rows=${PROFILE_ROWS:-roadmap_e}
     for compile in ${TRAIN_COMPILE:-$([[ $phase == train ]] && echo false true || echo true)}; do
       for row in $rows; do
-        bench model=${row}_300m measure=[$phase] profile_steps=3 train_seq_len=2048 train_batch=8 train_steps=6 \
-          compile=$compile +tags.row=$row +tags.study=performance +tags.compiled=$compile \
-          | tee -a "$OUT/bench_$phase.txt"
+        for scan in $([[ $row == transformer ]] && echo mamba_ssm || echo ${TRAIN_SCAN_KERNELS:-mamba_ssm}); do
+          bench model=${row}_300m measure=[$phase] profile_steps=3 train_seq_len=2048 train_batch=8 train_steps=6 \
+            compile=$compile scan_kernel=$scan +tags.row=$row +tags.study=performance +tags.compiled=$compile \
+            +tags.scan_kernel=$scan | tee -a "$OUT/bench_$phase.txt"
+        done
       done
     done ;;
   scan)

@@ -1,15 +1,18 @@
 """Time the Mamba-1 selective scan's GPU kernels side by side at row E's training shape, and check they agree.
 
-    python experiments/performance/scan_kernel_bench.py                    # batch 8, 2048 channels, 2176 steps
-    python experiments/performance/scan_kernel_bench.py --configs 32x64x4 16x128x4 --out scan.json
+    python experiments/performance/scan_kernel_bench.py                    # batch 8, 1024 channels, 2176 steps
+    python experiments/performance/scan_kernel_bench.py --configs 16x16x1x16x2 32x16x2x16x1 --out scan.json
 
 Inputs are laid out as Mamba1Heads passes them in training (u and z channel-last views of the input projection,
 delta a transposed (b, l, d) tensor, B and C contiguous (b, n, l)), bf16 with float32 A, D and delta bias. Rows:
 - mamba_ssm: `selective_scan(kernel="mamba_ssm")`, mamba_ssm's CUDA kernel with the copies to contiguous it needs;
 - triton: `selective_scan(kernel="triton")`, arch_lab's kernel at its launch defaults;
-- triton BxCxW: the Triton launchers with block_d=B channels, chunk=C steps, num_warps=W (for choosing defaults).
-Forward and forward+backward are timed with CUDA events (median of --iters after --warmup). The agreement columns
-are ||triton - mamba_ssm|| / ||mamba_ssm|| for the output and each gradient.
+- triton BxCxWxAxU: the Triton launchers with block_d=B channels, chunk=C steps, num_warps=W, the forward's
+  prefetch A steps ahead and U steps per loop iteration (for choosing defaults).
+Forward and forward+backward are timed with CUDA events (median of --iters after --warmup), which count the host's
+gaps between launches too; the kernel columns sum the device time of forward+backward's kernels with torch.profiler
+(all of them, and the scan kernels alone), as a compiled training step sees them. The agreement columns are
+||triton - mamba_ssm|| / ||mamba_ssm|| for the output and each gradient.
 """
 from __future__ import annotations
 
@@ -57,6 +60,32 @@ def cuda_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
+    """(all kernels, the scan kernels alone) in device ms per call, summed by torch.profiler: the GPU's time without
+    the host's gaps between launches, as a compiled training step sees the kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    scan = sum(e.self_device_time_total for e in kernels if "scan" in e.key.lower())
+    return total / 1000 / iters, scan / 1000 / iters
+
+
+def timed(forward: Callable[[], object], forward_backward: Callable[[], object], warmup: int, iters: int) -> dict:
+    with torch.no_grad():
+        fwd_ms = cuda_ms(forward, warmup, iters)
+    kernels, scan = kernel_ms(forward_backward, iters)
+    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": cuda_ms(forward_backward, warmup, iters), "kernel_ms": kernels,
+            "scan_kernel_ms": scan}
+
+
 def autograd_row(kernel: str, inputs: dict, dim: int, dout: torch.Tensor, warmup: int, iters: int) -> dict:
     from components.ops.selective_scan import selective_scan
 
@@ -68,30 +97,29 @@ def autograd_row(kernel: str, inputs: dict, dim: int, dout: torch.Tensor, warmup
     def forward_backward() -> None:
         torch.autograd.grad(forward(), list(leaves.values()), dout)
 
-    with torch.no_grad():
-        fwd_ms = cuda_ms(forward, warmup, iters)
-    both_ms = cuda_ms(forward_backward, warmup, iters)
+    row = timed(forward, forward_backward, warmup, iters)
     out = forward()
     grads = torch.autograd.grad(out, list(leaves.values()), dout)
-    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "out": out.detach(), "grads": dict(zip(leaves, grads))}
+    return {**row, "out": out.detach(), "grads": dict(zip(leaves, grads))}
 
 
 def launcher_row(config: str, inputs: dict, dim: int, dout: torch.Tensor, warmup: int, iters: int) -> dict:
     from components.ops import selective_scan_triton as kernels
 
-    block_d, chunk, num_warps = (int(v) for v in config.split("x"))
-    launch = dict(block_d=block_d, chunk=chunk, num_warps=num_warps)
+    block_d, chunk, num_warps, ahead, unroll = (int(v) for v in config.split("x"))
+    launch = dict(block_d=block_d, chunk=chunk, num_warps=num_warps, unroll=unroll)
+    fwd_launch = dict(launch, ahead=ahead)
     args = scan_args(inputs, dim)
     positional = (args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"])
 
     def forward():
-        return kernels.scan_fwd(*positional, None, True, **launch)
+        return kernels.scan_fwd(*positional, None, True, **fwd_launch)
 
     def forward_backward() -> None:
         _, y, starts, _ = forward()
         kernels.scan_bwd(*positional, starts, y, dout, None, True, **launch)
 
-    return {"fwd_ms": cuda_ms(forward, warmup, iters), "fwd_bwd_ms": cuda_ms(forward_backward, warmup, iters)}
+    return timed(forward, forward_backward, warmup, iters)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,10 +129,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=2048, help="SSM channels (row E at 300M: 2 x d_model)")
+    parser.add_argument("--dim", type=int, default=1024,
+                        help="SSM channels (row E at 300M: its parameter budget sets ssm_inner to 1,024)")
     parser.add_argument("--seqlen", type=int, default=2176, help="2048 tokens + 128 meta tokens")
     parser.add_argument("--dstate", type=int, default=16)
-    parser.add_argument("--configs", nargs="*", default=[], help="Triton launches BLOCK_DxCHUNKxWARPS to time too")
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLL to time too")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -125,12 +155,16 @@ def main() -> None:
         rows[f"triton {config}"] = launcher_row(config, inputs, args.dim, dout, args.warmup, args.iters)
 
     base = reference["fwd_bwd_ms"]
-    print(f"{'kernel':<22}{'forward ms':>12}{'fwd+bwd ms':>12}{'speed-up (fwd+bwd)':>20}")
+    base_scan = reference["scan_kernel_ms"]
+    print(f"{'kernel':<24}{'forward ms':>11}{'fwd+bwd ms':>11}{'speed-up':>9}{'kernels ms':>11}{'scan kernels ms':>16}"
+          f"{'speed-up':>9}")
     for name, row in rows.items():
-        print(f"{name:<22}{row['fwd_ms']:>12.3f}{row['fwd_bwd_ms']:>12.3f}{base / row['fwd_bwd_ms']:>19.2f}x")
+        print(f"{name:<24}{row['fwd_ms']:>11.3f}{row['fwd_bwd_ms']:>11.3f}{base / row['fwd_bwd_ms']:>8.2f}x"
+              f"{row['kernel_ms']:>11.3f}{row['scan_kernel_ms']:>16.3f}{base_scan / row['scan_kernel_ms']:>8.2f}x")
     print("triton vs mamba_ssm, relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
     if args.out:
-        table = {name: {k: row[k] for k in ("fwd_ms", "fwd_bwd_ms")} for name, row in rows.items()}
+        table = {name: {k: row[k] for k in ("fwd_ms", "fwd_bwd_ms", "kernel_ms", "scan_kernel_ms")}
+                 for name, row in rows.items()}
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "shape": shape, "rows": table,
                        "agreement": agreement}, f, indent=2)
