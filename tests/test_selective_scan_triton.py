@@ -14,8 +14,9 @@ if torch.cuda.is_available():  # conftest.py turns the interpreter on for CPU ma
     pytest.skip("the GPU tests run the compiled kernels", allow_module_level=True)
 from components.ops import selective_scan_triton as kernels  # noqa: E402 - after the skips
 
-# Small launch shapes keep the interpreter fast; dim, length and state are not multiples of them.
-LAUNCH = dict(block_d=8, chunk=8, num_warps=1)
+# Small launch shapes keep the interpreter fast; dim, length and state are not multiples of them, and the three
+# chunks fall into two segments (the output walks run per segment, from the states the first walks saved).
+LAUNCH = dict(block_d=8, chunk=8, num_warps=1, segment=2)
 BATCH, DIM, SEQLEN, DSTATE = 2, 12, 21, 3
 
 

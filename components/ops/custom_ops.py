@@ -107,7 +107,7 @@ def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 
 
 # ---- arch_lab's own Triton selective scan (selective_scan_triton.py), the same op boundary ----------------------
-# Its kernels keep one float32 start state per chunk of this many steps for the backward (8 was 3% faster at row
+# Its kernels keep one float32 start state per chunk of this many steps for the backward (8 was 3-4% faster at row
 # E's shape and 32 slower; each chunk costs b x d_inner x d_state x 4 bytes of saved memory).
 TRITON_SCAN_CHUNK = 16
 

@@ -2,25 +2,30 @@
 
 mamba_ssm's kernel takes no initial state, so prefill chunks after the first would fall back to the PyTorch
 reference; this one takes an initial state and the last state's gradient, and inputs of any strides. At row E's
-training shape it runs at 0.93-0.96x the speed of mamba_ssm's kernels, and E's compiled training step at 0.99x
-(experiments/performance/RESULTS.md), so mamba_ssm's stays the default training kernel.
+training shape its kernels take 0.94x the time of mamba_ssm's (experiments/performance/RESULTS.md); mamba_ssm's
+stays the default training kernel.
 
-One program owns a batch row and a block of BLOCK_D channels with all their state dims, a (BLOCK_D, state) float32
+Each program owns a batch row and a block of BLOCK_D channels with all their state dims, a (BLOCK_D, state) float32
 tile held in registers by one warp, and walks the sequence one step at a time: h_t = exp(delta_t A) h_{t-1} +
 delta_t B_t u_t. A sequential walk costs one multiply-add per (channel, state, step), where a parallel
 (associative) scan costs a log-depth tree of them (this file's first version did that, and ran at 0.65-0.81x of
-mamba_ssm's speed); the parallelism is across batch rows and channels. Every program walks all steps, so a step's
-latency, not the bandwidth, sets the time: each step prefetches the inputs of a step further on into L1. The
-forward saves the state at the start of every chunk of CHUNK steps. The backward walks the chunks in reverse: it
-runs the forward again over the chunk from its saved start, writing each h_{t-1} to a per-program scratch buffer
-(small enough to stay in L2), then runs the adjoint recurrence backwards
+mamba_ssm's speed). A walk's time is its steps times a step's latency, not its work, so each step prefetches the
+inputs of a step further on into L1, and every pass that can is split along the sequence:
 
-    g_t = C_t dy_t + a_{t+1} g_{t+1}        (g_t: the gradient of h_t; a_t = exp(delta_t A))
+- forward: a first walk through the whole sequence carries the state alone and saves it at every chunk of CHUNK
+  steps; then one program per segment of SEGMENT chunks walks its steps again from its saved start and writes the
+  outputs;
+- backward: a first walk from the end carries the adjoint state alone,
 
-reading h_{t-1} back (recovering it as (h_t - x_t) / a_t would blow up where decays underflow). dB and dC are
-summed over the block's channels inside the program and over blocks by torch; dA, dD and the delta-bias gradient per
-batch row likewise. Nothing uses atomics (mamba_ssm's backward adds every channel's dB and dC into the same global
-memory with atomics), so the gradients are deterministic.
+      g_{t-1} = a_t (g_t + C_t dy_t)        (g_t: the gradient reaching h_t from later steps; a_t = exp(delta_t A))
+
+  and saves it where it enters every chunk; then one program per segment takes its chunks in reverse: it runs the
+  forward again over the chunk from the saved start, writing each h_{t-1} to a per-program scratch buffer, and walks
+  back reading them (recovering h_{t-1} as (h_t - x_t) / a_t would blow up where decays underflow).
+
+dB and dC are summed over the block's channels inside the program and over blocks by torch; dA, dD and the
+delta-bias gradient over segments and batch rows likewise. Nothing uses atomics (mamba_ssm's backward adds every
+channel's dB and dC into the same global memory with atomics), so the gradients are deterministic.
 
 The launchers work in float32 inside. Importing this module imports triton, so only ops/backend.py (when it looks
 for kernels) and custom_ops.py (when the op first runs) import it. On a CPU, TRITON_INTERPRET=1 runs the kernels in
@@ -36,12 +41,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Launch defaults, the fastest tried at row E's shape (scan_kernel_bench.py). The chunk has no default: the backward
-# must get the forward's, whose start states it reads (the custom op's is TRITON_SCAN_CHUNK).
+# Launch defaults, among the fastest tried at row E's shape (scan_kernel_bench.py). The chunk has no default: the
+# backward must get the forward's, whose start states it reads (the custom op's is TRITON_SCAN_CHUNK).
 BLOCK_D = 16  # channels per program: 8 or 4 were slower, 32 too
 NUM_WARPS = 1  # more warps share the tile across warps, and its reductions go through shared memory: 2x slower
-AHEAD = 8  # steps between a forward step's prefetch and its use
+AHEAD = 8  # steps between a step's prefetch and its use (the backward's second walk prefetches a chunk ahead)
 UNROLL = 2  # steps per iteration of the walks: consecutive steps' loads, reductions and stores overlap
+SEGMENT = 4  # chunks per program of the second walks (forward and backward); 2 to 16 timed alike
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # decays are exp2(delta * A * log2(e)): one MUFU instruction each
@@ -97,128 +103,204 @@ def _prefetch(rows, stride_l, t, seqlen, PREFETCH: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_inputs(u_rows, delta_rows, B_rows, C_rows, su_l, sdl_l, sB_l, sC_l, t, seqlen,
-                     PREFETCH: tl.constexpr):
-    """u, delta, B and C at step t (the inputs every walk reads)."""
-    _prefetch(u_rows, su_l, t, seqlen, PREFETCH)
-    _prefetch(delta_rows, sdl_l, t, seqlen, PREFETCH)
-    _prefetch(B_rows, sB_l, t, seqlen, PREFETCH)
-    _prefetch(C_rows, sC_l, t, seqlen, PREFETCH)
+def _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS: tl.constexpr):
+    """u, the biased pre-softplus delta and the step size at step t, float32."""
+    u = tl.load(u_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
+    raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
+    return u, raw, _step_size(raw, SOFTPLUS)
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, y_ptr, starts_ptr, last_ptr,
+def _dy_and_dz(dout_b, z_b, y_b, dz_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, sy_d, sy_l, sdz_d, sdz_l, t,
+               HAS_Z: tl.constexpr, STORE_DZ: tl.constexpr):
+    """The gradient of the scan's output before the gate at step t (storing the gate's gradient if asked)."""
+    dy = tl.load(dout_b + d * sdo_d + t * sdo_l, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
+        gate = tl.sigmoid(z)
+        if STORE_DZ:
+            y = tl.load(y_b + d * sy_d + t * sy_l, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(dz_b + d * sdz_d + t * sdz_l, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_b.dtype.element_ty),
+                     mask=dmask)
+        dy = dy * z * gate
+    return dy
+
+
+@triton.jit
+def _scan_states_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, h0_ptr, starts_ptr, last_ptr,
     dim, seqlen, nchunks,
-    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
-    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
-    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-    PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_n, sB_l,
+    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
 ):
+    """The forward's first walk, through the whole sequence: the state alone, saved at every chunk's start and at
+    the end. With no output to reduce or store, its steps are short; the outputs come from _scan_fwd_kernel."""
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
-    d, dmask, cols, nmask, smask, state_offsets, A, bias, Dskip = _program_channels(
-        pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
+    d, dmask, cols, nmask, smask, state_offsets, A, bias, _ = _program_channels(
+        pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
     dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
     A2 = A * LOG2E
     h = _batch_state(h0_ptr, b * dim * DSTATE + state_offsets, smask, HAS_H0, BLOCK_D, NP)
-    u_b, delta_b, z_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b
-    B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
-    # B and C are loaded as (BLOCK_D, state) tiles that repeat across channels: in the state tile's own layout, with no
+    u_b, delta_b, B_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, B_ptr + b * sB_b
+    # B is loaded as a (BLOCK_D, state) tile that repeats across channels: in the state tile's own layout, with no
     # layout conversion (a round trip through shared memory) at every step. int32 offsets: half a pointer's registers.
-    B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]
-    out_row, y_row = out_ptr + b * so_b + d * so_d, y_ptr + b * so_b + d * so_d
+    B_col = cols[None, :] * sB_n + 0 * d[:, None]
     for c in range(0, nchunks):
         tl.store(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, h, mask=smask)
         for t in tl.range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seqlen), loop_unroll_factor=UNROLL):
-            _prefetch_inputs(u_b + dsafe * su_d, delta_b + dsafe * sdl_d, B_b + nsafe * sB_n, C_b + nsafe * sC_n,
-                             su_l, sdl_l, sB_l, sC_l, t + AHEAD, seqlen, PREFETCH)
-            u = tl.load(u_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
-            dt = _step_size(tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias,
-                            SOFTPLUS)
+            _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
+            u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
             B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
-                z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
-            y = tl.sum(h * C_t, axis=1) + Dskip * u
-            if HAS_Z:
-                tl.store(y_row + t * so_l, y.to(y_ptr.dtype.element_ty), mask=dmask)  # the backward's dz needs it
-                y = y * z * tl.sigmoid(z)
-            tl.store(out_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=dmask)
     tl.store(last_ptr + b * dim * DSTATE + state_offsets, h, mask=smask)
 
 
 @triton.jit
-def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr, y_ptr, dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, scratch_ptr,
-    dim, seqlen, nchunks, batch,
-    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, sdo_b, sdo_d, sdo_l,
-    sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr, out_ptr, y_ptr,
+    dim, seqlen, nchunks,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
     DSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEGMENT: tl.constexpr,
+    PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """Gradients. dA (b, dim, n), dD and dbias (b, dim), dB and dC (dim blocks, b, n, l) are partial sums the
-    launcher adds up; dh0 is the initial state's gradient."""
-    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
+    """The outputs: each program walks one segment of SEGMENT chunks from its saved start state."""
+    pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     d, dmask, cols, nmask, smask, state_offsets, A, bias, Dskip = _program_channels(
         pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
     dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
     A2 = A * LOG2E
-    # g: the gradient reaching the state after the step at hand from later steps, first the last state's.
+    h = tl.load(starts_ptr + (b * nchunks + seg * SEGMENT) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
+    u_b, delta_b, z_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b
+    B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
+    B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]  # as above
+    out_row, y_row = out_ptr + b * so_b + d * so_d, y_ptr + b * so_b + d * so_d
+    lo = seg * SEGMENT * CHUNK
+    for t in tl.range(lo, tl.minimum(lo + SEGMENT * CHUNK, seqlen), loop_unroll_factor=UNROLL):
+        _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(C_b + nsafe * sC_n, sC_l, t + AHEAD, seqlen, PREFETCH)
+        u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
+        B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
+        C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
+            z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
+        y = tl.sum(h * C_t, axis=1) + Dskip * u
+        if HAS_Z:
+            tl.store(y_row + t * so_l, y.to(y_ptr.dtype.element_ty), mask=dmask)  # the backward's dz needs it
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _adjoint_states_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ends_ptr, dh0_ptr,
+    dim, seqlen, nchunks,
+    sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l, sC_b, sC_n, sC_l,
+    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
+    AHEAD: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """The backward's first walk, from the end: the adjoint state g alone (g_{t-1} = a_t (g_t + C_t dy_t)), saved
+    where it enters every chunk from the steps after it, and the initial state's gradient."""
+    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
+    d, dmask, cols, nmask, smask, state_offsets, A, bias, _ = _program_channels(
+        pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
+    dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
+    A2 = A * LOG2E
     g = _batch_state(dlast_ptr, b * dim * DSTATE + state_offsets, smask, HAS_DLAST, BLOCK_D, NP)
+    delta_b, z_b, dout_b, C_b = delta_ptr + b * sdl_b, z_ptr + b * sz_b, dout_ptr + b * sdo_b, C_ptr + b * sC_b
+    C_col = cols[None, :] * sC_n + 0 * d[:, None]  # as in _scan_states_kernel
+    for i in range(0, nchunks):
+        c = nchunks - 1 - i
+        tl.store(ends_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, g, mask=smask)
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, seqlen)
+        for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
+            t = hi - 1 - j
+            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - AHEAD, seqlen, PREFETCH)
+            _prefetch(dout_b + dsafe * sdo_d, sdo_l, t - AHEAD, seqlen, PREFETCH)
+            _prefetch(C_b + nsafe * sC_n, sC_l, t - AHEAD, seqlen, PREFETCH)
+            if HAS_Z:
+                _prefetch(z_b + dsafe * sz_d, sz_l, t - AHEAD, seqlen, PREFETCH)
+            raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
+            dy = _dy_and_dz(dout_b, z_b, z_b, z_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, 0, 0, 0, 0, t, HAS_Z,
+                            False)  # y and dz go unused when the gate's gradient is not stored
+            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+            g = (g + dy[:, None] * C_t) * tl.exp2(_step_size(raw, SOFTPLUS)[:, None] * A2)
+    tl.store(dh0_ptr + b * dim * DSTATE + state_offsets, g, mask=smask)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr, ends_ptr, y_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, scratch_ptr,
+    dim, seqlen, nchunks, batch,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, sdo_b, sdo_d, sdo_l,
+    sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEGMENT: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """Gradients, each program over one segment of SEGMENT chunks, from the saved start states and the saved
+    adjoint states where they enter the chunks. dA (segments, b, dim, n), dD and dbias (segments, b, dim), dB and
+    dC (dim blocks, b, n, l) are partial sums the launcher adds up."""
+    pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    d, dmask, cols, nmask, smask, state_offsets, A, bias, Dskip = _program_channels(
+        pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
+    dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
+    A2 = A * LOG2E
+    first, stop = seg * SEGMENT, tl.minimum(seg * SEGMENT + SEGMENT, nchunks)
+    # g: the gradient reaching the state after the step at hand from later steps.
+    g = tl.load(ends_ptr + (b * nchunks + stop - 1) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     dA = tl.zeros((BLOCK_D, NP), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
-    program = pid_d * batch + b
-    part = program * DSTATE * seqlen  # this program's slice of the dB/dC partial sums
+    program = (seg * batch + b) * tl.num_programs(0) + pid_d
+    part = (pid_d * batch + b) * DSTATE * seqlen  # this program's rows of the dB/dC partial sums
     # This program's states before each step of the chunk at hand; each thread reads back only what it wrote.
     scratch = scratch_ptr + program * CHUNK * BLOCK_D * NP + tl.arange(0, BLOCK_D)[:, None] * NP + cols[None, :]
     u_b, delta_b, z_b, y_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b, y_ptr + b * sy_b
     dout_b, B_b, C_b = dout_ptr + b * sdo_b, B_ptr + b * sB_b, C_ptr + b * sC_b
-    B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]  # as in the forward
+    dz_b = dz_ptr + b * sdz_b
+    B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]  # as above
     du_row, ddelta_row = du_ptr + b * sdu_b + d * sdu_d, ddelta_ptr + b * sddl_b + d * sddl_d
-    dz_row = dz_ptr + b * sdz_b + d * sdz_d
-    for i in range(0, nchunks):
-        c = nchunks - 1 - i
+    for i in range(0, stop - first):
+        c = stop - 1 - i
         lo = c * CHUNK
         hi = tl.minimum(lo + CHUNK, seqlen)
         # Forward again over the chunk from its saved start state, keeping h_{t-1} for every step.
         h = tl.load(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
         for t in tl.range(lo, hi, loop_unroll_factor=UNROLL):
             tl.store(scratch + (t - lo) * BLOCK_D * NP, h)
-            u = tl.load(u_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
-            dt = _step_size(tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias,
-                            SOFTPLUS)
+            u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
             B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
         # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}.
         for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
             t = hi - 1 - j
             # Both walks over the chunk before (the next one here) read its inputs at these offsets.
-            _prefetch_inputs(u_b + dsafe * su_d, delta_b + dsafe * sdl_d, B_b + nsafe * sB_n, C_b + nsafe * sC_n,
-                             su_l, sdl_l, sB_l, sC_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(u_b + dsafe * su_d, su_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(B_b + nsafe * sB_n, sB_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(C_b + nsafe * sC_n, sC_l, t - CHUNK, seqlen, PREFETCH)
             _prefetch(dout_b + dsafe * sdo_d, sdo_l, t - CHUNK, seqlen, PREFETCH)
-            h_prev = tl.load(scratch + (t - lo) * BLOCK_D * NP)
-            u = tl.load(u_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
-            raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
-            dy = tl.load(dout_b + d * sdo_d + t * sdo_l, mask=dmask, other=0.0).to(tl.float32)
             if HAS_Z:
                 _prefetch(z_b + dsafe * sz_d, sz_l, t - CHUNK, seqlen, PREFETCH)
                 _prefetch(y_b + dsafe * sy_d, sy_l, t - CHUNK, seqlen, PREFETCH)
-                z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
-                y = tl.load(y_b + d * sy_d + t * sy_l, mask=dmask, other=0.0).to(tl.float32)
-                gate = tl.sigmoid(z)
-                tl.store(dz_row + t * sdz_l, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
-                         mask=dmask)
-                dy = dy * z * gate
-            dt = _step_size(raw, SOFTPLUS)
+            h_prev = tl.load(scratch + (t - lo) * BLOCK_D * NP)
+            u, raw, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
+            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
+            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+            dy = _dy_and_dz(dout_b, z_b, y_b, dz_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, sy_d, sy_l, sdz_d, sdz_l, t,
+                            HAS_Z, True)
             decay = tl.exp2(dt[:, None] * A2)
             dtu = dt * u
             h = decay * h_prev + dtu[:, None] * B_t
@@ -237,10 +319,10 @@ def _scan_bwd_kernel(
             tl.store(du_row + t * sdu_l, (dt * gB + Dskip * dy).to(du_ptr.dtype.element_ty), mask=dmask)
             tl.store(ddelta_row + t * sddl_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=dmask)
             g = g * decay
-    tl.store(dA_ptr + b * dim * DSTATE + state_offsets, dA, mask=smask)
-    tl.store(dh0_ptr + b * dim * DSTATE + state_offsets, g, mask=smask)
-    tl.store(dD_ptr + b * dim + d, dD, mask=dmask)
-    tl.store(dbias_ptr + b * dim + d, dbias, mask=dmask)
+    row = seg * batch + b
+    tl.store(dA_ptr + row * dim * DSTATE + state_offsets, dA, mask=smask)
+    tl.store(dD_ptr + row * dim + d, dD, mask=dmask)
+    tl.store(dbias_ptr + row * dim + d, dbias, mask=dmask)
 
 
 # Triton's interpreter (the CPU tests) runs no inline PTX.
@@ -263,8 +345,8 @@ def _dummy(like: Tensor) -> Tensor:
 
 def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], initial_state: Optional[Tensor], delta_softplus: bool, *, chunk: int,
-             block_d: int = BLOCK_D, num_warps: int = NUM_WARPS, ahead: int = AHEAD,
-             unroll: int = UNROLL) -> tuple[Tensor, ...]:
+             block_d: int = BLOCK_D, num_warps: int = NUM_WARPS, ahead: int = AHEAD, unroll: int = UNROLL,
+             segment: int = SEGMENT) -> tuple[Tensor, ...]:
     """(out in u's dtype, the output before the gate (empty without z), float32 start states of the chunks of
     ``chunk`` steps (b, chunks, d, n), float32 last state (b, d, n)). A, D, delta_bias, initial_state: float32
     and contiguous (selective_scan passes them so); the others any strides."""
@@ -276,51 +358,68 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     starts = u.new_empty(batch, nchunks, dim, dstate, dtype=torch.float32)
     last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
     dummy = _dummy(u)
-    _scan_fwd_kernel[(triton.cdiv(dim, block_d), batch)](
-        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, initial_state if initial_state is not None else dummy,
-        out, y if z is not None else dummy, starts, last,
+    blocks, np2 = triton.cdiv(dim, block_d), triton.next_power_of_2(dstate)
+    bias = delta_bias if delta_bias is not None else dummy
+    _scan_states_kernel[(blocks, batch)](
+        u, delta, A, B, bias, initial_state if initial_state is not None else dummy, starts, last,
+        dim, seqlen, nchunks, *u.stride(), *delta.stride(), *B.stride(),
+        DSTATE=dstate, NP=np2, HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll,
+        num_warps=num_warps,
+    )
+    _scan_fwd_kernel[(blocks, batch, triton.cdiv(nchunks, segment))](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy, bias, starts, out,
+        y if z is not None else dummy,
         dim, seqlen, nchunks,
         *u.stride(), *delta.stride(), *_strides3(z), *out.stride(), *B.stride(), *C.stride(),
-        DSTATE=dstate, NP=triton.next_power_of_2(dstate), HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, CHUNK=chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll, num_warps=num_warps,
+        DSTATE=dstate, NP=np2, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, SEGMENT=segment, PREFETCH=_PREFETCH, AHEAD=ahead,
+        UNROLL=unroll, num_warps=num_warps,
     )
     return out, y, starts, last
 
 
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor, dlast: Optional[Tensor],
-             delta_softplus: bool, *, chunk: int, block_d: int = BLOCK_D,
-             num_warps: int = NUM_WARPS, unroll: int = UNROLL) -> tuple[Tensor, ...]:
+             delta_softplus: bool, *, chunk: int, block_d: int = BLOCK_D, num_warps: int = NUM_WARPS,
+             ahead: int = AHEAD, unroll: int = UNROLL, segment: int = SEGMENT) -> tuple[Tensor, ...]:
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state): each in its input's dtype and layout, the
     state's float32; None for absent inputs. dlast may have any strides (autograd passes expanded ones)."""
     batch, dim, seqlen = u.shape
     dlast = dlast.float().contiguous() if dlast is not None else None
     dstate = A.shape[1]
     nchunks = starts.shape[1]
-    blocks = triton.cdiv(dim, block_d)
+    blocks, np2, segments = triton.cdiv(dim, block_d), triton.next_power_of_2(dstate), triton.cdiv(nchunks, segment)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
-    dA = u.new_empty(batch, dim, dstate, dtype=torch.float32)
+    dA = u.new_empty(segments, batch, dim, dstate, dtype=torch.float32)
     dB = u.new_empty(blocks, batch, dstate, seqlen, dtype=torch.float32)
     dC = torch.empty_like(dB)
-    dD = u.new_empty(batch, dim, dtype=torch.float32)
+    dD = u.new_empty(segments, batch, dim, dtype=torch.float32)
     dbias = torch.empty_like(dD)
-    dh0 = torch.empty_like(dA)
-    scratch = u.new_empty(blocks * batch * chunk * block_d * triton.next_power_of_2(dstate), dtype=torch.float32)
+    ends = torch.empty_like(starts)
+    dh0 = u.new_empty(batch, dim, dstate, dtype=torch.float32)
+    scratch = u.new_empty(segments * batch * blocks * chunk * block_d * np2, dtype=torch.float32)
     dummy = _dummy(u)
-    _scan_bwd_kernel[(blocks, batch)](
-        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, starts, y if z is not None else dummy, dout,
-        dlast if dlast is not None else dummy,
-        du, ddelta, dz if z is not None else dummy, dA, dB, dC, dD, dbias, dh0, scratch,
+    bias = delta_bias if delta_bias is not None else dummy
+    _adjoint_states_kernel[(blocks, batch)](
+        delta, A, C, z if z is not None else dummy, bias, dout, dlast if dlast is not None else dummy, ends, dh0,
+        dim, seqlen, nchunks, *delta.stride(), *_strides3(z), *dout.stride(), *C.stride(),
+        DSTATE=dstate, NP=np2, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll,
+        num_warps=num_warps,
+    )
+    _scan_bwd_kernel[(blocks, batch, segments)](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy, bias, starts, ends,
+        y if z is not None else dummy, dout,
+        du, ddelta, dz if z is not None else dummy, dA, dB, dC, dD, dbias, scratch,
         dim, seqlen, nchunks, batch,
         *u.stride(), *delta.stride(), *_strides3(z), *_strides3(y if z is not None else None), *dout.stride(),
         *du.stride(), *ddelta.stride(), *_strides3(dz), *B.stride(), *C.stride(),
-        DSTATE=dstate, NP=triton.next_power_of_2(dstate), HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, CHUNK=chunk, PREFETCH=_PREFETCH, UNROLL=unroll, num_warps=num_warps,
+        DSTATE=dstate, NP=np2, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, SEGMENT=segment, PREFETCH=_PREFETCH, UNROLL=unroll,
+        num_warps=num_warps,
     )
-    return (du, ddelta, dA.sum(0), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
-            dD.sum(0) if D is not None else None, dz, dbias.sum(0) if delta_bias is not None else None, dh0)
+    return (du, ddelta, dA.sum((0, 1)), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
+            dD.sum((0, 1)) if D is not None else None, dz, dbias.sum((0, 1)) if delta_bias is not None else None,
+            dh0)

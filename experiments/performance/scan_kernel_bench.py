@@ -1,14 +1,14 @@
 """Time the Mamba-1 selective scan's GPU kernels side by side at row E's training shape, and check they agree.
 
     python experiments/performance/scan_kernel_bench.py                    # batch 8, 1024 channels, 2176 steps
-    python experiments/performance/scan_kernel_bench.py --configs 16x16x1x16x2 32x16x2x16x1 --out scan.json
+    python experiments/performance/scan_kernel_bench.py --configs 16x16x1x8x2x4 16x16x1x8x2x16 --out scan.json
 
 Inputs are laid out as Mamba1Heads passes them in training (u and z channel-last views of the input projection,
 delta a transposed (b, l, d) tensor, B and C contiguous (b, n, l)), bf16 with float32 A, D and delta bias. Rows:
 - mamba_ssm: `selective_scan(kernel="mamba_ssm")`, mamba_ssm's CUDA kernel with the copies to contiguous it needs;
 - triton: `selective_scan(kernel="triton")`, arch_lab's kernel at its launch defaults;
-- triton BxCxWxAxU: the Triton launchers with block_d=B channels, chunk=C steps, num_warps=W, the forward's
-  prefetch A steps ahead and U steps per loop iteration (for choosing defaults).
+- triton BxCxWxAxUxS: the Triton launchers with block_d=B channels, chunk=C steps, num_warps=W, prefetches A steps
+  ahead, U steps per loop iteration and S chunks per program of the output walks (for choosing defaults).
 Forward and forward+backward are timed with CUDA events (median of --iters after --warmup), which count the host's
 gaps between launches too; the kernel columns sum the device time of forward+backward's kernels with torch.profiler
 (all of them, and the scan kernels alone), as a compiled training step sees them. The agreement columns are
@@ -106,14 +106,13 @@ def autograd_row(kernel: str, inputs: dict, dim: int, dout: torch.Tensor, warmup
 def launcher_row(config: str, inputs: dict, dim: int, dout: torch.Tensor, warmup: int, iters: int) -> dict:
     from components.ops import selective_scan_triton as kernels
 
-    block_d, chunk, num_warps, ahead, unroll = (int(v) for v in config.split("x"))
-    launch = dict(block_d=block_d, chunk=chunk, num_warps=num_warps, unroll=unroll)
-    fwd_launch = dict(launch, ahead=ahead)
+    block_d, chunk, num_warps, ahead, unroll, segment = (int(v) for v in config.split("x"))
+    launch = dict(block_d=block_d, chunk=chunk, num_warps=num_warps, ahead=ahead, unroll=unroll, segment=segment)
     args = scan_args(inputs, dim)
     positional = (args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"])
 
     def forward():
-        return kernels.scan_fwd(*positional, None, True, **fwd_launch)
+        return kernels.scan_fwd(*positional, None, True, **launch)
 
     def forward_backward() -> None:
         _, y, starts, _ = forward()
@@ -134,7 +133,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2176, help="2048 tokens + 128 meta tokens")
     parser.add_argument("--dstate", type=int, default=16)
     parser.add_argument("--configs", nargs="*", default=[],
-                        help="Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLL to time too")
+                        help="Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT to time too")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
