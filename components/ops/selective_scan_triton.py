@@ -135,7 +135,8 @@ def _scan_states_kernel(
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """The forward's first walk, through the whole sequence: the state alone, saved at every chunk's start and at
-    the end. With no output to reduce or store, its steps are short; the outputs come from _scan_fwd_kernel."""
+    the end; the outputs come from _scan_fwd_kernel. Measured, this walk and that one take longer together than one
+    walk writing the outputs too (1.9-2.1 against 1.2 ms at row E's shape), unlike the backward's two."""
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
     d, dmask, cols, nmask, smask, state_offsets, A, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
