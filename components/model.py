@@ -19,8 +19,8 @@ from .kv_cache import StepInfo
 from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
 from .meta_tokens import MetaTokens
 from .norms import RMSNorm
-from .ops.backend import BackendError, describe_backends
-from .ops.selective_scan import SCAN_KERNELS
+from .ops.backend import describe_backends
+from .ops.selective_scan import check_scan_kernel
 
 
 class DecoderLayer(nn.Module):
@@ -64,8 +64,7 @@ class HybridLM(nn.Module):
     def set_backend(self, backend: str, scan_kernel: str = "mamba_ssm") -> None:
         """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op, and the
         Mamba-1 selective scan's kernel ("mamba_ssm" or "triton": ops/selective_scan.py)."""
-        if scan_kernel not in SCAN_KERNELS:
-            raise BackendError(f"scan_kernel must be one of {list(SCAN_KERNELS)}, got {scan_kernel!r}")
+        check_scan_kernel(scan_kernel)
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend

@@ -24,6 +24,11 @@ from components.ops.ssd import segsum
 # The GPU kernels of selective_scan: mamba_ssm's CUDA kernel, or arch_lab's Triton one (selective_scan_triton.py).
 SCAN_KERNELS: tuple[str, ...] = ("mamba_ssm", "triton")
 
+
+def check_scan_kernel(kernel: str) -> None:
+    if kernel not in SCAN_KERNELS:
+        raise BackendError(f"scan_kernel must be one of {list(SCAN_KERNELS)}, got {kernel!r}")
+
 # Default chunking target of selective_scan_reference: elements in one per-step slice.
 _STEP_ELEMENTS = 1 << 16
 
@@ -224,8 +229,7 @@ def selective_scan(
     - "triton": arch_lab's Triton kernel (selective_scan_triton.py), with an initial state and
       gradients for it and from last_state, on inputs of any strides; deterministic (no atomics).
     """
-    if kernel not in SCAN_KERNELS:
-        raise BackendError(f"scan_kernel must be one of {list(SCAN_KERNELS)}, got {kernel!r}")
+    check_scan_kernel(kernel)
     if kernel == "triton" or initial_state is not None:
         if resolve_backend(backend, u, "selective_scan_triton") == "kernel":
             _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -64,8 +64,9 @@ def _step_size(raw, SOFTPLUS: tl.constexpr):
 @triton.jit
 def _program_channels(pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE: tl.constexpr, NP: tl.constexpr,
                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's channels d with their mask, the state dims with theirs, the (d, state) offsets and mask into
-    (dim, DSTATE) float32 tensors, and its rows of A, the delta bias and D (zeros where absent)."""
+    """This program's channels d with their mask, the state dims with theirs, both clamped in bounds (for the
+    prefetches), the (d, state) offsets and mask into (dim, DSTATE) float32 tensors, and its rows of A * log2(e),
+    the delta bias and D (zeros where absent)."""
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < dim
     cols = tl.arange(0, NP)
@@ -79,7 +80,8 @@ def _program_channels(pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE: tl.constexpr, 
     Dskip = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0)
-    return d, dmask, cols, nmask, smask, state_offsets, A, bias, Dskip
+    return (d, dmask, tl.minimum(d, dim - 1), cols, nmask, tl.minimum(cols, DSTATE - 1), smask, state_offsets,
+            A * LOG2E, bias, Dskip)
 
 
 @triton.jit
@@ -138,10 +140,8 @@ def _scan_states_kernel(
     the end; the outputs come from _scan_fwd_kernel. Measured, this walk and that one take longer together than one
     walk writing the outputs too (1.9-2.1 against 1.2 ms at row E's shape), unlike the backward's two."""
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
-    d, dmask, cols, nmask, smask, state_offsets, A, bias, _ = _program_channels(
+    d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
-    dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
-    A2 = A * LOG2E
     h = _batch_state(h0_ptr, b * dim * DSTATE + state_offsets, smask, HAS_H0, BLOCK_D, NP)
     u_b, delta_b, B_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, B_ptr + b * sB_b
     # B is loaded as a (BLOCK_D, state) tile that repeats across channels: in the state tile's own layout, with no
@@ -171,10 +171,8 @@ def _scan_fwd_kernel(
 ):
     """The outputs: each program walks one segment of SEGMENT chunks from its saved start state."""
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    d, dmask, cols, nmask, smask, state_offsets, A, bias, Dskip = _program_channels(
+    d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, Dskip = _program_channels(
         pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
-    dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
-    A2 = A * LOG2E
     h = tl.load(starts_ptr + (b * nchunks + seg * SEGMENT) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     u_b, delta_b, z_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b
     B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
@@ -212,10 +210,8 @@ def _adjoint_states_kernel(
     """The backward's first walk, from the end: the adjoint state g alone (g_{t-1} = a_t (g_t + C_t dy_t)), saved
     where it enters every chunk from the steps after it, and the initial state's gradient."""
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
-    d, dmask, cols, nmask, smask, state_offsets, A, bias, _ = _program_channels(
+    d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
-    dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
-    A2 = A * LOG2E
     g = _batch_state(dlast_ptr, b * dim * DSTATE + state_offsets, smask, HAS_DLAST, BLOCK_D, NP)
     delta_b, z_b, dout_b, C_b = delta_ptr + b * sdl_b, z_ptr + b * sz_b, dout_ptr + b * sdo_b, C_ptr + b * sC_b
     C_col = cols[None, :] * sC_n + 0 * d[:, None]  # as in _scan_states_kernel
@@ -254,10 +250,8 @@ def _scan_bwd_kernel(
     adjoint states where they enter the chunks. dA (segments, b, dim, n), dD and dbias (segments, b, dim), dB and
     dC (dim blocks, b, n, l) are partial sums the launcher adds up."""
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    d, dmask, cols, nmask, smask, state_offsets, A, bias, Dskip = _program_channels(
+    d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, Dskip = _program_channels(
         pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
-    dsafe, nsafe = tl.minimum(d, dim - 1), tl.minimum(cols, DSTATE - 1)
-    A2 = A * LOG2E
     first, stop = seg * SEGMENT, tl.minimum(seg * SEGMENT + SEGMENT, nchunks)
     # g: the gradient reaching the state after the step at hand from later steps.
     g = tl.load(ends_ptr + (b * nchunks + stop - 1) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
