@@ -43,11 +43,11 @@ from torch import Tensor
 
 # Launch defaults, among the fastest tried at row E's shape (scan_kernel_bench.py). The chunk has no default: the
 # backward must get the forward's, whose start states it reads (the custom op's is TRITON_SCAN_CHUNK).
-BLOCK_D = 16  # channels per program: 8 or 4 were slower, 32 too
-NUM_WARPS = 1  # more warps share the tile across warps, and its reductions go through shared memory: 2x slower
-AHEAD = 8  # steps between a step's prefetch and its use (the backward's second walk prefetches a chunk ahead)
-UNROLL = 2  # steps per iteration of the walks: consecutive steps' loads, reductions and stores overlap
-SEGMENT = 4  # chunks per program of the second walks (forward and backward); 2 to 16 timed alike
+BLOCK_D = 32  # channels per program: 16 was 1.4x slower, 64 too (in every kernel but the combine)
+NUM_WARPS = 1  # more warps share the tile across warps, and its reductions go through shared memory: 1.5x slower
+AHEAD = 8  # steps (segments in the combine) between a prefetch and its use; the backward's second walk: a chunk
+UNROLL = 1  # steps per iteration of the walks: 2 was 3-10% slower in the backward
+SEGMENT = 8  # chunks per program of the walks within segments: the combine takes one step per segment
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # decays are exp2(delta * A * log2(e)): one MUFU instruction each
@@ -129,34 +129,64 @@ def _dy_and_dz(dout_b, z_b, y_b, dz_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, sy_d,
 
 
 @triton.jit
-def _scan_states_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, h0_ptr, starts_ptr, last_ptr,
-    dim, seqlen, nchunks,
+def _scan_local_states_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, local_ptr, dtsum_ptr,
+    dim, seqlen, nseg,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_n, sB_l,
-    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
+    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEGLEN: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """The forward's first walk, through the whole sequence: the state alone, saved at every chunk's start and at
-    the end; the outputs come from _scan_fwd_kernel. Measured, this walk and that one take longer together than one
-    walk writing the outputs too (1.9-2.1 against 1.2 ms at row E's shape), unlike the backward's two."""
-    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
+    """The forward's first pass, one program per segment: the state at the segment's end as if it started from
+    zero, and the sum of its step sizes (its decay over the segment is exp(A * sum)); _scan_combine_kernel then
+    carries the true states across segments."""
+    pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: prefill batches
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
-    h = _batch_state(h0_ptr, b * dim * DSTATE + state_offsets, smask, HAS_H0, BLOCK_D, NP)
+    h = tl.zeros((BLOCK_D, NP), tl.float32)
+    dtsum = tl.zeros((BLOCK_D,), tl.float32)
     u_b, delta_b, B_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, B_ptr + b * sB_b
     # B is loaded as a (BLOCK_D, state) tile that repeats across channels: in the state tile's own layout, with no
     # layout conversion (a round trip through shared memory) at every step. int32 offsets: half a pointer's registers.
     B_col = cols[None, :] * sB_n + 0 * d[:, None]
-    for c in range(0, nchunks):
-        tl.store(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, h, mask=smask)
-        for t in tl.range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seqlen), loop_unroll_factor=UNROLL):
-            _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
-            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
-            _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
-            u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
-    tl.store(last_ptr + b * dim * DSTATE + state_offsets, h, mask=smask)
+    lo = seg * SEGLEN
+    for t in tl.range(lo, tl.minimum(lo + SEGLEN, seqlen), loop_unroll_factor=UNROLL):
+        _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
+        u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
+        B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
+        dtsum += dt
+    row = b * nseg + seg
+    tl.store(local_ptr + row * dim * DSTATE + state_offsets, h, mask=smask)
+    tl.store(dtsum_ptr + row * dim + d, dtsum, mask=dmask)
+
+
+@triton.jit
+def _scan_combine_kernel(
+    A_ptr, local_ptr, dtsum_ptr, x0_ptr, out_ptr, final_ptr,
+    dim, nseg, out_rows,
+    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_X0: tl.constexpr, REVERSE: tl.constexpr, OUT_STEP: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
+):
+    """Carry a state across the segments, x <- exp(A * dtsum_s) x + local_s, in order (the forward's state) or in
+    reverse (the backward's adjoint state), storing x where it enters each segment (row s * OUT_STEP of out's
+    out_rows per batch row) and at the end. Only as many steps as segments: the walks within them run in
+    parallel."""
+    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d, dmask, _, _, _, _, smask, state_offsets, A2, _, _ = _program_channels(
+        pid_d, A_ptr, A_ptr, A_ptr, dim, DSTATE, NP, False, False, BLOCK_D)
+    x = _batch_state(x0_ptr, b * dim * DSTATE + state_offsets, smask, HAS_X0, BLOCK_D, NP)
+    local_b, dtsum_b = local_ptr + b * nseg * dim * DSTATE + state_offsets, dtsum_ptr + b * nseg * dim + d
+    for i in range(0, nseg):
+        seg = nseg - 1 - i if REVERSE else i
+        ahead = seg - AHEAD if REVERSE else seg + AHEAD
+        _prefetch(local_b, dim * DSTATE, ahead, nseg, PREFETCH)
+        _prefetch(dtsum_b, dim, ahead, nseg, PREFETCH)
+        tl.store(out_ptr + (b * out_rows + seg * OUT_STEP) * dim * DSTATE + state_offsets, x, mask=smask)
+        dtsum = tl.load(dtsum_b + seg * dim, mask=dmask, other=0.0)
+        x = tl.exp2(dtsum[:, None] * A2) * x + tl.load(local_b + seg * dim * DSTATE, mask=smask, other=0.0)
+    tl.store(final_ptr + b * dim * DSTATE + state_offsets, x, mask=smask)
 
 
 @triton.jit
@@ -169,70 +199,76 @@ def _scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEGMENT: tl.constexpr,
     PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """The outputs: each program walks one segment of SEGMENT chunks from its saved start state."""
+    """The outputs: each program walks one segment of SEGMENT chunks from the start state the combine saved, and
+    saves the state where it enters each of the segment's other chunks (the backward starts its walks there)."""
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, Dskip = _program_channels(
         pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
-    h = tl.load(starts_ptr + (b * nchunks + seg * SEGMENT) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
+    first = seg * SEGMENT
+    h = tl.load(starts_ptr + (b * nchunks + first) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     u_b, delta_b, z_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b
     B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
     B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]  # as above
     out_row, y_row = out_ptr + b * so_b + d * so_d, y_ptr + b * so_b + d * so_d
-    lo = seg * SEGMENT * CHUNK
-    for t in tl.range(lo, tl.minimum(lo + SEGMENT * CHUNK, seqlen), loop_unroll_factor=UNROLL):
-        _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
-        _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
-        _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
-        _prefetch(C_b + nsafe * sC_n, sC_l, t + AHEAD, seqlen, PREFETCH)
-        u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-        B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-        C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
-            z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
-        y = tl.sum(h * C_t, axis=1) + Dskip * u
-        if HAS_Z:
-            tl.store(y_row + t * so_l, y.to(y_ptr.dtype.element_ty), mask=dmask)  # the backward's dz needs it
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=dmask)
+    for c in range(first, tl.minimum(first + SEGMENT, nchunks)):
+        if c > first:
+            tl.store(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, h, mask=smask)
+        for t in tl.range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seqlen), loop_unroll_factor=UNROLL):
+            _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(C_b + nsafe * sC_n, sC_l, t + AHEAD, seqlen, PREFETCH)
+            u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
+            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
+            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
+                z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
+            y = tl.sum(h * C_t, axis=1) + Dskip * u
+            if HAS_Z:
+                tl.store(y_row + t * so_l, y.to(y_ptr.dtype.element_ty), mask=dmask)  # the backward's dz needs it
+                y = y * z * tl.sigmoid(z)
+            tl.store(out_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
-def _adjoint_states_kernel(
-    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ends_ptr, dh0_ptr,
-    dim, seqlen, nchunks,
+def _scan_local_adjoint_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, local_ptr, dtsum_ptr,
+    dim, seqlen, nseg,
     sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l, sC_b, sC_n, sC_l,
-    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
-    AHEAD: tl.constexpr, UNROLL: tl.constexpr,
+    DSTATE: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, SEGLEN: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """The backward's first walk, from the end: the adjoint state g alone (g_{t-1} = a_t (g_t + C_t dy_t)), saved
-    where it enters every chunk from the steps after it, and the initial state's gradient."""
-    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: prefill batches get large
+    """The backward's first pass, one program per segment, from its end: the adjoint state g_{t-1} = a_t (g_t +
+    C_t dy_t) where it leaves the segment as if none reached the segment's end from later steps, and the sum of the
+    segment's step sizes; _scan_combine_kernel then carries the true adjoint states across segments."""
+    pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
-    g = _batch_state(dlast_ptr, b * dim * DSTATE + state_offsets, smask, HAS_DLAST, BLOCK_D, NP)
+    g = tl.zeros((BLOCK_D, NP), tl.float32)
+    dtsum = tl.zeros((BLOCK_D,), tl.float32)
     delta_b, z_b, dout_b, C_b = delta_ptr + b * sdl_b, z_ptr + b * sz_b, dout_ptr + b * sdo_b, C_ptr + b * sC_b
-    C_col = cols[None, :] * sC_n + 0 * d[:, None]  # as in _scan_states_kernel
-    for i in range(0, nchunks):
-        c = nchunks - 1 - i
-        tl.store(ends_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, g, mask=smask)
-        lo = c * CHUNK
-        hi = tl.minimum(lo + CHUNK, seqlen)
-        for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
-            t = hi - 1 - j
-            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - AHEAD, seqlen, PREFETCH)
-            _prefetch(dout_b + dsafe * sdo_d, sdo_l, t - AHEAD, seqlen, PREFETCH)
-            _prefetch(C_b + nsafe * sC_n, sC_l, t - AHEAD, seqlen, PREFETCH)
-            if HAS_Z:
-                _prefetch(z_b + dsafe * sz_d, sz_l, t - AHEAD, seqlen, PREFETCH)
-            raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
-            dy = _dy_and_dz(dout_b, z_b, z_b, z_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, 0, 0, 0, 0, t, HAS_Z,
-                            False)  # y and dz go unused when the gate's gradient is not stored
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
-            g = (g + dy[:, None] * C_t) * tl.exp2(_step_size(raw, SOFTPLUS)[:, None] * A2)
-    tl.store(dh0_ptr + b * dim * DSTATE + state_offsets, g, mask=smask)
+    C_col = cols[None, :] * sC_n + 0 * d[:, None]  # as in _scan_local_states_kernel
+    lo = seg * SEGLEN
+    hi = tl.minimum(lo + SEGLEN, seqlen)
+    for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
+        t = hi - 1 - j
+        _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - AHEAD, seqlen, PREFETCH)
+        _prefetch(dout_b + dsafe * sdo_d, sdo_l, t - AHEAD, seqlen, PREFETCH)
+        _prefetch(C_b + nsafe * sC_n, sC_l, t - AHEAD, seqlen, PREFETCH)
+        if HAS_Z:
+            _prefetch(z_b + dsafe * sz_d, sz_l, t - AHEAD, seqlen, PREFETCH)
+        raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
+        dy = _dy_and_dz(dout_b, z_b, z_b, z_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, 0, 0, 0, 0, t, HAS_Z,
+                        False)  # y and dz go unused when the gate's gradient is not stored
+        C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+        dt = _step_size(raw, SOFTPLUS)
+        g = (g + dy[:, None] * C_t) * tl.exp2(dt[:, None] * A2)
+        dtsum += dt
+    row = b * nseg + seg
+    tl.store(local_ptr + row * dim * DSTATE + state_offsets, g, mask=smask)
+    tl.store(dtsum_ptr + row * dim + d, dtsum, mask=dmask)
 
 
 @triton.jit
@@ -246,20 +282,21 @@ def _scan_bwd_kernel(
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEGMENT: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """Gradients, each program over one segment of SEGMENT chunks, from the saved start states and the saved
-    adjoint states where they enter the chunks. dA (segments, b, dim, n), dD and dbias (segments, b, dim), dB and
-    dC (dim blocks, b, n, l) are partial sums the launcher adds up."""
+    """Gradients, each program over one segment of SEGMENT chunks, from the chunks' saved start states and the
+    adjoint state where it enters the segment from later steps. dA (segments, b, dim, n), dD and dbias (segments,
+    b, dim), dB and dC (dim blocks, b, l, n) are partial sums the launcher adds up."""
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, Dskip = _program_channels(
         pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D)
     first, stop = seg * SEGMENT, tl.minimum(seg * SEGMENT + SEGMENT, nchunks)
     # g: the gradient reaching the state after the step at hand from later steps.
-    g = tl.load(ends_ptr + (b * nchunks + stop - 1) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
+    g = tl.load(ends_ptr + (b * tl.num_programs(2) + seg) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     dA = tl.zeros((BLOCK_D, NP), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
     program = (seg * batch + b) * tl.num_programs(0) + pid_d
-    part = (pid_d * batch + b) * DSTATE * seqlen  # this program's rows of the dB/dC partial sums
+    part = (pid_d * batch + b) * seqlen * DSTATE  # this program's rows of the dB/dC partial sums, (l, n): each
+    # step's sums go to one contiguous run
     # This program's states before each step of the chunk at hand; each thread reads back only what it wrote.
     scratch = scratch_ptr + program * CHUNK * BLOCK_D * NP + tl.arange(0, BLOCK_D)[:, None] * NP + cols[None, :]
     u_b, delta_b, z_b, y_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b, y_ptr + b * sy_b
@@ -300,8 +337,8 @@ def _scan_bwd_kernel(
             dtu = dt * u
             h = decay * h_prev + dtu[:, None] * B_t
             g += dy[:, None] * C_t
-            tl.store(dC_ptr + part + cols * seqlen + t, tl.sum(dy[:, None] * h, axis=0), mask=nmask)
-            tl.store(dB_ptr + part + cols * seqlen + t, tl.sum(g * dtu[:, None], axis=0), mask=nmask)
+            tl.store(dC_ptr + part + t * DSTATE + cols, tl.sum(dy[:, None] * h, axis=0), mask=nmask)
+            tl.store(dB_ptr + part + t * DSTATE + cols, tl.sum(g * dtu[:, None], axis=0), mask=nmask)
             gB = tl.sum(g * B_t, axis=1)
             decayed = g * decay * h_prev
             ddt = gB * u + tl.sum(decayed * A2, axis=1) / LOG2E
@@ -334,6 +371,13 @@ def _out_like(u: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(batch, seqlen, dim, device=u.device, dtype=dtype).transpose(1, 2)
 
 
+def _segment_buffers(u: Tensor, segments: int, dstate: int) -> tuple[Tensor, Tensor]:
+    """A first pass's outputs: each segment's local state (b, segments, d, n) and step-size sum (b, segments, d)."""
+    batch, dim, _ = u.shape
+    return (u.new_empty(batch, segments, dim, dstate, dtype=torch.float32),
+            u.new_empty(batch, segments, dim, dtype=torch.float32))
+
+
 def _dummy(like: Tensor) -> Tensor:
     return like.new_empty(1, dtype=torch.float32)
 
@@ -355,14 +399,20 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     dummy = _dummy(u)
     blocks, np2 = triton.cdiv(dim, block_d), triton.next_power_of_2(dstate)
     bias = delta_bias if delta_bias is not None else dummy
-    _scan_states_kernel[(blocks, batch)](
-        u, delta, A, B, bias, initial_state if initial_state is not None else dummy, starts, last,
-        dim, seqlen, nchunks, *u.stride(), *delta.stride(), *B.stride(),
-        DSTATE=dstate, NP=np2, HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None,
-        SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll,
-        num_warps=num_warps,
+    segments = triton.cdiv(nchunks, segment)
+    local, dtsum = _segment_buffers(u, segments, dstate)
+    _scan_local_states_kernel[(blocks, batch, segments)](
+        u, delta, A, B, bias, local, dtsum,
+        dim, seqlen, segments, *u.stride(), *delta.stride(), *B.stride(),
+        DSTATE=dstate, NP=np2, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, BLOCK_D=block_d,
+        SEGLEN=segment * chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll, num_warps=num_warps,
     )
-    _scan_fwd_kernel[(blocks, batch, triton.cdiv(nchunks, segment))](
+    _scan_combine_kernel[(blocks, batch)](
+        A, local, dtsum, initial_state if initial_state is not None else dummy, starts, last, dim, segments, nchunks,
+        DSTATE=dstate, NP=np2, HAS_X0=initial_state is not None, REVERSE=False, OUT_STEP=segment, BLOCK_D=block_d,
+        PREFETCH=_PREFETCH, AHEAD=ahead, num_warps=num_warps,
+    )
+    _scan_fwd_kernel[(blocks, batch, segments)](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy, bias, starts, out,
         y if z is not None else dummy,
         dim, seqlen, nchunks,
@@ -388,21 +438,26 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
     dA = u.new_empty(segments, batch, dim, dstate, dtype=torch.float32)
-    dB = u.new_empty(blocks, batch, dstate, seqlen, dtype=torch.float32)
+    dB = u.new_empty(blocks, batch, seqlen, dstate, dtype=torch.float32)
     dC = torch.empty_like(dB)
     dD = u.new_empty(segments, batch, dim, dtype=torch.float32)
     dbias = torch.empty_like(dD)
-    ends = torch.empty_like(starts)
+    ends = u.new_empty(batch, segments, dim, dstate, dtype=torch.float32)
     dh0 = u.new_empty(batch, dim, dstate, dtype=torch.float32)
     scratch = u.new_empty(segments * batch * blocks * chunk * block_d * np2, dtype=torch.float32)
     dummy = _dummy(u)
     bias = delta_bias if delta_bias is not None else dummy
-    _adjoint_states_kernel[(blocks, batch)](
-        delta, A, C, z if z is not None else dummy, bias, dout, dlast if dlast is not None else dummy, ends, dh0,
-        dim, seqlen, nchunks, *delta.stride(), *_strides3(z), *dout.stride(), *C.stride(),
-        DSTATE=dstate, NP=np2, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
-        SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll,
-        num_warps=num_warps,
+    local, dtsum = _segment_buffers(u, segments, dstate)
+    _scan_local_adjoint_kernel[(blocks, batch, segments)](
+        delta, A, C, z if z is not None else dummy, bias, dout, local, dtsum,
+        dim, seqlen, segments, *delta.stride(), *_strides3(z), *dout.stride(), *C.stride(),
+        DSTATE=dstate, NP=np2, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, SEGLEN=segment * chunk, PREFETCH=_PREFETCH, AHEAD=ahead, UNROLL=unroll, num_warps=num_warps,
+    )
+    _scan_combine_kernel[(blocks, batch)](
+        A, local, dtsum, dlast if dlast is not None else dummy, ends, dh0, dim, segments, segments,
+        DSTATE=dstate, NP=np2, HAS_X0=dlast is not None, REVERSE=True, OUT_STEP=1, BLOCK_D=block_d,
+        PREFETCH=_PREFETCH, AHEAD=ahead, num_warps=num_warps,
     )
     _scan_bwd_kernel[(blocks, batch, segments)](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy, bias, starts, ends,
@@ -415,6 +470,8 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, SEGMENT=segment, PREFETCH=_PREFETCH, UNROLL=unroll,
         num_warps=num_warps,
     )
-    return (du, ddelta, dA.sum((0, 1)), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
+    # dB and dC contiguous like the custom op's fake outputs (torch.compile checks the strides)
+    return (du, ddelta, dA.sum((0, 1)), dB.sum(0).transpose(1, 2).contiguous().to(B.dtype),
+            dC.sum(0).transpose(1, 2).contiguous().to(C.dtype),
             dD.sum((0, 1)) if D is not None else None, dz, dbias.sum((0, 1)) if delta_bias is not None else None,
             dh0)

@@ -11,8 +11,8 @@ delta a transposed (b, l, d) tensor, B and C contiguous (b, n, l)), bf16 with fl
   ahead, U steps per loop iteration and S chunks per program of the output walks (for choosing defaults).
 Forward and forward+backward are timed with CUDA events (median of --iters after --warmup), which count the host's
 gaps between launches too; the kernel columns sum the device time of forward+backward's kernels with torch.profiler
-(all of them, and the scan kernels alone), as a compiled training step sees them. The agreement columns are
-||triton - mamba_ssm|| / ||mamba_ssm|| for the output and each gradient.
+(all of them, the scan kernels alone, and each scan kernel by name), as a compiled training step sees them. The
+agreement columns are ||triton - mamba_ssm|| / ||mamba_ssm|| for the output and each gradient.
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def cuda_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
-    """(all kernels, the scan kernels alone) in device ms per call, summed by torch.profiler: the GPU's time without
-    the host's gaps between launches, as a compiled training step sees the kernels."""
+def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float, dict[str, float]]:
+    """(all kernels, the scan kernels alone, each scan kernel by name) in device ms per call, summed by
+    torch.profiler: the GPU's time without the host's gaps between launches, as a compiled training step sees them."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -74,16 +74,16 @@ def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
-    scan = sum(e.self_device_time_total for e in kernels if "scan" in e.key.lower())
-    return total / 1000 / iters, scan / 1000 / iters
+    scan = {e.key[:40]: e.self_device_time_total / 1000 / iters for e in kernels if "scan" in e.key.lower()}
+    return total / 1000 / iters, sum(scan.values()), scan
 
 
 def timed(forward: Callable[[], object], forward_backward: Callable[[], object], warmup: int, iters: int) -> dict:
     with torch.no_grad():
         fwd_ms = cuda_ms(forward, warmup, iters)
-    kernels, scan = kernel_ms(forward_backward, iters)
+    kernels, scan, by_kernel = kernel_ms(forward_backward, iters)
     return {"fwd_ms": fwd_ms, "fwd_bwd_ms": cuda_ms(forward_backward, warmup, iters), "kernel_ms": kernels,
-            "scan_kernel_ms": scan}
+            "scan_kernel_ms": scan, "by_kernel": by_kernel}
 
 
 def autograd_row(kernel: str, inputs: dict, dim: int, dout: torch.Tensor, warmup: int, iters: int) -> dict:
@@ -160,9 +160,11 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:<24}{row['fwd_ms']:>11.3f}{row['fwd_bwd_ms']:>11.3f}{base / row['fwd_bwd_ms']:>8.2f}x"
               f"{row['kernel_ms']:>11.3f}{row['scan_kernel_ms']:>16.3f}{base_scan / row['scan_kernel_ms']:>8.2f}x")
+    for name, row in rows.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["by_kernel"].items()))
     print("triton vs mamba_ssm, relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
     if args.out:
-        table = {name: {k: row[k] for k in ("fwd_ms", "fwd_bwd_ms", "kernel_ms", "scan_kernel_ms")}
+        table = {name: {k: row[k] for k in ("fwd_ms", "fwd_bwd_ms", "kernel_ms", "scan_kernel_ms", "by_kernel")}
                  for name, row in rows.items()}
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "shape": shape, "rows": table,
