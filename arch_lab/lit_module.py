@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 class LitHybridLM(L.LightningModule):
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], backend: str = "auto",
-                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None, scan_kernel: str = "mamba_ssm"):
+                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None, scan_kernel: str = "triton"):
         super().__init__()
         # Plain dicts only, so checkpoints load with weights_only=True; `tokenizer` (kind, path) lets
         # `python -m arch_lab.generate` rebuild the run's tokenizer from the checkpoint alone.

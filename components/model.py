@@ -61,7 +61,7 @@ class HybridLM(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def set_backend(self, backend: str, scan_kernel: str = "mamba_ssm") -> None:
+    def set_backend(self, backend: str, scan_kernel: str = "triton") -> None:
         """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op, and the
         Mamba-1 selective scan's kernel ("mamba_ssm" or "triton": ops/selective_scan.py)."""
         check_scan_kernel(scan_kernel)

@@ -77,7 +77,7 @@ class Mamba1Heads(nn.Module):
         self.B_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.C_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.backend = "auto"
-        self.scan_kernel = "mamba_ssm"  # the selective scan's GPU kernel (ops/selective_scan.py: SCAN_KERNELS)
+        self.scan_kernel = "triton"  # the selective scan's GPU kernel (ops/selective_scan.py: SCAN_KERNELS)
         self.captured_maps: Optional[list] = None  # set to a list to record the implicit attention (analysis)
         with torch.no_grad():
             self.dt_proj.bias.copy_(_dt_bias_init(d_inner))

@@ -214,20 +214,21 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
     backend: str = "auto",
-    kernel: str = "mamba_ssm",
+    kernel: str = "triton",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan over a sequence (see the module docstring for the recurrence).
 
     Returns out (b, d, l) in u's dtype and, if ``return_last_state``, the float32 state
     after the last step (b, d, n). ``kernel`` picks the GPU kernel (both are custom ops that
     torch.compile keeps in its graph: custom_ops.py):
-    - "mamba_ssm": mamba_ssm's selective-scan CUDA kernel (the default; at row E's shape within 10%
-      of the Triton kernel's time, scan_kernel_bench.py). It has no initial-state input, so calls
+    - "triton" (the default): arch_lab's Triton kernel (selective_scan_triton.py), with an initial
+      state and gradients for it and from last_state, on inputs of any strides; deterministic (no
+      atomics). At row E's training shape its kernels run 1.77x faster than mamba_ssm's
+      (scan_kernel_bench.py), and E trains 1.26x faster with it (experiments/performance/RESULTS.md).
+    - "mamba_ssm": mamba_ssm's selective-scan CUDA kernel. It has no initial-state input, so calls
       with ``initial_state`` (prefill chunks after the first) run on the Triton kernel, or on the
       reference where triton is missing. As in mamba_ssm, its backward ignores gradients flowing
       into last_state.
-    - "triton": arch_lab's Triton kernel (selective_scan_triton.py), with an initial state and
-      gradients for it and from last_state, on inputs of any strides; deterministic (no atomics).
     """
     check_scan_kernel(kernel)
     if kernel == "triton" or initial_state is not None:

@@ -1,27 +1,28 @@
 """The Mamba-1 selective scan (selective_scan.py has the recurrence) as Triton kernels, forward and backward.
 
-mamba_ssm's kernel takes no initial state, so prefill chunks after the first would fall back to the PyTorch
-reference; this one takes an initial state and the last state's gradient, and inputs of any strides. At row E's
-training shape its kernels take 0.94x the time of mamba_ssm's (experiments/performance/RESULTS.md); mamba_ssm's
-stays the default training kernel.
+The lab's default training scan: at row E's training shape its kernels run 1.77x faster than mamba_ssm's
+(experiments/performance/RESULTS.md). It also takes an initial state and the last state's gradient (mamba_ssm's
+takes neither, so prefill chunks after the first need this one), and inputs of any strides.
 
 Each program owns a batch row and a block of BLOCK_D channels with all their state dims, a (BLOCK_D, state) float32
-tile held in registers by one warp, and walks the sequence one step at a time: h_t = exp(delta_t A) h_{t-1} +
-delta_t B_t u_t. A sequential walk costs one multiply-add per (channel, state, step), where a parallel
+tile held in registers by one warp, and walks steps one at a time: h_t = a_t h_{t-1} + delta_t B_t u_t with
+a_t = exp(delta_t A). A sequential walk costs one multiply-add per (channel, state, step), where a parallel
 (associative) scan costs a log-depth tree of them (this file's first version did that, and ran at 0.65-0.81x of
-mamba_ssm's speed). A walk's time is its steps times a step's latency, not its work, so each step prefetches the
-inputs of a step further on into L1, and every pass that can is split along the sequence:
+mamba_ssm's speed). But a walk's time is its steps times a step's latency, not its work, so no walk crosses the
+whole sequence: it is cut into segments of SEGMENT chunks of CHUNK steps, and each step prefetches the inputs of a
+step further on into L1.
 
-- forward: a first walk through the whole sequence carries the state alone and saves it at every chunk of CHUNK
-  steps; then one program per segment of SEGMENT chunks walks its steps again from its saved start and writes the
-  outputs;
-- backward: a first walk from the end carries the adjoint state alone,
+- forward: one program per segment walks it from a zero state, giving the segment's own contribution to its end
+  state and the sum of its step sizes (the segment's decay is exp(A * sum)); a combine kernel carries the true
+  state across the segments, one step per segment; then one program per segment walks it again from its true start,
+  writes the outputs, and saves the state where it enters every chunk;
+- backward: the same for the adjoint state, from the end,
 
-      g_{t-1} = a_t (g_t + C_t dy_t)        (g_t: the gradient reaching h_t from later steps; a_t = exp(delta_t A))
+      g_{t-1} = a_t (g_t + C_t dy_t)        (g_t: the gradient reaching h_t from later steps)
 
-  and saves it where it enters every chunk; then one program per segment takes its chunks in reverse: it runs the
-  forward again over the chunk from the saved start, writing each h_{t-1} to a per-program scratch buffer, and walks
-  back reading them (recovering h_{t-1} as (h_t - x_t) / a_t would blow up where decays underflow).
+  then one program per segment takes its chunks in reverse: it runs the forward again over the chunk from the saved
+  start, writing each h_{t-1} to a per-program scratch buffer, and walks back reading them (recovering h_{t-1} as
+  (h_t - x_t) / a_t would blow up where decays underflow).
 
 dB and dC are summed over the block's channels inside the program and over blocks by torch; dA, dD and the
 delta-bias gradient over segments and batch rows likewise. Nothing uses atomics (mamba_ssm's backward adds every
