@@ -69,8 +69,9 @@ def test_compiled_training_forward_has_no_graph_breaks(name, scan_kernel):
 
 @pytest.mark.parametrize("name", ["mamba", "roadmap_e"])
 def test_chunked_prefill_runs_the_triton_scan_and_matches_one_chunk(name, monkeypatch):
-    """Prefill chunks after the first start from the SSM state: mamba_ssm's scan takes none, so they run on the
-    Triton scan (not the reference), and the chunked prefill gives the one-chunk prefill's tokens and logits."""
+    """Prefill chunks after the first start from the SSM state: mamba_ssm's scan takes none, so with
+    scan_kernel=mamba_ssm they run on the Triton scan (not the reference), and the chunked prefill gives the
+    one-chunk prefill's tokens and logits."""
     pytest.importorskip("mamba_ssm")
     scan_module = importlib.import_module("components.ops.selective_scan")  # the package exports the function
 
@@ -83,7 +84,7 @@ def test_chunked_prefill_runs_the_triton_scan_and_matches_one_chunk(name, monkey
     monkeypatch.setattr(scan_module, "triton_scan_kernel", counting)
     torch.manual_seed(0)
     model = gpu_model(name, window=32).eval()
-    model.set_backend("kernel")
+    model.set_backend("kernel", "mamba_ssm")  # triton (the default) runs every chunk, the first one too
     prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (70, 45, 9)]
     chunked = Generator(model, cuda_graph=False).generate(prompts, 8, keep_logits=True, prefill_chunk=16)
     assert calls and all(calls), "prefill chunks after the first ran the Triton scan with an initial state"
