@@ -374,9 +374,12 @@ def test_unknown_backend_is_rejected_by_name() -> None:
 
 def test_kernel_backend_on_cpu_is_a_clear_error() -> None:
     kwargs = scan_kwargs(scan_inputs(), SCAN_VARIANTS["plain"])
-    message = r"backend='kernel' requested for selective_scan but its inputs are on cpu; the mamba_ssm kernel needs CUDA"
+    message = r"backend='kernel' requested for selective_scan_triton but its inputs are on cpu; the triton kernel needs"
     with pytest.raises(ValueError, match=message):
-        selective_scan(**kwargs, backend="kernel")
+        selective_scan(**kwargs, backend="kernel")  # the default scan kernel
+    message = r"backend='kernel' requested for selective_scan but its inputs are on cpu; the mamba_ssm kernel needs"
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**kwargs, backend="kernel", kernel="mamba_ssm")
     ssd = ssd_kwargs(ssd_inputs(), None, z=False, state=False)
     with pytest.raises(ValueError, match="backend='kernel' requested for ssd_scan"):
         ssd_scan(**ssd, backend="kernel")

@@ -44,10 +44,10 @@ from torch import Tensor
 
 # Launch defaults, among the fastest tried at row E's shape (scan_kernel_bench.py). The chunk has no default: the
 # backward must get the forward's, whose start states it reads (the custom op's is TRITON_SCAN_CHUNK).
-BLOCK_D = 32  # channels per program: 16 was 1.4x slower, 64 too (in every kernel but the combine)
+BLOCK_D = 32  # channels per program: 16 made the forward walks 1.5-1.8x slower, 64 the backward 1.5x
 NUM_WARPS = 1  # more warps share the tile across warps, and its reductions go through shared memory: 1.5x slower
 AHEAD = 8  # steps (segments in the combine) between a prefetch and its use; the backward's second walk: a chunk
-UNROLL = 1  # steps per iteration of the walks: 2 was 3-10% slower in the backward
+UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slower
 SEGMENT = 8  # chunks per program of the walks within segments: the combine takes one step per segment
 
 
