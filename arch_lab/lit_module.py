@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from components.config import ModelConfig
 from components.model import HybridLM
+from components.ops.selective_scan import DEFAULT_SCAN_KERNEL
 
 from .data.mqar import mqar_accuracy
 from .optim import build_optimizer
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 class LitHybridLM(L.LightningModule):
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], backend: str = "auto",
-                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None, scan_kernel: str = "triton"):
+                 compile: bool = False, tokenizer: Optional[dict[str, Any]] = None,
+                 scan_kernel: str = DEFAULT_SCAN_KERNEL):
         super().__init__()
         # Plain dicts only, so checkpoints load with weights_only=True; `tokenizer` (kind, path) lets
         # `python -m arch_lab.generate` rebuild the run's tokenizer from the checkpoint alone.

@@ -20,7 +20,7 @@ from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
 from .meta_tokens import MetaTokens
 from .norms import RMSNorm
 from .ops.backend import describe_backends
-from .ops.selective_scan import check_scan_kernel
+from .ops.selective_scan import DEFAULT_SCAN_KERNEL, check_scan_kernel
 
 
 class DecoderLayer(nn.Module):
@@ -61,7 +61,7 @@ class HybridLM(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def set_backend(self, backend: str, scan_kernel: str = "triton") -> None:
+    def set_backend(self, backend: str, scan_kernel: str = DEFAULT_SCAN_KERNEL) -> None:
         """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op, and the
         Mamba-1 selective scan's kernel ("mamba_ssm" or "triton": ops/selective_scan.py)."""
         check_scan_kernel(scan_kernel)

@@ -18,7 +18,8 @@ from torch import nn
 from .kv_cache import StepInfo
 from .norms import RMSNorm
 from .ops.causal_conv import causal_conv1d, causal_conv1d_step
-from .ops.selective_scan import selective_scan, selective_scan_implicit_attention, selective_state_update
+from .ops.selective_scan import (DEFAULT_SCAN_KERNEL, selective_scan, selective_scan_implicit_attention,
+                                 selective_state_update)
 from .ops.ssd import ssd_scan, ssd_step
 
 
@@ -77,7 +78,7 @@ class Mamba1Heads(nn.Module):
         self.B_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.C_norm = RMSNorm(d_state, eps) if dt_bc_norm else None
         self.backend = "auto"
-        self.scan_kernel = "triton"  # the selective scan's GPU kernel (ops/selective_scan.py: SCAN_KERNELS)
+        self.scan_kernel = DEFAULT_SCAN_KERNEL  # the selective scan's GPU kernel (ops/selective_scan.py: SCAN_KERNELS)
         self.captured_maps: Optional[list] = None  # set to a list to record the implicit attention (analysis)
         with torch.no_grad():
             self.dt_proj.bias.copy_(_dt_bias_init(d_inner))

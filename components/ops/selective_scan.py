@@ -23,6 +23,7 @@ from components.ops.ssd import segsum
 
 # The GPU kernels of selective_scan: mamba_ssm's CUDA kernel, or arch_lab's Triton one (selective_scan_triton.py).
 SCAN_KERNELS: tuple[str, ...] = ("mamba_ssm", "triton")
+DEFAULT_SCAN_KERNEL = "triton"  # 1.77x mamba_ssm's kernel speed at row E's training shape (selective_scan_triton.py)
 
 
 def check_scan_kernel(kernel: str) -> None:
@@ -214,7 +215,7 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
     backend: str = "auto",
-    kernel: str = "triton",
+    kernel: str = DEFAULT_SCAN_KERNEL,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan over a sequence (see the module docstring for the recurrence).
 

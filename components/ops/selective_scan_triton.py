@@ -86,14 +86,6 @@ def _program_channels(pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE: tl.constexpr, 
 
 
 @triton.jit
-def _batch_state(ptr, offsets, mask, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
-    """This program's (d, state) tile of an optional (b, dim, DSTATE) float32 tensor; zeros where absent."""
-    if PRESENT:
-        return tl.load(ptr + offsets, mask=mask, other=0.0)
-    return tl.zeros((BLOCK_D, NP), tl.float32)
-
-
-@triton.jit
 def _prefetch(rows, stride_l, t, seqlen, PREFETCH: tl.constexpr):
     """Ask L1 for step t (clamped in bounds) of the rows of a (rows, steps) operand. The walks are bound by
     latency, not bandwidth: each step would otherwise wait out a round trip to DRAM for its inputs, so each step
@@ -177,7 +169,9 @@ def _scan_combine_kernel(
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     d, dmask, _, _, _, _, smask, state_offsets, A2, _, _ = _program_channels(
         pid_d, A_ptr, A_ptr, A_ptr, dim, DSTATE, NP, False, False, BLOCK_D)
-    x = _batch_state(x0_ptr, b * dim * DSTATE + state_offsets, smask, HAS_X0, BLOCK_D, NP)
+    x = tl.zeros((BLOCK_D, NP), tl.float32)
+    if HAS_X0:
+        x = tl.load(x0_ptr + b * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     local_b, dtsum_b = local_ptr + b * nseg * dim * DSTATE + state_offsets, dtsum_ptr + b * nseg * dim + d
     for i in range(0, nseg):
         seg = nseg - 1 - i if REVERSE else i
