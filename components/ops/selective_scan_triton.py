@@ -1,16 +1,21 @@
 """The Mamba-1 selective scan (selective_scan.py has the recurrence) as Triton kernels, forward and backward.
 
-The lab's default training scan: at row E's training shape its kernels run 1.77x faster than mamba_ssm's
+The lab's default training scan: at row E's training shape its kernels run 2.2x faster than mamba_ssm's
 (experiments/performance/RESULTS.md). It also takes an initial state and the last state's gradient (mamba_ssm's
 takes neither, so prefill chunks after the first need this one), and inputs of any strides.
 
-Each program owns a batch row and a block of BLOCK_D channels with all their state dims, a (BLOCK_D, state) float32
-tile held in registers by one warp, and walks steps one at a time: h_t = a_t h_{t-1} + delta_t B_t u_t with
+Each program owns a batch row and a block of BLOCK_D channels with all their state dims, a float32 tile held in
+registers by one warp, and walks steps one at a time: h_t = a_t h_{t-1} + delta_t B_t u_t with
 a_t = exp(delta_t A). A sequential walk costs one multiply-add per (channel, state, step), where a parallel
 (associative) scan costs a log-depth tree of them (this file's first version did that, and ran at 0.65-0.81x of
 mamba_ssm's speed). But a walk's time is its steps times a step's latency, not its work, so no walk crosses the
 whole sequence: it is cut into segments of SEGMENT chunks of CHUNK steps, and each step prefetches the inputs of a
 step further on into L1.
+
+The tile is shaped (state // LANES_N, BLOCK_D, LANES_N). Triton lays its last two axes across a warp's lanes (8 x 4),
+so each thread holds 4 channels x 4 state dims, and a sum over the channels (dB, dC) or over the state dims (the
+output, the step size's gradient) takes 2-3 shuffles per value. A (BLOCK_D, state) tile put the 16 state dims across
+lanes, and its sums over them took 64 shuffles per step.
 
 - forward: one program per segment walks it from a zero state, giving the segment's own contribution to its end
   state and the sum of its step sizes (the segment's decay is exp(A * sum)); a combine kernel carries the true
@@ -49,9 +54,14 @@ NUM_WARPS = 1  # more warps share the tile across warps, and its reductions go t
 AHEAD = 8  # steps (segments in the combine) between a prefetch and its use; the backward's second walk: a chunk
 UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slower
 SEGMENT = 8  # chunks per program of the walks within segments: the combine takes one step per segment
+# Registers per thread for the backward's segment walk (ptxas spills the rest). Uncapped it took 232 (Triton 3.6),
+# which leaves room for 8 one-warp programs per multiprocessor; at 168, 12 fit and it ran 1.09x faster (128: 0.90x).
+# Capping the other kernels made them slower.
+BWD_MAX_REGISTERS = 168
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # decays are exp2(delta * A * log2(e)): one MUFU instruction each
+LANES_N = tl.constexpr(4)  # state dims along a state tile's last axis, which Triton lays across lanes
 
 
 @triton.jit
@@ -65,15 +75,16 @@ def _step_size(raw, SOFTPLUS: tl.constexpr):
 @triton.jit
 def _program_channels(pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE: tl.constexpr, NP: tl.constexpr,
                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's channels d with their mask, the state dims with theirs, both clamped in bounds (for the
-    prefetches), the (d, state) offsets and mask into (dim, DSTATE) float32 tensors, and its rows of A * log2(e),
-    the delta bias and D (zeros where absent)."""
+    """This program's channels d with their mask and clamped in bounds (for the prefetches); the state dims as a
+    (NP // LANES_N, LANES_N) index n with its mask and clamped in bounds as a flat vector; the state tile's mask and
+    offsets into (dim, DSTATE) float32 tensors; and its rows of A * log2(e), the delta bias and D (zeros where
+    absent)."""
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < dim
-    cols = tl.arange(0, NP)
-    nmask = cols < DSTATE
-    smask = dmask[:, None] & nmask[None, :]
-    state_offsets = d[:, None] * DSTATE + cols[None, :]
+    n = tl.arange(0, NP // LANES_N)[:, None] * LANES_N + tl.arange(0, LANES_N)[None, :]
+    nmask = n < DSTATE
+    smask = _tile(dmask) & nmask[:, None, :]
+    state_offsets = _tile(d) * DSTATE + n[:, None, :]
     A = tl.load(A_ptr + state_offsets, mask=smask, other=0.0)  # 0 in padding: decay 1, and B is 0 there
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
@@ -81,8 +92,20 @@ def _program_channels(pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE: tl.constexpr, 
     Dskip = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0)
-    return (d, dmask, tl.minimum(d, dim - 1), cols, nmask, tl.minimum(cols, DSTATE - 1), smask, state_offsets,
-            A * LOG2E, bias, Dskip)
+    return (d, dmask, tl.minimum(d, dim - 1), n, nmask, tl.minimum(tl.arange(0, NP), DSTATE - 1), smask,
+            state_offsets, A * LOG2E, bias, Dskip)
+
+
+@triton.jit
+def _tile(v):
+    """A per-channel vector broadcast over the state tile's (state // LANES_N, channel, LANES_N) axes."""
+    return v[None, :, None]
+
+
+@triton.jit
+def _sum_states(x):
+    """A state tile summed over its state dims: within each thread first, then across LANES_N lanes."""
+    return tl.sum(tl.sum(x, axis=0), axis=1)
 
 
 @triton.jit
@@ -135,20 +158,22 @@ def _scan_local_states_kernel(
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: prefill batches
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
-    h = tl.zeros((BLOCK_D, NP), tl.float32)
+    h = tl.zeros((NP // LANES_N, BLOCK_D, LANES_N), tl.float32)
     dtsum = tl.zeros((BLOCK_D,), tl.float32)
     u_b, delta_b, B_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, B_ptr + b * sB_b
-    # B is loaded as a (BLOCK_D, state) tile that repeats across channels: in the state tile's own layout, with no
-    # layout conversion (a round trip through shared memory) at every step. int32 offsets: half a pointer's registers.
-    B_col = cols[None, :] * sB_n + 0 * d[:, None]
+    # B is loaded as a (state // LANES_N, 1, LANES_N) tile: in the state tile's own layout, so broadcasting it over
+    # the channels needs no layout conversion (a round trip through shared memory) at every step, and each thread
+    # loads only its own state dims (a channel-sized tile loaded each of them once per channel: 1.3x slower walks).
+    # int32 offsets: half a pointer's registers.
+    B_col = cols[:, None, :] * sB_n
     lo = seg * SEGLEN
     for t in tl.range(lo, tl.minimum(lo + SEGLEN, seqlen), loop_unroll_factor=UNROLL):
         _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
         _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
         _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
         u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-        B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
+        B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+        h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
         dtsum += dt
     row = b * nseg + seg
     tl.store(local_ptr + row * dim * DSTATE + state_offsets, h, mask=smask)
@@ -169,7 +194,7 @@ def _scan_combine_kernel(
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     d, dmask, _, _, _, _, smask, state_offsets, A2, _, _ = _program_channels(
         pid_d, A_ptr, A_ptr, A_ptr, dim, DSTATE, NP, False, False, BLOCK_D)
-    x = tl.zeros((BLOCK_D, NP), tl.float32)
+    x = tl.zeros((NP // LANES_N, BLOCK_D, LANES_N), tl.float32)
     if HAS_X0:
         x = tl.load(x0_ptr + b * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     local_b, dtsum_b = local_ptr + b * nseg * dim * DSTATE + state_offsets, dtsum_ptr + b * nseg * dim + d
@@ -180,7 +205,7 @@ def _scan_combine_kernel(
         _prefetch(dtsum_b, dim, ahead, nseg, PREFETCH)
         tl.store(out_ptr + (b * out_rows + seg * OUT_STEP) * dim * DSTATE + state_offsets, x, mask=smask)
         dtsum = tl.load(dtsum_b + seg * dim, mask=dmask, other=0.0)
-        x = tl.exp2(dtsum[:, None] * A2) * x + tl.load(local_b + seg * dim * DSTATE, mask=smask, other=0.0)
+        x = tl.exp2(_tile(dtsum) * A2) * x + tl.load(local_b + seg * dim * DSTATE, mask=smask, other=0.0)
     tl.store(final_ptr + b * dim * DSTATE + state_offsets, x, mask=smask)
 
 
@@ -203,7 +228,7 @@ def _scan_fwd_kernel(
     h = tl.load(starts_ptr + (b * nchunks + first) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
     u_b, delta_b, z_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b
     B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
-    B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]  # as above
+    B_col, C_col = cols[:, None, :] * sB_n, cols[:, None, :] * sC_n  # as above
     out_row, y_row = out_ptr + b * so_b + d * so_d, y_ptr + b * so_b + d * so_d
     for c in range(first, tl.minimum(first + SEGMENT, nchunks)):
         if c > first:
@@ -214,13 +239,13 @@ def _scan_fwd_kernel(
             _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
             _prefetch(C_b + nsafe * sC_n, sC_l, t + AHEAD, seqlen, PREFETCH)
             u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+            B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+            C_t = tl.load(C_b + (C_col + t * sC_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
             if HAS_Z:
                 _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
                 z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
-            y = tl.sum(h * C_t, axis=1) + Dskip * u
+            h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
+            y = _sum_states(h * C_t) + Dskip * u
             if HAS_Z:
                 tl.store(y_row + t * so_l, y.to(y_ptr.dtype.element_ty), mask=dmask)  # the backward's dz needs it
                 y = y * z * tl.sigmoid(z)
@@ -241,10 +266,10 @@ def _scan_local_adjoint_kernel(
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, _ = _program_channels(
         pid_d, A_ptr, bias_ptr, bias_ptr, dim, DSTATE, NP, False, HAS_BIAS, BLOCK_D)
-    g = tl.zeros((BLOCK_D, NP), tl.float32)
+    g = tl.zeros((NP // LANES_N, BLOCK_D, LANES_N), tl.float32)
     dtsum = tl.zeros((BLOCK_D,), tl.float32)
     delta_b, z_b, dout_b, C_b = delta_ptr + b * sdl_b, z_ptr + b * sz_b, dout_ptr + b * sdo_b, C_ptr + b * sC_b
-    C_col = cols[None, :] * sC_n + 0 * d[:, None]  # as in _scan_local_states_kernel
+    C_col = cols[:, None, :] * sC_n  # as in _scan_local_states_kernel
     lo = seg * SEGLEN
     hi = tl.minimum(lo + SEGLEN, seqlen)
     for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
@@ -257,9 +282,9 @@ def _scan_local_adjoint_kernel(
         raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
         dy = _dy_and_dz(dout_b, z_b, z_b, z_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, 0, 0, 0, 0, t, HAS_Z,
                         False)  # y and dz go unused when the gate's gradient is not stored
-        C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+        C_t = tl.load(C_b + (C_col + t * sC_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
         dt = _step_size(raw, SOFTPLUS)
-        g = (g + dy[:, None] * C_t) * tl.exp2(dt[:, None] * A2)
+        g = (g + _tile(dy) * C_t) * tl.exp2(_tile(dt) * A2)
         dtsum += dt
     row = b * nseg + seg
     tl.store(local_ptr + row * dim * DSTATE + state_offsets, g, mask=smask)
@@ -286,18 +311,18 @@ def _scan_bwd_kernel(
     first, stop = seg * SEGMENT, tl.minimum(seg * SEGMENT + SEGMENT, nchunks)
     # g: the gradient reaching the state after the step at hand from later steps.
     g = tl.load(ends_ptr + (b * tl.num_programs(2) + seg) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
-    dA = tl.zeros((BLOCK_D, NP), tl.float32)
+    dA = tl.zeros((NP // LANES_N, BLOCK_D, LANES_N), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
     program = (seg * batch + b) * tl.num_programs(0) + pid_d
     part = (pid_d * batch + b) * seqlen * DSTATE  # this program's rows of the dB/dC partial sums, (l, n): each
     # step's sums go to one contiguous run
     # This program's states before each step of the chunk at hand; each thread reads back only what it wrote.
-    scratch = scratch_ptr + program * CHUNK * BLOCK_D * NP + tl.arange(0, BLOCK_D)[:, None] * NP + cols[None, :]
+    scratch = scratch_ptr + program * CHUNK * BLOCK_D * NP + _tile(tl.arange(0, BLOCK_D)) * NP + cols[:, None, :]
     u_b, delta_b, z_b, y_b = u_ptr + b * su_b, delta_ptr + b * sdl_b, z_ptr + b * sz_b, y_ptr + b * sy_b
     dout_b, B_b, C_b = dout_ptr + b * sdo_b, B_ptr + b * sB_b, C_ptr + b * sC_b
     dz_b = dz_ptr + b * sdz_b
-    B_col, C_col = cols[None, :] * sB_n + 0 * d[:, None], cols[None, :] * sC_n + 0 * d[:, None]  # as above
+    B_col, C_col = cols[:, None, :] * sB_n, cols[:, None, :] * sC_n  # as above
     du_row, ddelta_row = du_ptr + b * sdu_b + d * sdu_d, ddelta_ptr + b * sddl_b + d * sddl_d
     for i in range(0, stop - first):
         c = stop - 1 - i
@@ -308,9 +333,10 @@ def _scan_bwd_kernel(
         for t in tl.range(lo, hi, loop_unroll_factor=UNROLL):
             tl.store(scratch + (t - lo) * BLOCK_D * NP, h)
             u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t
-        # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}.
+            B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+            h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
+        # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}. h is the state after the step
+        # at hand: the first walk's last, then each step's h_{t-1}.
         for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
             t = hi - 1 - j
             # Both walks over the chunk before (the next one here) read its inputs at these offsets.
@@ -324,23 +350,23 @@ def _scan_bwd_kernel(
                 _prefetch(y_b + dsafe * sy_d, sy_l, t - CHUNK, seqlen, PREFETCH)
             h_prev = tl.load(scratch + (t - lo) * BLOCK_D * NP)
             u, raw, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=smask, other=0.0).to(tl.float32)
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=smask, other=0.0).to(tl.float32)
+            B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+            C_t = tl.load(C_b + (C_col + t * sC_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
             dy = _dy_and_dz(dout_b, z_b, y_b, dz_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, sy_d, sy_l, sdz_d, sdz_l, t,
                             HAS_Z, True)
-            decay = tl.exp2(dt[:, None] * A2)
+            decay = tl.exp2(_tile(dt) * A2)
             dtu = dt * u
-            h = decay * h_prev + dtu[:, None] * B_t
-            g += dy[:, None] * C_t
-            tl.store(dC_ptr + part + t * DSTATE + cols, tl.sum(dy[:, None] * h, axis=0), mask=nmask)
-            tl.store(dB_ptr + part + t * DSTATE + cols, tl.sum(g * dtu[:, None], axis=0), mask=nmask)
-            gB = tl.sum(g * B_t, axis=1)
+            h = decay * h_prev + _tile(dtu) * B_t
+            g += _tile(dy) * C_t
+            tl.store(dC_ptr + part + t * DSTATE + cols, tl.sum(_tile(dy) * h, axis=1), mask=nmask)
+            tl.store(dB_ptr + part + t * DSTATE + cols, tl.sum(g * _tile(dtu), axis=1), mask=nmask)
+            gB = _sum_states(g * B_t)
             decayed = g * decay * h_prev
-            ddt = gB * u + tl.sum(decayed * A2, axis=1) / LOG2E
+            ddt = gB * u + _sum_states(decayed * A2) / LOG2E
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
             ddt = tl.where(dmask, ddt, 0.0)
-            dA += decayed * dt[:, None]
+            dA += decayed * _tile(dt)
             dD += dy * u
             dbias += ddt
             tl.store(du_row + t * sdu_l, (dt * gB + Dskip * dy).to(du_ptr.dtype.element_ty), mask=dmask)
@@ -373,6 +399,11 @@ def _segment_buffers(u: Tensor, segments: int, dstate: int) -> tuple[Tensor, Ten
             u.new_empty(batch, segments, dim, dtype=torch.float32))
 
 
+def _padded_states(dstate: int) -> int:
+    """A state tile's state dims: a power of 2, at least one per lane along its last axis."""
+    return max(LANES_N.value, triton.next_power_of_2(dstate))
+
+
 def _dummy(like: Tensor) -> Tensor:
     return like.new_empty(1, dtype=torch.float32)
 
@@ -392,7 +423,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     starts = u.new_empty(batch, nchunks, dim, dstate, dtype=torch.float32)
     last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
     dummy = _dummy(u)
-    blocks, np2 = triton.cdiv(dim, block_d), triton.next_power_of_2(dstate)
+    blocks, np2 = triton.cdiv(dim, block_d), _padded_states(dstate)
     bias = delta_bias if delta_bias is not None else dummy
     segments = triton.cdiv(nchunks, segment)
     local, dtsum = _segment_buffers(u, segments, dstate)
@@ -422,14 +453,16 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor, dlast: Optional[Tensor],
              delta_softplus: bool, *, chunk: int, block_d: int = BLOCK_D, num_warps: int = NUM_WARPS,
-             ahead: int = AHEAD, unroll: int = UNROLL, segment: int = SEGMENT) -> tuple[Tensor, ...]:
+             ahead: int = AHEAD, unroll: int = UNROLL, segment: int = SEGMENT,
+             max_registers: Optional[int] = BWD_MAX_REGISTERS) -> tuple[Tensor, ...]:
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state): each in its input's dtype and layout, the
-    state's float32; None for absent inputs. dlast may have any strides (autograd passes expanded ones)."""
+    state's float32; None for absent inputs. dlast may have any strides (autograd passes expanded ones).
+    max_registers caps the segment walk's registers per thread (None: as many as ptxas likes)."""
     batch, dim, seqlen = u.shape
     dlast = dlast.float().contiguous() if dlast is not None else None
     dstate = A.shape[1]
     nchunks = starts.shape[1]
-    blocks, np2, segments = triton.cdiv(dim, block_d), triton.next_power_of_2(dstate), triton.cdiv(nchunks, segment)
+    blocks, np2, segments = triton.cdiv(dim, block_d), _padded_states(dstate), triton.cdiv(nchunks, segment)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
     dA = u.new_empty(segments, batch, dim, dstate, dtype=torch.float32)
@@ -463,7 +496,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         *du.stride(), *ddelta.stride(), *_strides3(dz), *B.stride(), *C.stride(),
         DSTATE=dstate, NP=np2, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, SEGMENT=segment, PREFETCH=_PREFETCH, UNROLL=unroll,
-        num_warps=num_warps,
+        num_warps=num_warps, maxnreg=max_registers,
     )
     # dB and dC contiguous like the custom op's fake outputs (torch.compile checks the strides)
     return (du, ddelta, dA.sum((0, 1)), dB.sum(0).transpose(1, 2).contiguous().to(B.dtype),

@@ -12,6 +12,8 @@
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
 #               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPS)
+#   scan_ncu    Nsight Compute's occupancy, scheduler and warp-stall sections for the Triton scan's output and
+#               backward kernels (one launch each, from scan_kernel_bench.py)
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
@@ -102,6 +104,13 @@ for phase in "$@"; do
     timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 experiments/performance/scan_kernel_bench.py \
       ${SCAN_CONFIGS:+--configs $SCAN_CONFIGS} --out "$OUT/scan_kernel_bench.json" 2>&1 \
       | grep -vi warning | tee "$OUT/scan_kernel_bench.txt" ;;
+  scan_ncu)  # hardware counters (occupancy, warp stalls, issue) of the Triton scan's output and backward kernels
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | tail -1)
+    timeout -k 10 ${BENCH_TIMEOUT_S:-150} "$ncu" --clock-control none -k 'regex:^_scan_(fwd|bwd)' -c 3 \
+      --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+      python3 experiments/performance/scan_kernel_bench.py --warmup 0 --iters 1 >"$OUT/scan_ncu.txt" 2>&1
+    grep -v "^==PROF==\|[Ww]arning" "$OUT/scan_ncu.txt" | tail -150 ;;
   *)  # study tasks, side by side when joined by "+"
     # A fresh directory per call: the machine can keep /tmp and the checkout's ignored files (./mlruns) from earlier
     # calls, and their runs must not come back mixed into this call's. The runs start there, so MLflow puts their
@@ -112,7 +121,7 @@ for phase in "$@"; do
       case $task in
       mqar|text|head_ratio)
         (cd "$study_dir" && bash "$repo/experiments/roadmap/run_study.sh" $task "${SEEDS:-0 1}") & ;;
-      *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|scan|mqar|text|head_ratio)"
+      *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|scan|scan_ncu|mqar|text|head_ratio)"
          exit 2 ;;
       esac
     done
