@@ -17,7 +17,7 @@ from components.ops import selective_scan_triton as kernels  # noqa: E402 - afte
 # Small launch shapes keep the interpreter fast; dim, length and state are not multiples of them, and the three
 # chunks fall into two segments (the output walks run per segment, from the states the first walks saved).
 LAUNCH = dict(block_d=8, chunk=8, num_warps=1, segment=2)
-BATCH, DIM, SEQLEN, DSTATE = 2, 12, 21, 6
+BATCH, DIM, SEQLEN, DSTATE = 2, 12, 21, 10
 
 
 def scan_case(full: bool, seed: int = 0) -> dict:

@@ -1,6 +1,6 @@
 """The Mamba-1 selective scan (selective_scan.py has the recurrence) as Triton kernels, forward and backward.
 
-The lab's default training scan: at row E's training shape its kernels run 2.2x faster than mamba_ssm's
+The lab's default training scan: at row E's training shape its kernels run 2.3x faster than mamba_ssm's
 (experiments/performance/RESULTS.md). It also takes an initial state and the last state's gradient (mamba_ssm's
 takes neither, so prefill chunks after the first need this one), and inputs of any strides.
 
@@ -12,10 +12,11 @@ mamba_ssm's speed). But a walk's time is its steps times a step's latency, not i
 whole sequence: it is cut into segments of SEGMENT chunks of CHUNK steps, and each step prefetches the inputs of a
 step further on into L1.
 
-The tile is shaped (state // LANES_N, BLOCK_D, LANES_N). Triton lays its last two axes across a warp's lanes (8 x 4),
-so each thread holds 4 channels x 4 state dims, and a sum over the channels (dB, dC) or over the state dims (the
+The tile is shaped (state // LANES_N, BLOCK_D, LANES_N). Triton lays its last two axes across a warp's lanes (4 x 8),
+so each thread holds 8 channels x 2 state dims, and a sum over the channels (dB, dC) or over the state dims (the
 output, the step size's gradient) takes 2-3 shuffles per value. A (BLOCK_D, state) tile put the 16 state dims across
-lanes, and its sums over them took 64 shuffles per step.
+lanes, and its sums over them took 64 shuffles per step; the 3-D tile with 8 x 4 lanes made the kernels 1.32x faster,
+and 4 x 8 lanes made the backward 7% faster again.
 
 - forward: one program per segment walks it from a zero state, giving the segment's own contribution to its end
   state and the sum of its step sizes (the segment's decay is exp(A * sum)); a combine kernel carries the true
@@ -61,7 +62,7 @@ BWD_MAX_REGISTERS = 168
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # decays are exp2(delta * A * log2(e)): one MUFU instruction each
-LANES_N = tl.constexpr(4)  # state dims along a state tile's last axis, which Triton lays across lanes
+LANES_N = tl.constexpr(8)  # state dims along a state tile's last axis, which Triton lays across lanes (2: 4% slower)
 
 
 @triton.jit

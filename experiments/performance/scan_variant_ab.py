@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="+", help="LABEL=PATH[:KEY=VALUE,...]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=8, help="steps per saved state, unless a variant sets chunk")
     args = parser.parse_args()
     variants = [load_variant(spec) for spec in args.variants]
     if not torch.cuda.is_available():
@@ -59,9 +59,10 @@ def main() -> None:
     positional = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"])
 
     def run(module, launch: dict[str, Optional[int]]) -> tuple:
+        launch = {"chunk": args.chunk, **launch}
         fwd_launch = {k: v for k, v in launch.items() if k in inspect.signature(module.scan_fwd).parameters}
-        out, y, starts, _ = module.scan_fwd(*positional, None, True, chunk=args.chunk, **fwd_launch)
-        return (out, *module.scan_bwd(*positional, starts, y, dout, None, True, chunk=args.chunk, **launch))
+        out, y, starts, _ = module.scan_fwd(*positional, None, True, **fwd_launch)
+        return (out, *module.scan_bwd(*positional, starts, y, dout, None, True, **launch))
 
     times: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
     for _ in range(args.rounds):
