@@ -56,8 +56,8 @@ AHEAD = 8  # steps (segments in the combine) between a prefetch and its use; the
 UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slower
 SEGMENT = 8  # chunks per program of the walks within segments: the combine takes one step per segment
 # Registers per thread for the backward's segment walk (ptxas spills the rest). Uncapped it took 232 (Triton 3.6),
-# which leaves room for 8 one-warp programs per multiprocessor; at 168, 12 fit and it ran 1.09x faster (128: 0.90x).
-# Capping the other kernels made them slower.
+# which leaves room for 8 one-warp programs per multiprocessor; at 168, 12 fit and it ran 1.09x faster (128: 0.90x;
+# measured with 8 x 4 lanes). Capping the other kernels made them slower.
 BWD_MAX_REGISTERS = 168
 
 
@@ -336,8 +336,7 @@ def _scan_bwd_kernel(
             u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
             B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
             h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
-        # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}. h is the state after the step
-        # at hand: the first walk's last, then each step's h_{t-1}.
+        # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}.
         for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
             t = hi - 1 - j
             # Both walks over the chunk before (the next one here) read its inputs at these offsets.
