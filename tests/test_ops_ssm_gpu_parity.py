@@ -152,7 +152,7 @@ def test_selective_scan_kernel_matches_reference(dtype: torch.dtype) -> None:
 def test_triton_selective_scan_matches_reference(dtype: torch.dtype) -> None:
     """arch_lab's Triton scan: outputs, last state and every gradient, including the initial state's and the one
     flowing in from the last state, on channel-last views (as the model passes them) and contiguous inputs, and at
-    an odd length (the walks take UNROLL steps per iteration: a chunk of odd length runs the remainder too)."""
+    an odd length (its last chunk and last segment are partial)."""
     require("triton")
     g = generator(2)
     inputs = dict(scan_inputs(), initial_state=torch.randn(BATCH, SCAN_DIM, SCAN_STATE, device="cuda", generator=g))

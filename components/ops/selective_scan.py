@@ -27,8 +27,10 @@ DEFAULT_SCAN_KERNEL = "triton"  # 2.3x mamba_ssm's kernel speed at row E's train
 
 
 def check_scan_kernel(kernel: str) -> None:
+    """The error for a scan kernel that is not one of SCAN_KERNELS (the model's and the op's, one message)."""
     if kernel not in SCAN_KERNELS:
         raise BackendError(f"scan_kernel must be one of {list(SCAN_KERNELS)}, got {kernel!r}")
+
 
 # Default chunking target of selective_scan_reference: elements in one per-step slice.
 _STEP_ELEMENTS = 1 << 16

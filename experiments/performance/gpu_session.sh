@@ -11,7 +11,7 @@
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
-#               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPS)
+#               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT)
 #   scan_ncu    Nsight Compute's occupancy, scheduler and warp-stall sections for the Triton scan's output and
 #               backward kernels (one launch each, from scan_kernel_bench.py)
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS

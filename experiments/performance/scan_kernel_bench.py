@@ -46,6 +46,12 @@ def scan_args(leaves: dict[str, torch.Tensor], dim: int) -> dict[str, torch.Tens
                 delta_bias=leaves["delta_bias"])
 
 
+def launcher_args(leaves: dict[str, torch.Tensor], dim: int) -> tuple:
+    """scan_fwd's and scan_bwd's leading positional inputs (u, delta, A, B, C, D, z, delta_bias)."""
+    args = scan_args(leaves, dim)
+    return tuple(args[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+
+
 def cuda_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     for _ in range(warmup):
         fn()
@@ -108,8 +114,7 @@ def launcher_row(config: str, inputs: dict, dim: int, dout: torch.Tensor, warmup
 
     block_d, chunk, num_warps, ahead, unroll, segment = (int(v) for v in config.split("x"))
     launch = dict(block_d=block_d, chunk=chunk, num_warps=num_warps, ahead=ahead, unroll=unroll, segment=segment)
-    args = scan_args(inputs, dim)
-    positional = (args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"])
+    positional = launcher_args(inputs, dim)
 
     def forward():
         return kernels.scan_fwd(*positional, None, True, **launch)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from scan_kernel_bench import kernel_ms, make_inputs, rel, scan_args
+from scan_kernel_bench import kernel_ms, launcher_args, make_inputs, rel
 
 
 def load_variant(spec: str) -> tuple[str, object, dict[str, Optional[int]]]:
@@ -55,8 +55,7 @@ def main() -> None:
     batch, dim, seqlen, dstate = 8, 1024, 2176, 16
     inputs = make_inputs(batch, dim, seqlen, dstate)
     dout = torch.randn(batch, seqlen, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    a = scan_args(inputs, dim)
-    positional = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"])
+    positional = launcher_args(inputs, dim)
 
     def run(module, launch: dict[str, Optional[int]]) -> tuple:
         launch = {"chunk": args.chunk, **launch}
