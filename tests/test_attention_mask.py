@@ -15,7 +15,7 @@ import torch
 from components.attention import AttentionHeads
 from components.kv_cache import StepInfo
 from components.layer_plan import LayerSpec
-from components.ops.attention import allowed_keys, attention_reference, sequence_attention
+from components.ops.attention import allowed_keys, attention_reference, kernel_sequence_attention, sequence_attention
 from model_factories import one_cpu_thread, rope_by_hand  # noqa: F401
 
 BATCH, SEQ = 2, 11
@@ -129,3 +129,21 @@ def test_attention_heads_layer_equals_rope_plus_dense_reference(case, scope):
     expected = dense_attention(q, k, v, mask).transpose(1, 2).reshape(BATCH, SEQ, hq * dv)
     # RoPE angles are computed in float32 (as the kernels do), so ~1e-7 relative, not float64 round-off.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kernel_path_flex_attention_equals_dense_masked_softmax_without_tracing_caches(compiled):
+    """FlexAttention (compiled here on the CPU) with the window + meta block mask gives the reference, eagerly and
+    inside a compiled function; there its masks are built in the graph, so Dynamo never meets the eager path's
+    lru_caches (it would trace through them, warning on every compiled model's first step)."""
+    import warnings
+
+    hq, hkv, dqk, dv, window, meta = CASES["gqa_window_meta"]
+    q, k, v = (t.float() for t in qkv(hq, hkv, dqk, dv))
+    fn = torch.compile(kernel_sequence_attention, fullgraph=True) if compiled else kernel_sequence_attention
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fn(q, k, v, window, meta)
+    expected = dense_attention(q, k, v, hymba_mask(SEQ, window, meta))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]

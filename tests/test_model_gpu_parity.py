@@ -8,6 +8,7 @@ import torch
 from components import HybridLM, preset
 from components.generation import Generator
 from components.ops.attention import attention_reference, allowed_keys, sequence_attention
+from components.ops.backend import describe_backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -60,6 +61,8 @@ def test_compiled_training_forward_has_no_graph_breaks(name, scan_kernel):
     torch._dynamo.reset()
     model = gpu_model(name, window=64)
     model.set_backend("kernel", scan_kernel)
+    describe_backends()  # as HybridLM.compile does: the kernel imports resolved before tracing (else, when this test
+    # runs first in its process, each traced import is a graph break)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model.loss)(ids, torch.roll(ids, -1, dims=1))

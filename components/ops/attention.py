@@ -33,8 +33,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
 
 
-@lru_cache(maxsize=32)
-def _flex_block_mask(seq_len: int, window: int, num_meta: int, device: str):
+def _block_mask(seq_len: int, window: int, num_meta: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -48,10 +47,14 @@ def _flex_block_mask(seq_len: int, window: int, num_meta: int, device: str):
 FLEX_MAX_HEAD_DIM = 128
 
 
-@lru_cache(maxsize=8)
 def _dense_mask(seq_len: int, window: int, num_meta: int, device: str) -> torch.Tensor:
     pos = torch.arange(seq_len, device=device)[None]
     return allowed_keys(pos, pos, window, num_meta)
+
+
+# Eager calls build each mask once per shape and compile flex_attention once.
+_cached_block_mask = lru_cache(maxsize=32)(_block_mask)
+_cached_dense_mask = lru_cache(maxsize=8)(_dense_mask)
 
 
 @lru_cache(maxsize=1)
@@ -61,16 +64,30 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def kernel_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int],
+                              num_meta: int) -> torch.Tensor:
+    """The fast path of :func:`sequence_attention`: causal SDPA for global layers (or a window covering the
+    sequence), FlexAttention with a block mask for local ones, masked SDPA for heads too wide for FlexAttention."""
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or window >= q.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # Inside a compiled model Dynamo would trace through the caches anyway (warning that it ignores them): there
+    # the masks are built in the graph, and flex_attention is called as is, compiled with the model.
+    compiling = torch.compiler.is_compiling()
+    shape = (q.shape[2], window, num_meta, str(q.device))
+    if max(q.shape[-1], v.shape[-1]) > FLEX_MAX_HEAD_DIM:
+        mask = _dense_mask(*shape) if compiling else _cached_dense_mask(*shape)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if compiling:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=_block_mask(*shape), enable_gqa=gqa)
+    return _compiled_flex()(q, k, v, block_mask=_cached_block_mask(*shape), enable_gqa=gqa)
+
+
 def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        window: Optional[int], num_meta: int, backend: str = "auto") -> torch.Tensor:
     """Full-sequence (training / no cache) attention where keys are the queries' own sequence."""
     if resolve_backend(backend, q, "attention") == "kernel":
-        gqa = q.shape[1] != k.shape[1]
-        if window is None or window >= q.shape[2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if max(q.shape[-1], v.shape[-1]) > FLEX_MAX_HEAD_DIM:
-            mask = _dense_mask(q.shape[2], window, num_meta, str(q.device))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        block_mask = _flex_block_mask(q.shape[2], window, num_meta, str(q.device))
-        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return kernel_sequence_attention(q, k, v, window, num_meta)
     return attention_reference(q, k, v, allowed_keys(positions, positions, window, num_meta))
