@@ -186,8 +186,9 @@ def test_decode_profile_covers_exactly_the_profiled_steps(compile):
     # each layer attends once per profiled step (eager), or each step enters the compiled graph once; the prefill
     # and the warm-up step (which compiles) are left out
     calls = {re.split(r"\s{2,}", line.strip())[0]: int(line.split()[-1]) for line in result.table.splitlines()[3:-3]}
-    if compile:
-        assert calls["Torch-Compiled Region: 0/0"] == 3 and "aten::scaled_dot_product_attention" not in calls
+    if compile:  # one compiled region (its frame number depends on what this process compiled before)
+        regions = [n for name, n in calls.items() if name.startswith("Torch-Compiled Region")]
+        assert regions == [3] and "aten::scaled_dot_product_attention" not in calls
     else:
         assert calls["aten::scaled_dot_product_attention"] == layers * 3
     assert (result.steps, result.kernels_per_step, result.kernel_ms_per_step) == (3, 0, 0)  # a CPU has no kernels
