@@ -17,7 +17,9 @@ from torch import nn
 
 from .kv_cache import StepInfo
 from .norms import RMSNorm
+from .ops.backend import resolve_backend
 from .ops.causal_conv import causal_conv1d, causal_conv1d_step
+from .ops.custom_ops import mamba1_step_kernel
 from .ops.selective_scan import (DEFAULT_SCAN_KERNEL, selective_scan, selective_scan_implicit_attention,
                                  selective_state_update)
 from .ops.ssd import ssd_scan, ssd_step
@@ -93,8 +95,23 @@ class Mamba1Heads(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d, l); bias goes in as delta_bias
         return dt, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
 
+    def _fused_step(self, x: torch.Tensor, z: torch.Tensor, state: SSMState) -> torch.Tensor:
+        """One decode step as arch_lab's two Triton kernels (ops/mamba1_step_triton.py): x, z (b, d) -> y (b, d)."""
+        if self.dt_norm is not None:
+            norms, eps = (self.dt_norm.weight, self.B_norm.weight, self.C_norm.weight), self.dt_norm.eps
+        else:
+            norms, eps = (None, None, None), 0.0
+        return mamba1_step_kernel(x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                  self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+                                  *norms, eps)
+
     def forward(self, proj: torch.Tensor, step: StepInfo, state: Optional[SSMState] = None) -> torch.Tensor:
         x, z = proj.transpose(1, 2).split([self.d_inner, self.d_inner], dim=1)  # (b, d, l) each
+        one_step = state is not None and x.shape[-1] == 1 and step.token_mask is None
+        # With the Triton scan chosen, a decode step runs fused; scan_kernel=mamba_ssm keeps mamba_ssm's and
+        # causal_conv1d's step kernels (the chain below), so the two can be compared.
+        if one_step and self.scan_kernel == "triton" and resolve_backend(self.backend, x, "mamba1_step") == "kernel":
+            return self._fused_step(x[..., 0], z[..., 0], state)[:, None, :]
         A = -torch.exp(self.A_log.float())
         weight = self.conv1d.weight.squeeze(1)
         if state is None:
@@ -105,7 +122,7 @@ class Mamba1Heads(nn.Module):
             y = selective_scan(xc, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                                delta_softplus=True, backend=self.backend, kernel=self.scan_kernel)
             return y.transpose(1, 2)
-        if x.shape[-1] == 1 and step.token_mask is None:  # one decode step
+        if one_step:
             xc = causal_conv1d_step(x[..., 0], state.conv, weight, self.conv1d.bias, activation="silu",
                                     backend=self.backend)[..., None]
             dt, B, C = self._dt_b_c(xc)

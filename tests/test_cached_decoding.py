@@ -233,3 +233,16 @@ def scan_state_after(scan, args: tuple, kwargs: dict, m: int) -> torch.Tensor:
     x, dt, A, B, C = args  # ssd_scan: time is axis 1
     _, last = scan(x[:, :m], dt[:, :m], A, B[:, :m], C[:, :m], return_final_state=True, **kwargs)
     return last
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "lm_head"])
+def test_inference_logits_equal_logits_and_are_laid_out_vocabulary_major(tied):
+    """The cached path's LM head multiplies (W h^T): the same values as `logits`, stored as (vocab, b * l) so that
+    a vocabulary that is not a multiple of 8 leaves the matmul's rows aligned (the GPU picks a faster kernel)."""
+    model = build_model(cpu_config("roadmap_e", vocab_size=61, tie_embeddings=tied))
+    assert (model.lm_head is None) == tied
+    h = torch.randn(3, 2, model.cfg.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        expected, actual = model.logits(h), model.inference_logits(h)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    assert actual.shape == (3, 2, 61) and actual.stride() == (2, 1, 6)

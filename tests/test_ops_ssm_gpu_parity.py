@@ -3,6 +3,7 @@ every input gradient, in float32 and bfloat16. Skipped without CUDA or the kerne
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 
 from components.ops.backend import describe_backends, kernel_available, resolve_backend
 from components.ops.causal_conv import causal_conv1d, causal_conv1d_step
-from components.ops.selective_scan import selective_scan, selective_state_update
+from components.kv_cache import StepInfo
+from components.ops.selective_scan import SCAN_KERNELS, selective_scan, selective_state_update
 from components.ops.ssd import ssd_scan, ssd_step
+from components.ssm_heads import Mamba1Heads, SSMState
 
 pytestmark = [
     pytest.mark.gpu,
@@ -263,6 +266,71 @@ def test_selective_state_update_kernel_matches_reference(dtype: torch.dtype, wit
         y = {b: selective_state_update(states[b], **step, dt_softplus=True, backend=b) for b in states}
         assert rel_err(y["kernel"], y["reference"]) < TOLERANCE[dtype], (t, optional)
     assert rel_err(states["kernel"], states["reference"]) < TOLERANCE[torch.float32]
+
+
+# ---------------------------------------------------------------- the fused Mamba-1 decode step
+E_HEADS = dict(d_model=1024, d_inner=1024, d_state=16, d_conv=4, dt_rank=64)  # row E's Mamba-1 heads at 300M
+DECODE_BATCH = 128
+
+
+def mamba1_heads(norm: bool) -> Mamba1Heads:
+    torch.manual_seed(0)
+    module = Mamba1Heads(**E_HEADS, dt_bc_norm=norm, eps=1e-5).cuda()
+    with torch.no_grad():  # away from the init's ones, so a dropped term shows
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False], ids=["dt-B-C-norms", "no-norms"])
+def test_fused_mamba1_step_matches_reference_as_the_unfused_kernels_do(dtype: torch.dtype, norm: bool) -> None:
+    """8 decode steps of row E's Mamba-1 heads at batch 128: the fused Triton step (scan_kernel=triton) and
+    mamba_ssm's and causal_conv1d's step kernels (scan_kernel=mamba_ssm), each against the float32 reference
+    module: outputs at every step and both states at the end."""
+    for package in ("mamba_ssm", "causal_conv1d", "triton"):
+        require(package)
+    reference = mamba1_heads(norm)
+    reference.backend = "reference"
+    modules = {kernel: copy.deepcopy(reference).to(dtype) for kernel in SCAN_KERNELS}
+    for kernel, module in modules.items():
+        module.backend, module.scan_kernel = "kernel", kernel
+    g = generator(7)
+    d, n = E_HEADS["d_inner"], E_HEADS["d_state"]
+    conv0 = torch.randn(DECODE_BATCH, d, E_HEADS["d_conv"] - 1, device="cuda", generator=g)
+    ssm0 = torch.randn(DECODE_BATCH, d, n, device="cuda", generator=g)
+    states = {name: SSMState(conv=conv0.clone() if name == "reference" else conv0.to(dtype), ssm=ssm0.clone())
+              for name in ("reference", *modules)}  # the model keeps the SSM state in float32 whatever its dtype
+    step = StepInfo(positions=torch.zeros(DECODE_BATCH, 1, dtype=torch.long, device="cuda"))
+    errors: dict[str, list[float]] = {kernel: [] for kernel in modules}
+    with torch.no_grad():
+        for _ in range(8):
+            proj = torch.randn(DECODE_BATCH, 1, 2 * d, device="cuda", generator=g)
+            expected = reference(proj, step, states["reference"])
+            for kernel, module in modules.items():
+                errors[kernel].append(rel_err(module(proj.to(dtype), step, states[kernel]), expected))
+    for kernel in modules:
+        assert max(errors[kernel]) < TOLERANCE[dtype], (kernel, errors)
+        assert rel_err(states[kernel].ssm, states["reference"].ssm) < TOLERANCE[dtype], kernel
+        assert rel_err(states[kernel].conv, states["reference"].conv) < TOLERANCE[dtype], kernel
+
+
+def test_fused_mamba1_step_custom_op_passes_opcheck() -> None:
+    """The fused step as a custom op that updates both states in place: schema, fake shapes and dtypes, dynamic
+    shapes, checked by torch.library.opcheck against the compiled kernels."""
+    require("triton")
+    from components.ops.custom_ops import mamba1_step_kernel
+
+    module = mamba1_heads(True).to(torch.bfloat16)
+    g = generator(8)
+    d = E_HEADS["d_inner"]
+    proj = torch.randn(BATCH, 2 * d, device="cuda", generator=g, dtype=torch.bfloat16)
+    args = (proj[:, :d], proj[:, d:], torch.randn(BATCH, d, 3, device="cuda", generator=g, dtype=torch.bfloat16),
+            torch.randn(BATCH, d, E_HEADS["d_state"], device="cuda", generator=g), module.conv1d.weight.squeeze(1),
+            module.conv1d.bias, module.x_proj.weight, module.dt_proj.weight, module.dt_proj.bias, module.A_log,
+            module.D, module.dt_norm.weight, module.B_norm.weight, module.C_norm.weight, 1e-5)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(mamba1_step_kernel, args, test_utils=OPCHECK_NO_AUTOGRAD)
 
 
 # ---------------------------------------------------------------- SSD (Mamba-2)

@@ -22,6 +22,7 @@ KERNEL_PACKAGE_OF_OP: dict[str, str] = {
     "causal_conv1d_step": "causal_conv1d",
     "selective_scan": "mamba_ssm",
     "selective_scan_triton": "triton",
+    "mamba1_step": "triton",  # arch_lab's fused Mamba-1 decode step
     "selective_state_update": "mamba_ssm",
     "ssd_scan": "mamba_ssm",
     "ssd_step": "mamba_ssm",
@@ -41,7 +42,7 @@ KERNEL_MODULES: dict[str, tuple[str, ...]] = {
     "mamba_ssm": ("mamba_ssm", "mamba_ssm.ops.selective_scan_interface", "mamba_ssm.ops.triton.ssd_combined",
                   "mamba_ssm.ops.triton.selective_state_update"),
     "torch": ("torch",),
-    "triton": ("triton", "components.ops.selective_scan_triton"),
+    "triton": ("triton", "components.ops.selective_scan_triton", "components.ops.mamba1_step_triton"),
 }
 # A plain dict, not functools.lru_cache: torch.compile traces through an lru_cache wrapper into the
 # wrapped function (here: the import machinery) on every call, but reads a dict as a constant.

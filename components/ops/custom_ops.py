@@ -349,3 +349,23 @@ def selective_state_update_kernel(state: Tensor, x: Tensor, dt: Tensor, A: Tenso
 @selective_state_update_kernel.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("arch_lab::mamba1_step", mutates_args=("conv_state", "ssm_state"), device_types="cuda")
+def mamba1_step_kernel(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                       conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor,
+                       A_log: Tensor, D: Tensor, dt_norm_weight: Optional[Tensor], B_norm_weight: Optional[Tensor],
+                       C_norm_weight: Optional[Tensor], eps: float) -> Tensor:
+    """arch_lab's fused Triton decode step of Mamba-1 heads (mamba1_step_triton.py): y (b, d) contiguous in x's
+    dtype; both states updated in place. The three norm weights are given together or not at all."""
+    from components.ops.mamba1_step_triton import mamba1_step
+
+    norms = None if dt_norm_weight is None else (dt_norm_weight, B_norm_weight, C_norm_weight)
+    return mamba1_step(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias,
+                       A_log, D, norms, eps)
+
+
+@mamba1_step_kernel.register_fake
+def _(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D,
+      dt_norm_weight, B_norm_weight, C_norm_weight, eps):
+    return x.new_empty(x.shape)

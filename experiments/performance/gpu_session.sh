@@ -10,6 +10,8 @@
 #   profile     kernels of decode steps (no CUDA graph), 300M, 8k context (PROFILE_ROWS, default "roadmap_e mamba")
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
+#   step        pieces of a decode step side by side (decode_step_bench.py): the Mamba-1 heads' step fused and
+#               unfused (rows E and Mamba), the LM head in both layouts
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
 #               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT)
 #   scan_ncu    Nsight Compute's occupancy, scheduler and warp-stall sections for the Triton scan's output and
@@ -19,7 +21,9 @@
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
 # TRAIN_COMPILE picks the train phases' modes (default "false true"; train_profile: "true"), TRAIN_SCAN_KERNELS the
 # Mamba-1 scan kernels their SSM rows run with, one bench each (default "triton"), DECODE_COMPILE the
-# decode phase's (compile_decode; default "false"; each row runs its modes back to back, HF generate with the first).
+# decode phase's (compile_decode; default "false"; each row runs its modes back to back, HF generate with the first),
+# DECODE_SCAN_KERNELS the scan kernels of the decode phase's SSM rows (default "triton": the fused decode step;
+# "mamba_ssm": mamba_ssm's and causal_conv1d's step kernels), one bench each.
 # Each bench stops after BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent,
 # whichever comes first.
 # BENCH_OVERRIDES (space-separated Hydra overrides) go last on every bench's command line, e.g. "model.ssm=mamba2
@@ -74,9 +78,12 @@ for phase in "$@"; do
     modes=(${DECODE_COMPILE:-false})
     for row in ${DECODE_ROWS:-transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e}; do
       for compile in "${modes[@]}"; do
-        extra=(); [[ $row == transformer && $compile == "${modes[0]}" ]] && extra=(measure=[decode,hf])
-        bench model=${row}_300m "${protocol[@]}" "${extra[@]}" compile_decode=$compile +tags.row=$row \
-          +tags.study=performance +tags.compiled_decode=$compile | tee -a "$OUT/bench_decode.txt"
+        for scan in $([[ $row == transformer ]] && echo triton || echo ${DECODE_SCAN_KERNELS:-triton}); do
+          extra=(); [[ $row == transformer && $compile == "${modes[0]}" ]] && extra=(measure=[decode,hf])
+          bench model=${row}_300m "${protocol[@]}" "${extra[@]}" compile_decode=$compile scan_kernel=$scan \
+            +tags.row=$row +tags.study=performance +tags.compiled_decode=$compile +tags.scan_kernel=$scan \
+            | tee -a "$OUT/bench_decode.txt"
+        done
       done
     done ;;
   ratio)
@@ -100,6 +107,9 @@ for phase in "$@"; do
         done
       done
     done ;;
+  step)
+    timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 experiments/performance/decode_step_bench.py \
+      --out "$OUT/decode_step_bench.json" 2>&1 | grep -vi warning | tee "$OUT/decode_step_bench.txt" ;;
   scan)
     timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 experiments/performance/scan_kernel_bench.py \
       ${SCAN_CONFIGS:+--configs $SCAN_CONFIGS} --out "$OUT/scan_kernel_bench.json" 2>&1 \
@@ -121,7 +131,8 @@ for phase in "$@"; do
       case $task in
       mqar|text|head_ratio)
         (cd "$study_dir" && bash "$repo/experiments/roadmap/run_study.sh" $task "${SEEDS:-0 1}") & ;;
-      *) echo "unknown phase $task (tests|decode|ratio|profile|train|train_profile|scan|scan_ncu|mqar|text|head_ratio)"
+      *) echo "unknown phase $task" \
+           "(tests|decode|ratio|profile|train|train_profile|step|scan|scan_ncu|mqar|text|head_ratio)"
          exit 2 ;;
       esac
     done

@@ -1,0 +1,171 @@
+"""One decode step of a layer's Mamba-1 heads in two Triton kernels, from the conv input to the gated output.
+
+The unfused step (ssm_heads.py) is a chain: the conv update, the x-projection (to dt, B and C), the RMSNorms of
+dt/B/C, the dt-projection, mamba_ssm's state update, and the casts between them. At decode's batch of 128 each of
+those kernels is too small to fill the GPU and costs its few microseconds of latency whatever its bytes: a step of
+row E spends more on them than on its 24 state updates (experiments/performance/RESULTS.md). Here:
+
+- `_conv_xproj_kernel`, one program per block of rows and block of channels: the conv step (shifting the conv
+  state), the silu, and the block's share of the x-projection, a partial product stored per channel block;
+- `_state_update_kernel`, one program per block of rows and block of channels: the x-projection summed over those
+  partials (no atomics, so the step is deterministic), the RMSNorms, the dt-projection of its channels, softplus,
+  the state update h = exp(dt A) h + dt B x, the output C.h + D x and the gate silu(z).
+
+Everything runs in float32 inside; the two projections multiply in the weights' dtype (as the unfused step's
+matmuls do) and accumulate in float32. Importing this module imports triton: only ops/backend.py (when it looks for
+kernels) and custom_ops.py (when the op first runs) import it. On a CPU, TRITON_INTERPRET=1 runs the kernels in
+Triton's interpreter (the CPU tests do that).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .selective_scan_triton import _step_size
+
+BLOCK_B = 16  # rows per program: the least tl.dot takes on the GPU
+CONV_BLOCK_D = 64  # channels per program of the conv kernel; also the x-projection's split of its reduction
+STATE_BLOCK_D = 32  # channels per program of the state update: a (16, 32, 16) float32 state tile
+NUM_WARPS = 4
+
+
+@triton.jit
+def _conv_xproj_kernel(
+    x_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xproj_w_ptr, xc_ptr, part_ptr,
+    batch, dim, nproj, sx_b, sx_d, scs_b, scs_d, scs_k, sw_d, sw_k, sxw_j, sxw_d,
+    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    NPROJ_PAD: tl.constexpr,
+):
+    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = ch < dim
+    mask = (rows < batch)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * sx_b + ch[None, :] * sx_d, mask=mask, other=0.0)
+    state = conv_state_ptr + rows[:, None] * scs_b + ch[None, :] * scs_d
+    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+    if HAS_CONV_BIAS:
+        acc += tl.load(conv_b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    # The window is [state_0 .. state_{WIDTH-2}, x]; the state keeps its last WIDTH - 1 entries.
+    for j in tl.static_range(WIDTH - 1):
+        past = tl.load(state + j * scs_k, mask=mask, other=0.0)
+        acc += past.to(tl.float32) * tl.load(conv_w_ptr + ch * sw_d + j * sw_k, mask=cmask, other=0.0)[None, :]
+        if j > 0:
+            tl.store(state + (j - 1) * scs_k, past, mask=mask)
+    acc += x.to(tl.float32) * tl.load(conv_w_ptr + ch * sw_d + (WIDTH - 1) * sw_k, mask=cmask, other=0.0)[None, :]
+    tl.store(state + (WIDTH - 2) * scs_k, x.to(conv_state_ptr.dtype.element_ty), mask=mask)
+    xc = acc * tl.sigmoid(acc)
+    tl.store(xc_ptr + rows[:, None] * dim + ch[None, :], xc, mask=mask)
+    # This channel block's share of xc @ x_proj.weight^T, as a (NPROJ_PAD, BLOCK_D) slice of the weight transposed.
+    j = tl.arange(0, NPROJ_PAD)
+    w = tl.load(xproj_w_ptr + j[None, :] * sxw_j + ch[:, None] * sxw_d, mask=(j < nproj)[None, :] & cmask[:, None],
+                other=0.0)
+    part = tl.dot(xc.to(w.dtype), w, input_precision="ieee")
+    tl.store(part_ptr + (pid_d * batch + rows[:, None]) * NPROJ_PAD + j[None, :], part,
+             mask=(rows < batch)[:, None])
+
+
+@triton.jit
+def _xproj_segment(part_ptr, rows, rmask, batch, nsplit, offset, width, NPROJ_PAD: tl.constexpr,
+                   BLOCK_B: tl.constexpr, PAD: tl.constexpr):
+    """Columns [offset, offset + width) of the x-projection for these rows (zeros past width), summed over the
+    conv kernel's partial products."""
+    cols = tl.arange(0, PAD)
+    mask = rmask[:, None] & (cols < width)[None, :]
+    acc = tl.zeros((BLOCK_B, PAD), tl.float32)
+    for k in range(nsplit):
+        acc += tl.load(part_ptr + (k * batch + rows[:, None]) * NPROJ_PAD + offset + cols[None, :], mask=mask,
+                       other=0.0)
+    return acc
+
+
+@triton.jit
+def _rms_norm(v, w_ptr, width, eps, PAD: tl.constexpr):
+    """RMSNorm over the first `width` columns of v (the rest are zeros and stay so)."""
+    cols = tl.arange(0, PAD)
+    inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / width + eps)
+    return v * inv[:, None] * tl.load(w_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _state_update_kernel(
+    part_ptr, xc_ptr, z_ptr, dtn_w_ptr, Bn_w_ptr, Cn_w_ptr, dtproj_w_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr,
+    y_ptr, batch, dim, rank, dstate, nsplit, eps, sz_b, sz_d, sdw_d, sdw_r, ss_b, ss_d, ss_n, sy_b, sy_d,
+    HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr,
+    R_PAD: tl.constexpr, N_PAD: tl.constexpr,
+):
+    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, N_PAD)
+    rmask, cmask, nmask = rows < batch, ch < dim, n < dstate
+    mask = rmask[:, None] & cmask[None, :]
+    dt_low = _xproj_segment(part_ptr, rows, rmask, batch, nsplit, 0, rank, NPROJ_PAD, BLOCK_B, R_PAD)
+    B = _xproj_segment(part_ptr, rows, rmask, batch, nsplit, rank, dstate, NPROJ_PAD, BLOCK_B, N_PAD)
+    C = _xproj_segment(part_ptr, rows, rmask, batch, nsplit, rank + dstate, dstate, NPROJ_PAD, BLOCK_B, N_PAD)
+    if HAS_NORM:
+        dt_low = _rms_norm(dt_low, dtn_w_ptr, rank, eps, R_PAD)
+        B = _rms_norm(B, Bn_w_ptr, dstate, eps, N_PAD)
+        C = _rms_norm(C, Cn_w_ptr, dstate, eps, N_PAD)
+    r = tl.arange(0, R_PAD)
+    w = tl.load(dtproj_w_ptr + ch[None, :] * sdw_d + r[:, None] * sdw_r, mask=(r < rank)[:, None] & cmask[None, :],
+                other=0.0)
+    raw = tl.dot(dt_low.to(w.dtype), w, input_precision="ieee")
+    dt = _step_size(raw + tl.load(dt_bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :], True)
+    x = tl.load(xc_ptr + rows[:, None] * dim + ch[None, :], mask=mask, other=0.0)
+    smask = mask[:, :, None] & nmask[None, None, :]
+    A = -tl.exp(tl.load(A_log_ptr + ch[:, None] * dstate + n[None, :], mask=cmask[:, None] & nmask[None, :],
+                        other=0.0).to(tl.float32))
+    states = state_ptr + rows[:, None, None] * ss_b + ch[None, :, None] * ss_d + n[None, None, :] * ss_n
+    h = tl.load(states, mask=smask, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, :, None] * A[None, :, :]) * h + (dt * x)[:, :, None] * B[:, None, :]
+    tl.store(states, h.to(state_ptr.dtype.element_ty), mask=smask)
+    y = tl.sum(h * C[:, None, :], axis=2) + x * tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    z = tl.load(z_ptr + rows[:, None] * sz_b + ch[None, :] * sz_d, mask=mask, other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + rows[:, None] * sy_b + ch[None, :] * sy_d, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _pad(width: int) -> int:
+    """A tile width: a power of 2, at least 16 (tl.dot's least)."""
+    return max(16, triton.next_power_of_2(width))
+
+
+def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor,
+                A_log: Tensor, D: Tensor, norm_weights: Optional[tuple[Tensor, Tensor, Tensor]], eps: float, *,
+                conv_block_d: int = CONV_BLOCK_D, state_block_d: int = STATE_BLOCK_D,
+                num_warps: int = NUM_WARPS) -> Tensor:
+    """y (b, d) in x's dtype; conv_state (b, d, width - 1) and ssm_state (b, d, n) are updated in place.
+
+    x, z: (b, d) conv input and gate, any strides; conv_weight (d, width); x_proj_weight (rank + 2n, d);
+    dt_proj_weight (d, rank); dt_bias, D (d,); A_log (d, n) contiguous (A = -exp(A_log)); norm_weights: the RMSNorm
+    weights of dt (rank,), B and C (n,) each, or None.
+    """
+    batch, dim = x.shape
+    rank, dstate, width = dt_proj_weight.shape[1], A_log.shape[1], conv_weight.shape[1]
+    nproj = rank + 2 * dstate
+    nproj_pad, nsplit = _pad(nproj), triton.cdiv(dim, conv_block_d)
+    xc = x.new_empty(batch, dim, dtype=torch.float32)
+    part = x.new_empty(nsplit, batch, nproj_pad, dtype=torch.float32)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    row_blocks = triton.cdiv(batch, BLOCK_B)
+    _conv_xproj_kernel[(row_blocks, nsplit)](
+        x, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
+        batch, dim, nproj, *x.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
+        WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, BLOCK_B=BLOCK_B, BLOCK_D=conv_block_d,
+        NPROJ_PAD=nproj_pad, num_warps=num_warps,
+    )
+    dtn_w, Bn_w, Cn_w = norm_weights if norm_weights is not None else (dt_bias,) * 3
+    _state_update_kernel[(row_blocks, triton.cdiv(dim, state_block_d))](
+        part, xc, z, dtn_w, Bn_w, Cn_w, dt_proj_weight, dt_bias, A_log, D, ssm_state, y,
+        batch, dim, rank, dstate, nsplit, eps, *z.stride(), *dt_proj_weight.stride(), *ssm_state.stride(),
+        *y.stride(),
+        HAS_NORM=norm_weights is not None, BLOCK_B=BLOCK_B, BLOCK_D=state_block_d, NPROJ_PAD=nproj_pad,
+        R_PAD=_pad(rank), N_PAD=_pad(dstate), num_warps=num_warps,
+    )
+    return y

@@ -1,0 +1,106 @@
+"""Time two pieces of a decode step side by side, each replayed from a CUDA graph as the compiled decode step is:
+
+    python experiments/performance/decode_step_bench.py --out decode_step_bench.json
+
+- the Mamba-1 heads' step of one layer (rows E and Mamba at 300M, bf16, batch 128; the first layer's heads, with the
+  model's weights and float32 SSM state): arch_lab's fused Triton step (scan_kernel=triton, the default) against
+  mamba_ssm's and causal_conv1d's step kernels with the matmuls and norms between them (scan_kernel=mamba_ssm);
+- the tied LM head on the last hidden states (batch 128, vocabulary 32,001): `logits` (rows of 32,001) against
+  `inference_logits` (the transposed product, what the cached path uses).
+
+Each time is the median over --repeats of --iters graph replays between CUDA events, per replay.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Callable
+
+import torch
+
+from components.kv_cache import StepInfo
+from components.model import HybridLM
+from components.presets import preset
+from components.ssm_heads import Mamba1Heads, SSMState
+
+BATCH = 128
+
+
+def graph_time_us(fn: Callable[[], object], iters: int, repeats: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compiles the Triton kernels, warms cuBLAS
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def ssm_step_times(row: str, iters: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = HybridLM(preset(row, "300m")).to("cuda", torch.bfloat16)
+    heads = next(m for m in model.modules() if isinstance(m, Mamba1Heads))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    proj = torch.randn(BATCH, 1, heads.proj_width, device="cuda", generator=g, dtype=torch.bfloat16)
+    (conv_shape, ssm_shape) = heads.state_shapes(BATCH)
+    state = SSMState(conv=torch.randn(conv_shape, device="cuda", generator=g, dtype=torch.bfloat16),
+                     ssm=torch.randn(ssm_shape, device="cuda", generator=g))
+    step = StepInfo(positions=torch.zeros(BATCH, 1, dtype=torch.long, device="cuda"))
+    out = {"d_inner": heads.d_inner}
+    with torch.no_grad():
+        for kernel in ("mamba_ssm", "triton"):
+            heads.scan_kernel = kernel
+            out[f"{kernel}_us"] = graph_time_us(lambda: heads(proj, step, state), iters, repeats)
+    out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
+    return out
+
+
+def lm_head_times(iters: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = HybridLM(preset("roadmap_e", "300m")).to("cuda", torch.bfloat16)
+    h = torch.randn(BATCH, 1, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.inference_logits(h), model.logits(h))
+        out = {"vocab": model.cfg.vocab_size,
+               "logits_us": graph_time_us(lambda: model.logits(h), iters, repeats),
+               "inference_logits_us": graph_time_us(lambda: model.inference_logits(h), iters, repeats)}
+    out["speedup"] = out["logits_us"] / out["inference_logits_us"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", nargs="+", default=["roadmap_e", "mamba"])
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "batch": BATCH,
+               "ssm_step": {row: ssm_step_times(row, args.iters, args.repeats) for row in args.rows},
+               "lm_head": lm_head_times(args.iters, args.repeats)}
+    for row, r in results["ssm_step"].items():
+        print(f"Mamba-1 heads' step, {row} (d_inner {r['d_inner']}): mamba_ssm {r['mamba_ssm_us']:.1f} us, "
+              f"fused triton {r['triton_us']:.1f} us, {r['speedup']:.2f}x")
+    r = results["lm_head"]
+    print(f"LM head, vocabulary {r['vocab']}: logits {r['logits_us']:.1f} us, inference_logits "
+          f"{r['inference_logits_us']:.1f} us, {r['speedup']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

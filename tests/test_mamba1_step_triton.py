@@ -1,0 +1,98 @@
+"""arch_lab's fused Mamba-1 decode step on the CPU, in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py),
+against the unfused step of Mamba1Heads on the reference ops: output, conv state and SSM state. The GPU tests run the
+compiled kernels (test_ops_ssm_gpu_parity.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.kv_cache import StepInfo
+from components.ssm_heads import Mamba1Heads, SSMState
+
+pytest.importorskip("triton")
+if torch.cuda.is_available():  # conftest.py turns the interpreter on for CPU machines only
+    pytest.skip("the GPU tests run the compiled kernels", allow_module_level=True)
+from components.ops import mamba1_step_triton as kernels  # noqa: E402 - after the skips
+
+# 19 rows: two row blocks, the second partial; 40 channels: partial channel blocks in both kernels (16 wide here).
+BATCH, D_INNER, D_STATE, D_CONV, DT_RANK = 19, 40, 10, 4, 5
+LAUNCH = dict(conv_block_d=16, state_block_d=16, num_warps=1)
+
+
+def heads(norm: bool, seed: int = 0) -> Mamba1Heads:
+    torch.manual_seed(seed)
+    module = Mamba1Heads(d_model=32, d_inner=D_INNER, d_state=D_STATE, d_conv=D_CONV, dt_rank=DT_RANK,
+                         dt_bc_norm=norm, eps=1e-5)
+    with torch.no_grad():  # away from the init's ones, so a dropped term shows
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    module.backend = "reference"
+    return module
+
+
+def step_case(seed: int = 1) -> tuple[torch.Tensor, SSMState]:
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(BATCH, 1, 2 * D_INNER, generator=g)
+    state = SSMState(conv=torch.randn(BATCH, D_INNER, D_CONV - 1, generator=g),
+                     ssm=torch.randn(BATCH, D_INNER, D_STATE, generator=g))
+    return proj, state
+
+
+def decode_step_info() -> StepInfo:
+    return StepInfo(positions=torch.zeros(BATCH, 1, dtype=torch.long))
+
+
+def fused(module: Mamba1Heads, proj: torch.Tensor, state: SSMState, **launch) -> torch.Tensor:
+    norms = (module.dt_norm.weight, module.B_norm.weight, module.C_norm.weight) if module.dt_norm else None
+    x, z = proj[:, 0, :D_INNER], proj[:, 0, D_INNER:]  # strided views of the projection, as the model passes them
+    return kernels.mamba1_step(x, z, state.conv, state.ssm, module.conv1d.weight.squeeze(1), module.conv1d.bias,
+                               module.x_proj.weight, module.dt_proj.weight, module.dt_proj.bias, module.A_log,
+                               module.D, norms, 1e-5, **launch)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["dt-B-C-norms", "no-norms"])
+def test_fused_step_equals_unfused_reference_step(norm: bool) -> None:
+    module = heads(norm)
+    proj, start = step_case()
+    ref_state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
+    kernel_state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
+    with torch.no_grad():
+        for _ in range(3):  # consecutive steps: each reads the states the previous one wrote
+            expected = module(proj, decode_step_info(), ref_state)[:, 0]
+            actual = fused(module, proj, kernel_state, **LAUNCH)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+            proj = proj.roll(1, dims=-1)
+    torch.testing.assert_close(kernel_state.conv, ref_state.conv, rtol=0, atol=0)
+    torch.testing.assert_close(kernel_state.ssm, ref_state.ssm, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(kernel_state.ssm, start.ssm)
+
+
+def test_fused_step_does_not_depend_on_its_launch_blocks() -> None:
+    """The x-projection's reduction is split by the conv kernel's channel blocks: other splits, same result."""
+    module = heads(True, seed=2)
+    proj, start = step_case(seed=3)
+    outs = []
+    for launch in (LAUNCH, dict(conv_block_d=32, state_block_d=64, num_warps=1)):
+        state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
+        with torch.no_grad():
+            outs.append((fused(module, proj, state, **launch), state.ssm))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_custom_op_passes_opcheck_on_cpu() -> None:
+    """The op registration torch.compile relies on (schema with both states mutated, fake shapes and dtypes),
+    checked by torch.library.opcheck against the interpreted kernels, given to the CUDA-only op as its CPU kernel
+    for this test only."""
+    from components.ops import custom_ops
+
+    module = heads(True)
+    proj, state = step_case()
+    args = (proj[:, 0, :D_INNER], proj[:, 0, D_INNER:], state.conv, state.ssm, module.conv1d.weight.squeeze(1),
+            module.conv1d.bias, module.x_proj.weight, module.dt_proj.weight, module.dt_proj.bias, module.A_log,
+            module.D, module.dt_norm.weight, module.B_norm.weight, module.C_norm.weight, 1e-5)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.library._scoped_library("arch_lab", "IMPL") as lib:
+        lib.impl("mamba1_step", custom_ops.mamba1_step_kernel._init_fn, "CPU")
+        torch.library.opcheck(custom_ops.mamba1_step_kernel, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
