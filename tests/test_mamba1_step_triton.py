@@ -68,16 +68,19 @@ def test_fused_step_equals_unfused_reference_step(norm: bool) -> None:
 
 
 def test_fused_step_does_not_depend_on_its_launch_blocks() -> None:
-    """The x-projection's reduction is split by the conv kernel's channel blocks: other splits, same result."""
+    """The x-projection's reduction is split by the conv kernel's channel blocks: other splits (3, 2, 1), same
+    result."""
     module = heads(True, seed=2)
     proj, start = step_case(seed=3)
     outs = []
-    for launch in (LAUNCH, dict(conv_block_d=32, state_block_d=64, num_warps=1)):
+    for launch in (LAUNCH, dict(conv_block_d=32, state_block_d=64, num_warps=1),
+                   dict(conv_block_d=64, state_block_d=16, num_warps=2)):
         state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
         with torch.no_grad():
             outs.append((fused(module, proj, state, **launch), state.ssm))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+    for y, ssm in outs[1:]:
+        torch.testing.assert_close(y, outs[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ssm, outs[0][1], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_step_custom_op_passes_opcheck_on_cpu() -> None:

@@ -299,8 +299,9 @@ def test_fused_mamba1_step_matches_reference_as_the_unfused_kernels_do(dtype: to
     d, n = E_HEADS["d_inner"], E_HEADS["d_state"]
     conv0 = torch.randn(DECODE_BATCH, d, E_HEADS["d_conv"] - 1, device="cuda", generator=g)
     ssm0 = torch.randn(DECODE_BATCH, d, n, device="cuda", generator=g)
-    states = {name: SSMState(conv=conv0.clone() if name == "reference" else conv0.to(dtype), ssm=ssm0.clone())
-              for name in ("reference", *modules)}  # the model keeps the SSM state in float32 whatever its dtype
+    # Each its own copy (the model keeps the SSM state in float32 whatever its dtype).
+    states = {name: SSMState(conv=conv0.to(torch.float32 if name == "reference" else dtype, copy=True),
+                             ssm=ssm0.clone()) for name in ("reference", *modules)}
     step = StepInfo(positions=torch.zeros(DECODE_BATCH, 1, dtype=torch.long, device="cuda"))
     errors: dict[str, list[float]] = {kernel: [] for kernel in modules}
     with torch.no_grad():

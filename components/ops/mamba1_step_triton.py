@@ -1,4 +1,4 @@
-"""One decode step of a layer's Mamba-1 heads in two Triton kernels, from the conv input to the gated output.
+"""One decode step of a layer's Mamba-1 heads in three Triton kernels, from the conv input to the gated output.
 
 The unfused step (ssm_heads.py) is a chain: the conv update, the x-projection (to dt, B and C), the RMSNorms of
 dt/B/C, the dt-projection, mamba_ssm's state update, and the casts between them. At decode's batch of 128 each of
@@ -7,9 +7,12 @@ row E spends more on them than on its 24 state updates (experiments/performance/
 
 - `_conv_xproj_kernel`, one program per block of rows and block of channels: the conv step (shifting the conv
   state), the silu, and the block's share of the x-projection, a partial product stored per channel block;
-- `_state_update_kernel`, one program per block of rows and block of channels: the x-projection summed over those
-  partials (no atomics, so the step is deterministic), the RMSNorms, the dt-projection of its channels, softplus,
-  the state update h = exp(dt A) h + dt B x, the output C.h + D x and the gate silu(z).
+- `_xproj_reduce_kernel`, one program per row: the x-projection, summed over those partials in one load (no atomics,
+  so the step is deterministic), and the RMSNorms of dt, B and C. Summing the partials in the state update instead
+  made every one of its programs read all of them: at row Mamba's 3,944 channels the step was 1.6x slower than the
+  unfused one;
+- `_state_update_kernel`, one program per block of rows and block of channels: the dt-projection of its channels,
+  softplus, the state update h = exp(dt A) h + dt B x, the output C.h + D x and the gate silu(z).
 
 Everything runs in float32 inside; the two projections multiply in the weights' dtype (as the unfused step's
 matmuls do) and accumulate in float32. Importing this module imports triton: only ops/backend.py (when it looks for
@@ -70,33 +73,35 @@ def _conv_xproj_kernel(
 
 
 @triton.jit
-def _xproj_segment(part_ptr, rows, rmask, batch, nsplit, offset, width, NPROJ_PAD: tl.constexpr,
-                   BLOCK_B: tl.constexpr, PAD: tl.constexpr):
-    """Columns [offset, offset + width) of the x-projection for these rows (zeros past width), summed over the
-    conv kernel's partial products."""
-    cols = tl.arange(0, PAD)
-    mask = rmask[:, None] & (cols < width)[None, :]
-    acc = tl.zeros((BLOCK_B, PAD), tl.float32)
-    for k in range(nsplit):
-        acc += tl.load(part_ptr + (k * batch + rows[:, None]) * NPROJ_PAD + offset + cols[None, :], mask=mask,
-                       other=0.0)
-    return acc
+def _segment_scale(v, seg, w_ptr, w_offset, width, eps):
+    """RMSNorm factors (1 / rms times the weight) on the columns where seg holds, for one row v."""
+    inv = 1.0 / tl.sqrt(tl.sum(tl.where(seg, v * v, 0.0), axis=0) / width + eps)
+    return inv * tl.load(w_ptr + w_offset, mask=seg, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _rms_norm(v, w_ptr, width, eps, PAD: tl.constexpr):
-    """RMSNorm over the first `width` columns of v (the rest are zeros and stay so)."""
-    cols = tl.arange(0, PAD)
-    inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / width + eps)
-    return v * inv[:, None] * tl.load(w_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+def _xproj_reduce_kernel(part_ptr, dtn_w_ptr, Bn_w_ptr, Cn_w_ptr, out_ptr, batch, nsplit, rank, dstate, eps,
+                         HAS_NORM: tl.constexpr, NSPLIT_PAD: tl.constexpr, NPROJ_PAD: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, NSPLIT_PAD)
+    cols = tl.arange(0, NPROJ_PAD)
+    parts = tl.load(part_ptr + (k[:, None] * batch + row) * NPROJ_PAD + cols[None, :], mask=(k < nsplit)[:, None],
+                    other=0.0)
+    v = tl.sum(parts, axis=0)  # [dt | B | C | zeros]
+    if HAS_NORM:
+        is_dt, is_B = cols < rank, (cols >= rank) & (cols < rank + dstate)
+        is_C = (cols >= rank + dstate) & (cols < rank + 2 * dstate)
+        v = v * (_segment_scale(v, is_dt, dtn_w_ptr, cols, rank, eps)
+                 + _segment_scale(v, is_B, Bn_w_ptr, cols - rank, dstate, eps)
+                 + _segment_scale(v, is_C, Cn_w_ptr, cols - rank - dstate, dstate, eps))
+    tl.store(out_ptr + row * NPROJ_PAD + cols, v)
 
 
 @triton.jit
 def _state_update_kernel(
-    part_ptr, xc_ptr, z_ptr, dtn_w_ptr, Bn_w_ptr, Cn_w_ptr, dtproj_w_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr,
-    y_ptr, batch, dim, rank, dstate, nsplit, eps, sz_b, sz_d, sdw_d, sdw_r, ss_b, ss_d, ss_n, sy_b, sy_d,
-    HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr,
-    R_PAD: tl.constexpr, N_PAD: tl.constexpr,
+    xproj_ptr, xc_ptr, z_ptr, dtproj_w_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, y_ptr,
+    batch, dim, rank, dstate, sz_b, sz_d, sdw_d, sdw_r, ss_b, ss_d, ss_n, sy_b, sy_d,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr,
 ):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -104,14 +109,11 @@ def _state_update_kernel(
     n = tl.arange(0, N_PAD)
     rmask, cmask, nmask = rows < batch, ch < dim, n < dstate
     mask = rmask[:, None] & cmask[None, :]
-    dt_low = _xproj_segment(part_ptr, rows, rmask, batch, nsplit, 0, rank, NPROJ_PAD, BLOCK_B, R_PAD)
-    B = _xproj_segment(part_ptr, rows, rmask, batch, nsplit, rank, dstate, NPROJ_PAD, BLOCK_B, N_PAD)
-    C = _xproj_segment(part_ptr, rows, rmask, batch, nsplit, rank + dstate, dstate, NPROJ_PAD, BLOCK_B, N_PAD)
-    if HAS_NORM:
-        dt_low = _rms_norm(dt_low, dtn_w_ptr, rank, eps, R_PAD)
-        B = _rms_norm(B, Bn_w_ptr, dstate, eps, N_PAD)
-        C = _rms_norm(C, Cn_w_ptr, dstate, eps, N_PAD)
+    xproj = xproj_ptr + rows[:, None] * NPROJ_PAD
     r = tl.arange(0, R_PAD)
+    dt_low = tl.load(xproj + r[None, :], mask=rmask[:, None] & (r < rank)[None, :], other=0.0)
+    B = tl.load(xproj + rank + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+    C = tl.load(xproj + rank + dstate + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
     w = tl.load(dtproj_w_ptr + ch[None, :] * sdw_d + r[:, None] * sdw_r, mask=(r < rank)[:, None] & cmask[None, :],
                 other=0.0)
     raw = tl.dot(dt_low.to(w.dtype), w, input_precision="ieee")
@@ -160,12 +162,17 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, BLOCK_B=BLOCK_B, BLOCK_D=conv_block_d,
         NPROJ_PAD=nproj_pad, num_warps=num_warps,
     )
+    xproj = x.new_empty(batch, nproj_pad, dtype=torch.float32)
     dtn_w, Bn_w, Cn_w = norm_weights if norm_weights is not None else (dt_bias,) * 3
+    _xproj_reduce_kernel[(batch,)](
+        part, dtn_w, Bn_w, Cn_w, xproj, batch, nsplit, rank, dstate, eps,
+        HAS_NORM=norm_weights is not None, NSPLIT_PAD=triton.next_power_of_2(nsplit), NPROJ_PAD=nproj_pad,
+        num_warps=num_warps,
+    )
     _state_update_kernel[(row_blocks, triton.cdiv(dim, state_block_d))](
-        part, xc, z, dtn_w, Bn_w, Cn_w, dt_proj_weight, dt_bias, A_log, D, ssm_state, y,
-        batch, dim, rank, dstate, nsplit, eps, *z.stride(), *dt_proj_weight.stride(), *ssm_state.stride(),
-        *y.stride(),
-        HAS_NORM=norm_weights is not None, BLOCK_B=BLOCK_B, BLOCK_D=state_block_d, NPROJ_PAD=nproj_pad,
-        R_PAD=_pad(rank), N_PAD=_pad(dstate), num_warps=num_warps,
+        xproj, xc, z, dt_proj_weight, dt_bias, A_log, D, ssm_state, y,
+        batch, dim, rank, dstate, *z.stride(), *dt_proj_weight.stride(), *ssm_state.stride(), *y.stride(),
+        BLOCK_B=BLOCK_B, BLOCK_D=state_block_d, NPROJ_PAD=nproj_pad, R_PAD=_pad(rank), N_PAD=_pad(dstate),
+        num_warps=num_warps,
     )
     return y

@@ -5,6 +5,8 @@
 - the Mamba-1 heads' step of one layer (rows E and Mamba at 300M, bf16, batch 128; the first layer's heads, with the
   model's weights and float32 SSM state): arch_lab's fused Triton step (scan_kernel=triton, the default) against
   mamba_ssm's and causal_conv1d's step kernels with the matmuls and norms between them (scan_kernel=mamba_ssm);
+  --variants adds the fused step's launcher with other blocks (conv kernel's channels x state update's channels x
+  warps, e.g. 128x32x4; the default is 64x32x4);
 - the tied LM head on the last hidden states (batch 128, vocabulary 32,001): `logits` (rows of 32,001) against
   `inference_logits` (the transposed product, what the cached path uses).
 
@@ -21,6 +23,7 @@ import torch
 
 from components.kv_cache import StepInfo
 from components.model import HybridLM
+from components.ops.mamba1_step_triton import mamba1_step
 from components.presets import preset
 from components.ssm_heads import Mamba1Heads, SSMState
 
@@ -49,7 +52,7 @@ def graph_time_us(fn: Callable[[], object], iters: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ssm_step_times(row: str, iters: int, repeats: int) -> dict[str, float]:
+def ssm_step_times(row: str, iters: int, repeats: int, variants: list[str]) -> dict[str, float]:
     torch.manual_seed(0)
     model = HybridLM(preset(row, "300m")).to("cuda", torch.bfloat16)
     heads = next(m for m in model.modules() if isinstance(m, Mamba1Heads))
@@ -64,7 +67,16 @@ def ssm_step_times(row: str, iters: int, repeats: int) -> dict[str, float]:
         for kernel in ("mamba_ssm", "triton"):
             heads.scan_kernel = kernel
             out[f"{kernel}_us"] = graph_time_us(lambda: heads(proj, step, state), iters, repeats)
-    out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
+        out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
+        norms = (heads.dt_norm.weight, heads.B_norm.weight, heads.C_norm.weight) if heads.dt_norm is not None else None
+        eps = heads.dt_norm.eps if heads.dt_norm is not None else 0.0
+        for variant in variants:  # the fused step's launcher with other blocks
+            conv_block_d, state_block_d, num_warps = (int(v) for v in variant.split("x"))
+            out[f"triton {variant}_us"] = graph_time_us(lambda: mamba1_step(
+                proj[:, 0, :heads.d_inner], proj[:, 0, heads.d_inner:], state.conv, state.ssm,
+                heads.conv1d.weight.squeeze(1), heads.conv1d.bias, heads.x_proj.weight, heads.dt_proj.weight,
+                heads.dt_proj.bias, heads.A_log, heads.D, norms, eps, conv_block_d=conv_block_d,
+                state_block_d=state_block_d, num_warps=num_warps), iters, repeats)
     return out
 
 
@@ -84,16 +96,20 @@ def lm_head_times(iters: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=["roadmap_e", "mamba"])
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="more launches of the fused step, CONV_BLOCK_DxSTATE_BLOCK_DxNUM_WARPS, e.g. 128x32x4")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "batch": BATCH,
-               "ssm_step": {row: ssm_step_times(row, args.iters, args.repeats) for row in args.rows},
+               "ssm_step": {row: ssm_step_times(row, args.iters, args.repeats, args.variants) for row in args.rows},
                "lm_head": lm_head_times(args.iters, args.repeats)}
     for row, r in results["ssm_step"].items():
         print(f"Mamba-1 heads' step, {row} (d_inner {r['d_inner']}): mamba_ssm {r['mamba_ssm_us']:.1f} us, "
               f"fused triton {r['triton_us']:.1f} us, {r['speedup']:.2f}x")
+        for name in (k for k in r if k.startswith("triton ")):
+            print(f"  fused, launch {name[7:-3]}: {r[name]:.1f} us")
     r = results["lm_head"]
     print(f"LM head, vocabulary {r['vocab']}: logits {r['logits_us']:.1f} us, inference_logits "
           f"{r['inference_logits_us']:.1f} us, {r['speedup']:.2f}x")

@@ -11,7 +11,8 @@
 #   train       training tokens/s and MFU at 300M, sequence 2048, bf16: E against the equal-size Llama, eager and compiled
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   step        pieces of a decode step side by side (decode_step_bench.py): the Mamba-1 heads' step fused and
-#               unfused (rows E and Mamba), the LM head in both layouts
+#               unfused (rows E and Mamba), the LM head in both layouts; STEP_VARIANTS: more launches of the
+#               fused step, CONV_BLOCK_DxSTATE_BLOCK_DxNUM_WARPS
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
 #               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT)
 #   scan_ncu    Nsight Compute's occupancy, scheduler and warp-stall sections for the Triton scan's output and
@@ -109,7 +110,7 @@ for phase in "$@"; do
     done ;;
   step)
     timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 experiments/performance/decode_step_bench.py \
-      --out "$OUT/decode_step_bench.json" 2>&1 | grep -vi warning | tee "$OUT/decode_step_bench.txt" ;;
+      ${STEP_VARIANTS:+--variants $STEP_VARIANTS} --out "$OUT/decode_step_bench.json" 2>&1 | grep -vi warning | tee "$OUT/decode_step_bench.txt" ;;
   scan)
     timeout -k 10 ${BENCH_TIMEOUT_S:-150} python3 experiments/performance/scan_kernel_bench.py \
       ${SCAN_CONFIGS:+--configs $SCAN_CONFIGS} --out "$OUT/scan_kernel_bench.json" 2>&1 \
