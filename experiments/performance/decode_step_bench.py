@@ -68,8 +68,9 @@ def ssm_step_times(row: str, iters: int, repeats: int, variants: list[str]) -> d
             heads.scan_kernel = kernel
             out[f"{kernel}_us"] = graph_time_us(lambda: heads(proj, step, state), iters, repeats)
         out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
-        norms = (heads.dt_norm.weight, heads.B_norm.weight, heads.C_norm.weight) if heads.dt_norm is not None else None
-        eps = heads.dt_norm.eps if heads.dt_norm is not None else 0.0
+        norm = heads.dt_norm is not None
+        norms = (heads.dt_norm.weight, heads.B_norm.weight, heads.C_norm.weight) if norm else None
+        eps = heads.dt_norm.eps if norm else 0.0
         for variant in variants:  # the fused step's launcher with other blocks
             conv_block_d, state_block_d, num_warps = (int(v) for v in variant.split("x"))
             out[f"triton {variant}_us"] = graph_time_us(lambda: mamba1_step(
