@@ -99,3 +99,11 @@ def test_fused_step_custom_op_passes_opcheck_on_cpu() -> None:
         lib.impl("mamba1_step", custom_ops.mamba1_step_kernel._init_fn, "CPU")
         torch.library.opcheck(custom_ops.mamba1_step_kernel, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_fused_step_names_a_state_it_cannot_index() -> None:
+    module = heads(False)
+    proj, state = step_case()
+    strided = SSMState(conv=state.conv, ssm=state.ssm.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match=r"ssm_state needs adjacent state dims \(stride 1\), got \(400, 1, 40\)"):
+        fused(module, proj, strided, **LAUNCH)
