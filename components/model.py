@@ -85,8 +85,8 @@ class HybridLM(nn.Module):
     def inference_logits(self, h: torch.Tensor) -> torch.Tensor:
         """`logits`, computed as (W h^T)^T: a (b, l, vocab) view of a (vocab, b * l) matrix. With a vocabulary that
         is not a multiple of 8 (32,001 here), (b * l, vocab) rows are not 16-byte aligned, and cuBLAS runs an old
-        sm75 kernel for them on the H200: 97 us of a decode step at batch 128 for 66 MB of weights. Training keeps
-        `logits`, whose contiguous rows the loss reads."""
+        sm75 kernel for them on the H200: 119 us at batch 128 for 66 MB of weights, against 44 us this way
+        (experiments/performance/RESULTS.md). Training keeps `logits`, whose contiguous rows the loss reads."""
         weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return (weight @ self.final_norm(h).flatten(0, 1).T).T.view(*h.shape[:-1], -1)
 

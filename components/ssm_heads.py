@@ -96,7 +96,7 @@ class Mamba1Heads(nn.Module):
         return dt, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
 
     def _fused_step(self, x: torch.Tensor, z: torch.Tensor, state: SSMState) -> torch.Tensor:
-        """One decode step as arch_lab's two Triton kernels (ops/mamba1_step_triton.py): x, z (b, d) -> y (b, d)."""
+        """One decode step as arch_lab's fused Triton kernels (ops/mamba1_step_triton.py): x, z (b, d) -> y (b, d)."""
         if self.dt_norm is not None:
             norms, eps = (self.dt_norm.weight, self.B_norm.weight, self.C_norm.weight), self.dt_norm.eps
         else:

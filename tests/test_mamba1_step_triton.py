@@ -107,3 +107,33 @@ def test_fused_step_names_a_state_it_cannot_index() -> None:
     strided = SSMState(conv=state.conv, ssm=state.ssm.transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(ValueError, match=r"ssm_state needs adjacent state dims \(stride 1\), got \(400, 1, 40\)"):
         fused(module, proj, strided, **LAUNCH)
+
+
+@pytest.mark.parametrize("scan_kernel,fused_calls", [("triton", 1), ("mamba_ssm", 0)])
+def test_heads_run_the_fused_step_only_with_the_triton_kernel_chosen(monkeypatch, scan_kernel, fused_calls) -> None:
+    """Where the kernels can run (faked here: the interpreted op stands in for the CUDA one), a decode step of
+    Mamba1Heads goes through the fused op with scan_kernel=triton and through the unfused chain with mamba_ssm;
+    both give the reference step."""
+    import components.ssm_heads as ssm_heads_module
+    from components.ops import custom_ops
+
+    calls = []
+
+    def interpreted_op(*args):
+        calls.append(args)
+        return custom_ops.mamba1_step_kernel._init_fn(*args)
+
+    monkeypatch.setattr(ssm_heads_module, "resolve_backend", lambda requested, tensor, op: "kernel")
+    monkeypatch.setattr(ssm_heads_module, "mamba1_step_kernel", interpreted_op)
+    module = heads(True)
+    module.scan_kernel = scan_kernel
+    proj, start = step_case()
+    reference = heads(True)
+    reference.scan_kernel = "mamba_ssm"  # the chain, on the reference ops (their own backend choice is unpatched)
+    ref_state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
+    with torch.no_grad():
+        expected = reference(proj, decode_step_info(), ref_state)
+        actual = module(proj, decode_step_info(), start)
+    assert len(calls) == fused_calls
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(start.ssm, ref_state.ssm, rtol=1e-5, atol=1e-5)

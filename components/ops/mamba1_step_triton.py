@@ -146,8 +146,9 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
 
     x, z: (b, d) conv input and gate, any row stride; conv_weight (d, width); x_proj_weight (rank + 2n, d);
     dt_proj_weight (d, rank); dt_bias, D (d,); A_log (d, n) contiguous (A = -exp(A_log)); norm_weights: the RMSNorm
-    weights of dt (rank,), B and C (n,) each, or None. The channels of x, z and the state dims of ssm_state must be
-    adjacent in memory: the kernels index them without a stride, so their loads are vectorised.
+    weights of dt (rank,), B and C (n,) each, or None. The kernels index the channels of x and z and the state dims
+    of ssm_state without a stride, so their loads are vectorised: x and z are copied where their channels are not
+    adjacent; ssm_state must have adjacent state dims.
     """
     if ssm_state.stride(2) != 1:
         raise ValueError(f"mamba1_step: ssm_state needs adjacent state dims (stride 1), got {ssm_state.stride()}")
