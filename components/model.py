@@ -82,13 +82,17 @@ class HybridLM(nn.Module):
         h = self.final_norm(h)
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection's (vocab, d_model) weight: the embedding's when tied."""
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+
     def inference_logits(self, h: torch.Tensor) -> torch.Tensor:
         """`logits`, computed as (W h^T)^T: a (b, l, vocab) view of a (vocab, b * l) matrix. With a vocabulary that
         is not a multiple of 8 (32,001 here), (b * l, vocab) rows are not 16-byte aligned, and cuBLAS runs an old
         sm75 kernel for them on the H200: 119 us at batch 128 for 66 MB of weights, against 44 us this way
         (experiments/performance/RESULTS.md). Training keeps `logits`, whose contiguous rows the loss reads."""
-        weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return (weight @ self.final_norm(h).flatten(0, 1).T).T.view(*h.shape[:-1], -1)
+        return (self.lm_head_weight @ self.final_norm(h).flatten(0, 1).T).T.view(*h.shape[:-1], -1)
 
     def _check_length(self, length: int) -> None:
         if length > self.cfg.max_seq_len:

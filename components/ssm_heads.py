@@ -95,15 +95,15 @@ class Mamba1Heads(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d, l); bias goes in as delta_bias
         return dt, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
 
-    def _fused_step(self, x: torch.Tensor, z: torch.Tensor, state: SSMState) -> torch.Tensor:
-        """One decode step as arch_lab's fused Triton kernels (ops/mamba1_step_triton.py): x, z (b, d) -> y (b, d)."""
+    def fused_step_inputs(self, x: torch.Tensor, z: torch.Tensor, state: SSMState) -> tuple:
+        """The arguments of the fused decode step (ops/mamba1_step_triton.py, and its custom op) for this layer:
+        x, z (b, d), the states, then the layer's weights."""
         if self.dt_norm is not None:
-            norms, eps = (self.dt_norm.weight, self.B_norm.weight, self.C_norm.weight), self.dt_norm.eps
+            norms = (self.dt_norm.weight, self.B_norm.weight, self.C_norm.weight, self.dt_norm.eps)
         else:
-            norms, eps = (None, None, None), 0.0
-        return mamba1_step_kernel(x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                  self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
-                                  *norms, eps)
+            norms = (None, None, None, 0.0)
+        return (x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
+                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, *norms)
 
     def forward(self, proj: torch.Tensor, step: StepInfo, state: Optional[SSMState] = None) -> torch.Tensor:
         x, z = proj.transpose(1, 2).split([self.d_inner, self.d_inner], dim=1)  # (b, d, l) each
@@ -111,7 +111,7 @@ class Mamba1Heads(nn.Module):
         # With the Triton scan chosen, a decode step runs fused; scan_kernel=mamba_ssm keeps mamba_ssm's and
         # causal_conv1d's step kernels (the chain below), so the two can be compared.
         if one_step and self.scan_kernel == "triton" and resolve_backend(self.backend, x, "mamba1_step") == "kernel":
-            return self._fused_step(x[..., 0], z[..., 0], state)[:, None, :]
+            return mamba1_step_kernel(*self.fused_step_inputs(x[..., 0], z[..., 0], state))[:, None, :]
         A = -torch.exp(self.A_log.float())
         weight = self.conv1d.weight.squeeze(1)
         if state is None:

@@ -42,12 +42,13 @@ def decode_step_info() -> StepInfo:
     return StepInfo(positions=torch.zeros(BATCH, 1, dtype=torch.long))
 
 
+def step_inputs(module: Mamba1Heads, proj: torch.Tensor, state: SSMState) -> tuple:
+    # x and z as strided views of the projection, as the model passes them
+    return module.fused_step_inputs(proj[:, 0, :D_INNER], proj[:, 0, D_INNER:], state)
+
+
 def fused(module: Mamba1Heads, proj: torch.Tensor, state: SSMState, **launch) -> torch.Tensor:
-    norms = (module.dt_norm.weight, module.B_norm.weight, module.C_norm.weight) if module.dt_norm else None
-    x, z = proj[:, 0, :D_INNER], proj[:, 0, D_INNER:]  # strided views of the projection, as the model passes them
-    return kernels.mamba1_step(x, z, state.conv, state.ssm, module.conv1d.weight.squeeze(1), module.conv1d.bias,
-                               module.x_proj.weight, module.dt_proj.weight, module.dt_proj.bias, module.A_log,
-                               module.D, norms, 1e-5, **launch)
+    return kernels.mamba1_step(*step_inputs(module, proj, state), **launch)
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["dt-B-C-norms", "no-norms"])
@@ -91,10 +92,7 @@ def test_fused_step_custom_op_passes_opcheck_on_cpu() -> None:
 
     module = heads(True)
     proj, state = step_case()
-    args = (proj[:, 0, :D_INNER], proj[:, 0, D_INNER:], state.conv, state.ssm, module.conv1d.weight.squeeze(1),
-            module.conv1d.bias, module.x_proj.weight, module.dt_proj.weight, module.dt_proj.bias, module.A_log,
-            module.D, module.dt_norm.weight, module.B_norm.weight, module.C_norm.weight, 1e-5)
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in step_inputs(module, proj, state))
     with torch.library._scoped_library("arch_lab", "IMPL") as lib:
         lib.impl("mamba1_step", custom_ops.mamba1_step_kernel._init_fn, "CPU")
         torch.library.opcheck(custom_ops.mamba1_step_kernel, args,

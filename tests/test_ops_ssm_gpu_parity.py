@@ -326,11 +326,10 @@ def test_fused_mamba1_step_custom_op_passes_opcheck() -> None:
     g = generator(8)
     d = E_HEADS["d_inner"]
     proj = torch.randn(BATCH, 2 * d, device="cuda", generator=g, dtype=torch.bfloat16)
-    args = (proj[:, :d], proj[:, d:], torch.randn(BATCH, d, 3, device="cuda", generator=g, dtype=torch.bfloat16),
-            torch.randn(BATCH, d, E_HEADS["d_state"], device="cuda", generator=g), module.conv1d.weight.squeeze(1),
-            module.conv1d.bias, module.x_proj.weight, module.dt_proj.weight, module.dt_proj.bias, module.A_log,
-            module.D, module.dt_norm.weight, module.B_norm.weight, module.C_norm.weight, 1e-5)
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    state = SSMState(conv=torch.randn(BATCH, d, 3, device="cuda", generator=g, dtype=torch.bfloat16),
+                     ssm=torch.randn(BATCH, d, E_HEADS["d_state"], device="cuda", generator=g))
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                 for a in module.fused_step_inputs(proj[:, :d], proj[:, d:], state))
     torch.library.opcheck(mamba1_step_kernel, args, test_utils=OPCHECK_NO_AUTOGRAD)
 
 

@@ -71,8 +71,7 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
     kv = cfg.n_kv_heads * cfg.qk_head_dim
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight,
                                    "model.norm.weight": model.final_norm.weight,
-                                   "lm_head.weight": model.embed.weight if model.lm_head is None
-                                   else model.lm_head.weight}
+                                   "lm_head.weight": model.lm_head_weight}
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
         w_q, w_k, w_v = layer.mixer.in_proj.weight.split([q, kv, kv], dim=0)

@@ -360,9 +360,8 @@ def mamba1_step_kernel(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tens
     dtype; both states updated in place. The three norm weights are given together or not at all."""
     from components.ops.mamba1_step_triton import mamba1_step
 
-    norms = None if dt_norm_weight is None else (dt_norm_weight, B_norm_weight, C_norm_weight)
     return mamba1_step(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias,
-                       A_log, D, norms, eps)
+                       A_log, D, dt_norm_weight, B_norm_weight, C_norm_weight, eps)
 
 
 @mamba1_step_kernel.register_fake

@@ -139,16 +139,17 @@ def _pad(width: int) -> int:
 
 def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                 conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor,
-                A_log: Tensor, D: Tensor, norm_weights: Optional[tuple[Tensor, Tensor, Tensor]], eps: float, *,
+                A_log: Tensor, D: Tensor, dt_norm_weight: Optional[Tensor], B_norm_weight: Optional[Tensor],
+                C_norm_weight: Optional[Tensor], eps: float, *,
                 conv_block_d: int = CONV_BLOCK_D, state_block_d: int = STATE_BLOCK_D,
                 num_warps: int = NUM_WARPS) -> Tensor:
     """y (b, d) in x's dtype; conv_state (b, d, width - 1) and ssm_state (b, d, n) are updated in place.
 
     x, z: (b, d) conv input and gate, any row stride; conv_weight (d, width); x_proj_weight (rank + 2n, d);
-    dt_proj_weight (d, rank); dt_bias, D (d,); A_log (d, n) contiguous (A = -exp(A_log)); norm_weights: the RMSNorm
-    weights of dt (rank,), B and C (n,) each, or None. The kernels index the channels of x and z and the state dims
-    of ssm_state without a stride, so their loads are vectorised: x and z are copied where their channels are not
-    adjacent; ssm_state must have adjacent state dims.
+    dt_proj_weight (d, rank); dt_bias, D (d,); A_log (d, n) contiguous (A = -exp(A_log)); the RMSNorm weights of
+    dt (rank,), B and C (n,), all three or none; Mamba1Heads.fused_step_inputs gives a layer's arguments. The kernels
+    index the channels of x and z and the state dims of ssm_state without a stride, so their loads are vectorised:
+    x and z are copied where their channels are not adjacent; ssm_state must have adjacent state dims.
     """
     if ssm_state.stride(2) != 1:
         raise ValueError(f"mamba1_step: ssm_state needs adjacent state dims (stride 1), got {ssm_state.stride()}")
@@ -168,10 +169,11 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
         NPROJ_PAD=nproj_pad, num_warps=num_warps,
     )
     xproj = x.new_empty(batch, nproj_pad, dtype=torch.float32)
-    dtn_w, Bn_w, Cn_w = norm_weights if norm_weights is not None else (dt_bias,) * 3
+    has_norm = dt_norm_weight is not None
+    norms = (dt_norm_weight, B_norm_weight, C_norm_weight) if has_norm else (dt_bias,) * 3  # unread stand-ins
     _xproj_reduce_kernel[(batch,)](
-        part, dtn_w, Bn_w, Cn_w, xproj, batch, nsplit, rank, dstate, eps,
-        HAS_NORM=norm_weights is not None, NSPLIT_PAD=triton.next_power_of_2(nsplit), NPROJ_PAD=nproj_pad,
+        part, *norms, xproj, batch, nsplit, rank, dstate, eps,
+        HAS_NORM=has_norm, NSPLIT_PAD=triton.next_power_of_2(nsplit), NPROJ_PAD=nproj_pad,
         num_warps=num_warps,
     )
     _state_update_kernel[(row_blocks, triton.cdiv(dim, state_block_d))](

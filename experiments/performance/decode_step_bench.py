@@ -68,16 +68,11 @@ def ssm_step_times(row: str, iters: int, repeats: int, variants: list[str]) -> d
             heads.scan_kernel = kernel
             out[f"{kernel}_us"] = graph_time_us(lambda: heads(proj, step, state), iters, repeats)
         out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
-        norm = heads.dt_norm is not None
-        norms = (heads.dt_norm.weight, heads.B_norm.weight, heads.C_norm.weight) if norm else None
-        eps = heads.dt_norm.eps if norm else 0.0
+        inputs = heads.fused_step_inputs(proj[:, 0, :heads.d_inner], proj[:, 0, heads.d_inner:], state)
         for variant in variants:  # the fused step's launcher with other blocks
             conv_block_d, state_block_d, num_warps = (int(v) for v in variant.split("x"))
             out[f"triton {variant}_us"] = graph_time_us(lambda: mamba1_step(
-                proj[:, 0, :heads.d_inner], proj[:, 0, heads.d_inner:], state.conv, state.ssm,
-                heads.conv1d.weight.squeeze(1), heads.conv1d.bias, heads.x_proj.weight, heads.dt_proj.weight,
-                heads.dt_proj.bias, heads.A_log, heads.D, norms, eps, conv_block_d=conv_block_d,
-                state_block_d=state_block_d, num_warps=num_warps), iters, repeats)
+                *inputs, conv_block_d=conv_block_d, state_block_d=state_block_d, num_warps=num_warps), iters, repeats)
     return out
 
 
