@@ -88,11 +88,16 @@ class HybridLM(nn.Module):
         return self.lm_head.weight if self.lm_head is not None else self.embed.weight
 
     def inference_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """`logits`, computed as (W h^T)^T: a (b, l, vocab) view of a (vocab, b * l) matrix. With a vocabulary that
-        is not a multiple of 8 (32,001 here), (b * l, vocab) rows are not 16-byte aligned, and cuBLAS runs an old
-        sm75 kernel for them on the H200: 119 us at batch 128 for 66 MB of weights, against 44 us this way
-        (experiments/performance/RESULTS.md). Training keeps `logits`, whose contiguous rows the loss reads."""
-        return (self.lm_head_weight @ self.final_norm(h).flatten(0, 1).T).T.view(*h.shape[:-1], -1)
+        """`logits`, computed as (W h^T)^T. With a vocabulary that is not a multiple of 8 (32,001 here),
+        (b * l, vocab) rows are not 16-byte aligned, and cuBLAS runs an old sm75 kernel for them on the H200: 119 us
+        at batch 128 for 66 MB of weights, against 44 us this way (experiments/performance/RESULTS.md). Training
+        keeps `logits`, whose contiguous rows the loss reads.
+
+        A decode step (l == 1) gets contiguous rows: its sampler reduces over the vocabulary, which took 100 us a
+        step on the (vocab, b) layout and a few on rows, where the copy costs a few. A prefill chunk keeps the
+        (b, l, vocab) view of the (vocab, b * l) product: copying it would double a tensor of gigabytes."""
+        logits = (self.lm_head_weight @ self.final_norm(h).flatten(0, 1).T).T.view(*h.shape[:-1], -1)
+        return logits.contiguous() if h.shape[1] == 1 else logits
 
     def _check_length(self, length: int) -> None:
         if length > self.cfg.max_seq_len:

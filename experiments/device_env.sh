@@ -2,9 +2,14 @@
 # lightning and triton; .whl/ holds mamba-ssm, causal-conv1d and the lab's other needs) and make this checkout
 # importable without installing it, including the Hydra sweeper plugin that pyproject.toml maps into the
 # `hydra_plugins` namespace (python -m arch_lab imports it at start-up).
+# Sourced once before scripts that run side by side (one per GPU), it installs once: they would race on /tmp/site.
 OUT=${OUT:-/tmp/arch_lab_out}
-mkdir -p "$OUT" /tmp/site/hydra_plugins
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/lab/*.whl 2>&1 | grep -v "already exists" | tail -2
-ln -sfn "$PWD/arch_lab/sweep/hydra_plugin" /tmp/site/hydra_plugins/arch_lab_optuna_sweeper
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 -c "import hydra_plugins.arch_lab_optuna_sweeper, mamba_ssm, causal_conv1d" || echo "device_env: imports failed"
+mkdir -p "$OUT"
+if [[ -z ${ARCH_LAB_DEVICE_ENV:-} ]]; then
+  mkdir -p /tmp/site/hydra_plugins
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/lab/*.whl 2>&1 | grep -v "already exists" | tail -2
+  ln -sfn "$PWD/arch_lab/sweep/hydra_plugin" /tmp/site/hydra_plugins/arch_lab_optuna_sweeper
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  python3 -c "import hydra_plugins.arch_lab_optuna_sweeper, mamba_ssm, causal_conv1d" || echo "device_env: imports failed"
+  export ARCH_LAB_DEVICE_ENV=1
+fi

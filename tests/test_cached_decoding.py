@@ -236,13 +236,15 @@ def scan_state_after(scan, args: tuple, kwargs: dict, m: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "lm_head"])
-def test_inference_logits_equal_logits_and_are_laid_out_vocabulary_major(tied):
-    """The cached path's LM head multiplies (W h^T): the same values as `logits`, stored as (vocab, b * l) so that
-    a vocabulary that is not a multiple of 8 leaves the matmul's rows aligned (the GPU picks a faster kernel)."""
+def test_inference_logits_equal_logits_in_rows_for_a_step_and_vocabulary_major_for_a_prefill(tied):
+    """The cached path's LM head multiplies (W h^T): the same values as `logits`. A prefill's are a view of the
+    (vocab, b * l) product, which leaves the matmul's rows aligned for a vocabulary that is not a multiple of 8;
+    a decode step's are copied to contiguous rows, which its sampler reduces over."""
     model = build_model(cpu_config("roadmap_e", vocab_size=61, tie_embeddings=tied))
     assert (model.lm_head is None) == tied
-    h = torch.randn(3, 2, model.cfg.d_model, dtype=torch.float64)
-    with torch.no_grad():
-        expected, actual = model.logits(h), model.inference_logits(h)
-    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
-    assert actual.shape == (3, 2, 61) and actual.stride() == (2, 1, 6)
+    for length, strides in [(2, (2, 1, 6)), (1, (61, 61, 1))]:
+        h = torch.randn(3, length, model.cfg.d_model, dtype=torch.float64)
+        with torch.no_grad():
+            expected, actual = model.logits(h), model.inference_logits(h)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+        assert actual.shape == (3, length, 61) and actual.stride() == strides

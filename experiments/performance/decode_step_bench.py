@@ -6,9 +6,10 @@
   model's weights and float32 SSM state): arch_lab's fused Triton step (scan_kernel=triton, the default) against
   mamba_ssm's and causal_conv1d's step kernels with the matmuls and norms between them (scan_kernel=mamba_ssm);
   --variants adds the fused step's launcher with other blocks (conv kernel's channels x state update's channels x
-  warps, e.g. 128x32x4; the default is 64x32x4);
-- the tied LM head on the last hidden states (batch 128, vocabulary 32,001): `logits` (rows of 32,001) against
-  `inference_logits` (the transposed product, what the cached path uses).
+  warps, e.g. 128x32x4; the default is 64x16x4);
+- the tied LM head on the last hidden states (batch 128, vocabulary 32,001), alone and followed by the greedy
+  argmax: `logits` (rows of 32,001), the transposed product as a view, and `inference_logits` (the transposed
+  product copied to rows, what the cached path uses).
 
 Each time is the median over --repeats of --iters graph replays between CUDA events, per replay.
 """
@@ -77,15 +78,20 @@ def ssm_step_times(row: str, iters: int, repeats: int, variants: list[str]) -> d
 
 
 def lm_head_times(iters: int, repeats: int) -> dict[str, float]:
+    """The LM head of one decode step, alone and with the greedy argmax that follows it, in three layouts: `logits`
+    (rows of 32,001), the (vocab, batch) product seen as (batch, vocab) (inference_logits before 2026-11-28,
+    session 14), and `inference_logits` (that product copied to rows)."""
     torch.manual_seed(0)
     model = HybridLM(preset("roadmap_e", "300m")).to("cuda", torch.bfloat16)
     h = torch.randn(BATCH, 1, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    layouts = {"logits": model.logits, "inference_logits": model.inference_logits,
+               "vocab_major_view": lambda h: (model.lm_head_weight @ model.final_norm(h)[:, -1].T).T[:, None]}
+    out = {"vocab": model.cfg.vocab_size}
     with torch.no_grad():
-        torch.testing.assert_close(model.inference_logits(h), model.logits(h))
-        out = {"vocab": model.cfg.vocab_size,
-               "logits_us": graph_time_us(lambda: model.logits(h), iters, repeats),
-               "inference_logits_us": graph_time_us(lambda: model.inference_logits(h), iters, repeats)}
-    out["speedup"] = out["logits_us"] / out["inference_logits_us"]
+        for name, head in layouts.items():
+            torch.testing.assert_close(head(h), model.logits(h))
+            out[f"{name}_us"] = graph_time_us(lambda: head(h), iters, repeats)
+            out[f"{name}_argmax_us"] = graph_time_us(lambda: head(h)[:, -1].argmax(-1), iters, repeats)
     return out
 
 
@@ -107,8 +113,9 @@ def main() -> None:
         for name in (k for k in r if k.startswith("triton ")):
             print(f"  fused, launch {name[7:-3]}: {r[name]:.1f} us")
     r = results["lm_head"]
-    print(f"LM head, vocabulary {r['vocab']}: logits {r['logits_us']:.1f} us, inference_logits "
-          f"{r['inference_logits_us']:.1f} us, {r['speedup']:.2f}x")
+    print(f"LM head, vocabulary {r['vocab']}, alone / with the greedy argmax:")
+    for name in ("logits", "vocab_major_view", "inference_logits"):
+        print(f"  {name}: {r[name + '_us']:.1f} / {r[name + '_argmax_us']:.1f} us")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -39,6 +39,10 @@
 # device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
 # Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
 # MLflow stores and artifacts).
+# On two GPUs (kind nvidia-h200-x2) two sessions run side by side, one per GPU, each with its own $OUT and settings:
+#   source experiments/device_env.sh      # installs once, for both
+#   CUDA_VISIBLE_DEVICES=0 OUT=$OUT/gpu0 TESTS_SELECT=... bash experiments/performance/gpu_session.sh tests &
+#   CUDA_VISIBLE_DEVICES=1 OUT=$OUT/gpu1 bash experiments/performance/gpu_session.sh step decode & wait
 set -uo pipefail
 source experiments/device_env.sh
 export ARCH_LAB_DATA_ROOT=$PWD/.data
