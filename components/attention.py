@@ -57,9 +57,10 @@ class AttentionHeads(nn.Module):
             self.captured_maps.append(self._probabilities(q, view, step))
         if view.positions is step.positions:  # keys are this very sequence: training / full forward
             y = sequence_attention(q, view.k, view.v, step.positions, self.window, self.num_meta, self.backend)
-        else:
-            y = attention_reference(q, view.k, view.v,
-                                    allowed_keys(step.positions, view.positions, self.window, self.num_meta))
+        else:  # cached: every layer of this scope attends over the same key positions this step
+            allowed = step.once(("allowed keys", self.window, view.positions.shape[1]),
+                                lambda: allowed_keys(step.positions, view.positions, self.window, self.num_meta))
+            y = attention_reference(q, view.k, view.v, allowed)
         return y.transpose(1, 2).reshape(b, l, self.out_width)
 
     def _probabilities(self, q: torch.Tensor, view: KVView, step: StepInfo) -> torch.Tensor:

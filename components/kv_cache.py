@@ -7,8 +7,8 @@ KV-consumer layers own no cache: they read their producer's `KVView` for the cur
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Optional
 
 import torch
 
@@ -31,10 +31,20 @@ class StepInfo:
     meta_phase: bool = False  # True while the meta tokens themselves are being cached
     fresh_ssm_state: bool = False  # SSM states are all zero (first chunk, no meta tokens): kernels need no init
     kv_bus: Optional[dict] = None  # producer layer index -> KVView, for KV-consumer layers
+    shared: dict = field(default_factory=dict)  # what every layer of one kind computes alike this step (`once`)
 
     def __post_init__(self):
         if self.kv_bus is None:
             self.kv_bus = {}
+
+    def once(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`compute()` for the first layer that asks for `key` this step, the same tensor for the others. Every
+        cache of one kind holds the same key positions in a step, and every layer of one scope attends with the
+        same mask. Built per cache, the positions were 14 kernels of row E's compiled decode step on the H200, by
+        their names and count (83 us a step; experiments/performance/RESULTS.md, fourteenth session)."""
+        if key not in self.shared:
+            self.shared[key] = compute()
+        return self.shared[key]
 
 
 class _KVBuffer:
@@ -80,10 +90,14 @@ class GlobalKVCache(_KVBuffer):
             return self.write_meta(k, v)
         m, l = self.num_meta, k.shape[1]
         self._write(m + step.start + torch.arange(l, device=k.device), k, v)
-        idx = torch.arange(self.max_len, device=k.device)
-        token_pos = self._token_positions(idx, step.pad, (idx < step.start + l)[None, :])
-        positions = torch.cat([self._meta_positions(k.shape[0], k.device), token_pos], dim=1)
-        return KVView(self.k, self.v, positions)
+        return KVView(self.k, self.v, step.once(("global cache positions", self.max_len),
+                                                lambda: self._positions(k.shape[0], step.start + l, step.pad)))
+
+    def _positions(self, batch: int, end: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """RoPE position of each slot once padded indices below `end` are written (-1: empty or padding)."""
+        idx = torch.arange(self.max_len, device=pad.device)
+        token_pos = self._token_positions(idx, pad, (idx < end)[None, :])
+        return torch.cat([self._meta_positions(batch, pad.device), token_pos], dim=1)
 
 
 class SlidingWindowKVCache(_KVBuffer):
@@ -118,8 +132,8 @@ class SlidingWindowKVCache(_KVBuffer):
         admits, so write it first and attend over the buffer itself. Copying the whole ring into a [ring + chunk]
         tensor was the largest cost of a decode step (a quarter of row E's step at 8k context, batch 128)."""
         self._write((self.num_meta + torch.remainder(step.start, self.window)).reshape(1), k, v)
-        positions = torch.cat([self._meta_positions(k.shape[0], k.device), self._ring_positions(step.start, step.pad)],
-                              dim=1)
+        positions = step.once(("ring positions", self.window), lambda: torch.cat(
+            [self._meta_positions(k.shape[0], k.device), self._ring_positions(step.start, step.pad)], dim=1))
         return KVView(self.k, self.v, positions)
 
     def _ring_positions(self, last: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

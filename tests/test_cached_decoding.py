@@ -12,6 +12,7 @@ import torch
 
 import components.attention as attention_module
 import components.ssm_heads as ssm_heads_module
+from components.kv_cache import GlobalKVCache, SlidingWindowKVCache
 from components.model import HybridLM
 from model_factories import ALL_PRESETS, build_model, cpu_config, one_cpu_thread, random_tokens, rel_err  # noqa: F401
 
@@ -248,3 +249,26 @@ def test_inference_logits_equal_logits_in_rows_for_a_step_and_vocabulary_major_f
             expected, actual = model.logits(h), model.inference_logits(h)
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
         assert actual.shape == (3, length, 61) and actual.stride() == strides
+
+
+def test_a_decode_step_builds_each_kind_of_key_positions_and_each_scopes_mask_once(monkeypatch):
+    """Caches of one kind hold the same key positions in a step, and layers of one scope attend with the same mask:
+    `StepInfo.once` builds each once a step, where every layer built its own (the logits stay those of the full
+    forward: the tests above)."""
+    model = build_model(cpu_config("roadmap_e"))
+    state = model.new_inference_state(2, 12, torch.float64, "cpu")
+    kinds = [type(cache) for cache in state.kv if cache is not None]
+    assert kinds.count(GlobalKVCache) == 3 and kinds.count(SlidingWindowKVCache) == 2
+    built = []
+    for cls, name in [(GlobalKVCache, "_positions"), (SlidingWindowKVCache, "_ring_positions")]:
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, original=original, name=name: built.append(name)
+                            or original(self, *a))
+    original_mask = attention_module.allowed_keys
+    monkeypatch.setattr(attention_module, "allowed_keys", lambda q, k, window, m: built.append(f"mask {window}")
+                        or original_mask(q, k, window, m))
+    with torch.no_grad():
+        model.forward_cached(random_tokens(model.cfg.vocab_size, 2, 6), state)
+        built.clear()
+        model.forward_cached(random_tokens(model.cfg.vocab_size, 2, 1, seed=1), state)
+    assert sorted(built) == ["_positions", "_ring_positions", "mask 5", "mask None"]
