@@ -103,12 +103,14 @@ class Generator:
         """Feed a (left-padded) prompt batch into `state`, `chunk_size` tokens at a time; returns the last logits.
 
         Chunking bounds the attention mask and activations to (batch, chunk, keys), which is what lets an 8k-token,
-        batch-128 prompt fit on one GPU; the result equals a single-chunk prefill.
+        batch-128 prompt fit on one GPU (a serving engine prefills in chunks for the same reason); the result equals
+        a single-chunk prefill.
         """
         step = chunk_size or ids.shape[1]
         logits = None
         for i in range(0, ids.shape[1], step):
-            logits = self.model.forward_cached(ids[:, i:i + step], state, pad if i == 0 else None)[:, -1]
+            logits = self.model.forward_cached(ids[:, i:i + step], state, pad if i == 0 else None,
+                                               last_only=True)[:, -1]
         return logits
 
     def decoder(self, state: InferenceState):

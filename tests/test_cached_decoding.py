@@ -272,3 +272,19 @@ def test_a_decode_step_builds_each_kind_of_key_positions_and_each_scopes_mask_on
         built.clear()
         model.forward_cached(random_tokens(model.cfg.vocab_size, 2, 1, seed=1), state)
     assert sorted(built) == ["_positions", "_ring_positions", "mask 5", "mask None"]
+
+
+def test_a_prefill_can_return_the_last_positions_logits_alone():
+    """`last_only` projects only the last position (what a prompt's prefill needs; Generator.prefill asks for it):
+    the same logits as the full chunk's last row, and the same state after."""
+    model = build_model(cpu_config("roadmap_e"))
+    ids = random_tokens(model.cfg.vocab_size, 2, 7)
+    states = [model.new_inference_state(2, 8, torch.float64, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        every = model.forward_cached(ids, states[0])
+        last = model.forward_cached(ids, states[1], last_only=True)
+        assert every.shape == (2, 7, model.cfg.vocab_size) and last.shape == (2, 1, model.cfg.vocab_size)
+        torch.testing.assert_close(last, every[:, -1:], rtol=1e-12, atol=1e-12)
+        token = ids[:, :1]
+        torch.testing.assert_close(model.forward_cached(token, states[1]), model.forward_cached(token, states[0]),
+                                   rtol=1e-12, atol=1e-12)

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from components.generation import Generator
-from components.inference_state import InferenceState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Measured ceilings (/work/shared/ENVIRONMENT.md): bf16 8192^3 matmul on the H100.
+# Measured ceilings (../shared/ENVIRONMENT.md): bf16 8192^3 matmul on the H100.
 KNOWN_PEAK_TFLOPS = {"H100": 790.0}
 
 
@@ -93,39 +92,28 @@ class DecodeTiming:
                 f"{prefix}/decode_batch": self.batch}
 
 
-def _prefill(model, ids: torch.Tensor, state: InferenceState, chunk: Optional[int]) -> torch.Tensor:
-    """Cached prefill in chunks of `chunk` tokens (None: one call); returns the last position's logits.
-
-    Chunking bounds the memory of the score matrix and the logits of one call, which at 8k tokens and batch 128
-    would otherwise exceed the GPU (a serving engine prefills in chunks for the same reason).
-    """
-    step = chunk or ids.shape[1]
-    for start in range(0, ids.shape[1], step):
-        logits = model.forward_cached(ids[:, start:start + step], state)[:, -1]
-    return logits
-
-
 @torch.no_grad()
 def measure_cached_decode(model, batch: int, context: int, new_tokens: int, generator: Generator | None = None,
                           warmup_steps: int = 2, seed: int = 0, prefill_chunk: Optional[int] = None) -> DecodeTiming:
     """Prefill `context` random tokens for `batch` rows, then decode `new_tokens` greedily from the cache.
 
-    Decoding runs through `Generator.decoder`, i.e. exactly as generation does (one CUDA-graph replay per step on
-    a GPU), so the numbers are those of the lab's own generation path.
+    Prefill and decoding run through `Generator.prefill` and `Generator.decoder`, i.e. exactly as generation does
+    (the prompt in chunks, one CUDA-graph replay per step on a GPU), so the numbers are those of the lab's own
+    generation path.
     """
     gen = generator or Generator(model)
     device = gen.device
     ids = _random_ids(model.cfg.vocab_size, (batch, context), device, seed)
     for _ in range(warmup_steps):  # kernels, allocator and autotuning out of the timed region
         state = gen.new_state(batch, context + new_tokens)
-        logits = _prefill(model, ids[:, :prefill_chunk or context], state, None)
+        logits = gen.prefill(state, ids[:, :prefill_chunk or context])
         model.forward_cached(logits.argmax(-1)[:, None], state)
         del state, logits  # before the timed state is allocated: two caches at once could run out of memory
     state = gen.new_state(batch, context + new_tokens)
     decode = gen.decoder(state)  # the Generator's decode step (a CUDA graph on GPUs); made before the prefill
     _sync(device)
     t0 = time.perf_counter()
-    logits = _prefill(model, ids, state, prefill_chunk)
+    logits = gen.prefill(state, ids, chunk_size=prefill_chunk)
     _sync(device)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
@@ -182,7 +170,7 @@ def profile_decode_steps(model, batch: int, context: int, steps: int, seed: int 
     ids = _random_ids(model.cfg.vocab_size, (batch, context), gen.device, seed)
     state = gen.new_state(batch, context + steps + PROFILE_WARMUP_STEPS)
     decode = gen.decoder(state)
-    last = [_prefill(model, ids, state, prefill_chunk)]
+    last = [gen.prefill(state, ids, chunk_size=prefill_chunk)]
     for _ in range(PROFILE_WARMUP_STEPS):
         last[0] = decode(last[0].argmax(-1)[:, None])[:, -1]
 
