@@ -112,20 +112,23 @@ class SlidingWindowKVCache(_KVBuffer):
             return self.write_meta(k, v)
         if k.shape[1] == 1:
             return self._decode_update(k, v, step)
-        m, w, b, l = self.num_meta, self.window, k.shape[0], k.shape[1]
-        device = k.device
+        m, w, l = self.num_meta, self.window, k.shape[1]
+        chunk_idx = step.start + torch.arange(l, device=k.device)
         # Attend over [ring as it was before this chunk] + [the chunk itself]; the mask drops what fell out.
-        ring_pos = self._ring_positions(step.start - 1, step.pad)
-        chunk_idx = step.start + torch.arange(l, device=device)
-        chunk_pos = self._token_positions(chunk_idx, step.pad, torch.ones(1, l, dtype=torch.bool, device=device))
-        view = KVView(
-            torch.cat([self.k, k.transpose(1, 2)], dim=2),
-            torch.cat([self.v, v.transpose(1, 2)], dim=2),
-            torch.cat([self._meta_positions(b, device), ring_pos, chunk_pos], dim=1),
-        )
+        positions = step.once(("ring and chunk positions", w),
+                              lambda: self._chunk_view_positions(k.shape[0], chunk_idx, step.start, step.pad))
+        view = KVView(torch.cat([self.k, k.transpose(1, 2)], dim=2), torch.cat([self.v, v.transpose(1, 2)], dim=2),
+                      positions)
         keep = min(l, w)
         self._write(m + torch.remainder(chunk_idx[l - keep:], w), k[:, l - keep:], v[:, l - keep:])
         return view
+
+    def _chunk_view_positions(self, batch: int, chunk_idx: torch.Tensor, start: torch.Tensor,
+                              pad: torch.Tensor) -> torch.Tensor:
+        """Key positions of [meta slots, ring before the chunk, the chunk's tokens at padded indices chunk_idx]."""
+        chunk_pos = self._token_positions(chunk_idx, pad, torch.ones_like(chunk_idx, dtype=torch.bool)[None, :])
+        return torch.cat([self._meta_positions(batch, pad.device), self._ring_positions(start - 1, pad), chunk_pos],
+                         dim=1)
 
     def _decode_update(self, k: torch.Tensor, v: torch.Tensor, step: StepInfo) -> KVView:
         """One new token: it takes the slot of the token `window` positions back, which its window no longer

@@ -253,8 +253,8 @@ def test_inference_logits_equal_logits_in_rows_for_a_step_and_vocabulary_major_f
 
 def test_a_decode_step_builds_each_kind_of_key_positions_and_each_scopes_mask_once(monkeypatch):
     """Caches of one kind hold the same key positions in a step, and layers of one scope attend with the same mask:
-    `StepInfo.once` builds each once a step, where every layer built its own (the logits stay those of the full
-    forward: the tests above)."""
+    `StepInfo.once` builds each once a step (a decode step or a prefill chunk), where every layer built its own
+    (the logits stay those of the full forward: the tests above)."""
     model = build_model(cpu_config("roadmap_e"))
     state = model.new_inference_state(2, 12, torch.float64, "cpu")
     kinds = [type(cache) for cache in state.kv if cache is not None]
@@ -269,6 +269,8 @@ def test_a_decode_step_builds_each_kind_of_key_positions_and_each_scopes_mask_on
                         or original_mask(q, k, window, m))
     with torch.no_grad():
         model.forward_cached(random_tokens(model.cfg.vocab_size, 2, 6), state)
+        # a prefill chunk builds each once too
+        assert sorted(built) == ["_positions", "_ring_positions", "mask 5", "mask None"]
         built.clear()
         model.forward_cached(random_tokens(model.cfg.vocab_size, 2, 1, seed=1), state)
     assert sorted(built) == ["_positions", "_ring_positions", "mask 5", "mask None"]
