@@ -16,12 +16,12 @@ from components.ops import mamba1_step_triton as kernels  # noqa: E402 - after t
 
 # 19 rows: two row blocks, the second partial; 40 channels: partial channel blocks in both kernels (16 wide here).
 BATCH, D_INNER, D_STATE, D_CONV, DT_RANK = 19, 40, 10, 4, 5
-LAUNCH = dict(conv_block_d=16, state_block_d=16, num_warps=1)
+LAUNCH = kernels.StepBlocks(conv_channels=16, conv_warps=1, state_warps=1)
 
 
-def heads(norm: bool, seed: int = 0) -> Mamba1Heads:
+def heads(norm: bool, seed: int = 0, d_conv: int = D_CONV) -> Mamba1Heads:
     torch.manual_seed(seed)
-    module = Mamba1Heads(d_model=32, d_inner=D_INNER, d_state=D_STATE, d_conv=D_CONV, dt_rank=DT_RANK,
+    module = Mamba1Heads(d_model=32, d_inner=D_INNER, d_state=D_STATE, d_conv=d_conv, dt_rank=DT_RANK,
                          dt_bc_norm=norm, eps=1e-5)
     with torch.no_grad():  # away from the init's ones, so a dropped term shows
         for p in module.parameters():
@@ -30,10 +30,10 @@ def heads(norm: bool, seed: int = 0) -> Mamba1Heads:
     return module
 
 
-def step_case(seed: int = 1) -> tuple[torch.Tensor, SSMState]:
+def step_case(seed: int = 1, d_conv: int = D_CONV) -> tuple[torch.Tensor, SSMState]:
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(BATCH, 1, 2 * D_INNER, generator=g)
-    state = SSMState(conv=torch.randn(BATCH, D_INNER, D_CONV - 1, generator=g),
+    state = SSMState(conv=torch.randn(BATCH, D_INNER, d_conv - 1, generator=g),
                      ssm=torch.randn(BATCH, D_INNER, D_STATE, generator=g))
     return proj, state
 
@@ -47,20 +47,21 @@ def step_inputs(module: Mamba1Heads, proj: torch.Tensor, state: SSMState) -> tup
     return module.fused_step_inputs(proj[:, 0, :D_INNER], proj[:, 0, D_INNER:], state)
 
 
-def fused(module: Mamba1Heads, proj: torch.Tensor, state: SSMState, **launch) -> torch.Tensor:
-    return kernels.mamba1_step(*step_inputs(module, proj, state), **launch)
+def fused(module: Mamba1Heads, proj: torch.Tensor, state: SSMState, blocks: kernels.StepBlocks) -> torch.Tensor:
+    return kernels.mamba1_step(*step_inputs(module, proj, state), blocks=blocks)
 
 
-@pytest.mark.parametrize("norm", [True, False], ids=["dt-B-C-norms", "no-norms"])
-def test_fused_step_equals_unfused_reference_step(norm: bool) -> None:
-    module = heads(norm)
-    proj, start = step_case()
+@pytest.mark.parametrize("norm,d_conv", [(True, D_CONV), (False, D_CONV), (True, 3)],
+                         ids=["dt-B-C-norms", "no-norms", "conv-width-3"])  # 3: the kernel pads the window to 4
+def test_fused_step_equals_unfused_reference_step(norm: bool, d_conv: int) -> None:
+    module = heads(norm, d_conv=d_conv)
+    proj, start = step_case(d_conv=d_conv)
     ref_state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
     kernel_state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
     with torch.no_grad():
         for _ in range(3):  # consecutive steps: each reads the states the previous one wrote
             expected = module(proj, decode_step_info(), ref_state)[:, 0]
-            actual = fused(module, proj, kernel_state, **LAUNCH)
+            actual = fused(module, proj, kernel_state, LAUNCH)
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
             proj = proj.roll(1, dims=-1)
     torch.testing.assert_close(kernel_state.conv, ref_state.conv, rtol=0, atol=0)
@@ -69,16 +70,15 @@ def test_fused_step_equals_unfused_reference_step(norm: bool) -> None:
 
 
 def test_fused_step_does_not_depend_on_its_launch_blocks() -> None:
-    """The x-projection's reduction is split by the conv kernel's channel blocks: other splits (3, 2, 1), same
-    result."""
+    """The x-projection's reduction is split by the conv kernel's channel blocks: other splits (3, 2, 1) and other
+    row blocks (2 or 1 of the 19 rows), same result."""
     module = heads(True, seed=2)
     proj, start = step_case(seed=3)
     outs = []
-    for launch in (LAUNCH, dict(conv_block_d=32, state_block_d=64, num_warps=1),
-                   dict(conv_block_d=64, state_block_d=16, num_warps=2)):
+    for launch in (LAUNCH, kernels.StepBlocks(32, 32, 1, 32, 64, 1), kernels.StepBlocks.from_string("16x64x2x32x16x2")):
         state = SSMState(conv=start.conv.clone(), ssm=start.ssm.clone())
         with torch.no_grad():
-            outs.append((fused(module, proj, state, **launch), state.ssm))
+            outs.append((fused(module, proj, state, launch), state.ssm))
     for y, ssm in outs[1:]:
         torch.testing.assert_close(y, outs[0][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ssm, outs[0][1], rtol=1e-5, atol=1e-5)
@@ -104,7 +104,7 @@ def test_fused_step_names_a_state_it_cannot_index() -> None:
     proj, state = step_case()
     strided = SSMState(conv=state.conv, ssm=state.ssm.transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(ValueError, match=r"ssm_state needs adjacent state dims \(stride 1\), got \(400, 1, 40\)"):
-        fused(module, proj, strided, **LAUNCH)
+        fused(module, proj, strided, LAUNCH)
 
 
 @pytest.mark.parametrize("scan_kernel,fused_calls", [("triton", 1), ("mamba_ssm", 0)])

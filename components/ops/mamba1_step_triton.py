@@ -6,7 +6,9 @@ those kernels is too small to fill the GPU and costs its few microseconds of lat
 row E spends more on them than on its 24 state updates (experiments/performance/RESULTS.md). Here:
 
 - `_conv_xproj_kernel`, one program per block of rows and block of channels: the conv step (shifting the conv
-  state), the silu, and the block's share of the x-projection, a partial product stored per channel block;
+  state), the silu, and the block's share of the x-projection, a partial product stored per channel block. It
+  issues all its loads before its first store (the conv state as one (rows, channels, window) tile): shifting the
+  state slot by slot, each load waited for the store before it, and the kernel took 9.1 against 6.4 us at row E;
 - `_xproj_reduce_kernel`, one program per row: the x-projection, summed over those partials in one load (no atomics,
   so the step is deterministic), and the RMSNorms of dt, B and C. Summing the partials in the state update instead
   made every one of its programs read all of them: at row Mamba's 3,944 channels the step was 1.6x slower than the
@@ -21,6 +23,7 @@ Triton's interpreter (the CPU tests do that).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,43 +33,60 @@ from torch import Tensor
 
 from .selective_scan_triton import _step_size
 
-BLOCK_B = 16  # rows per program: the least tl.dot takes on the GPU
-CONV_BLOCK_D = 64  # channels per program of the conv kernel; also the x-projection's split of its reduction
-STATE_BLOCK_D = 16  # channels per program of the state update: a (16, 16, 16) float32 state tile (32: 4-9% slower)
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class StepBlocks:
+    """How the step's kernels are launched: rows (at least 16, tl.dot's least on the GPU) and channels per program,
+    and warps, for the conv kernel (whose channel blocks also split the x-projection's reduction) and the state
+    update. `from_string("16x64x8x16x16x4")` reads them in that order."""
+    conv_rows: int = 16
+    conv_channels: int = 64
+    conv_warps: int = 8  # 4: 5% slower at rows E and Mamba (fifteenth session)
+    state_rows: int = 16
+    state_channels: int = 16  # a (16, 16, 16) float32 state tile (32 channels: 4-9% slower, twelfth session)
+    state_warps: int = 4
+
+    @classmethod
+    def from_string(cls, text: str) -> "StepBlocks":
+        return cls(*(int(v) for v in text.split("x")))
+
+    def __str__(self) -> str:
+        return "x".join(str(v) for v in vars(self).values())
 
 
 @triton.jit
 def _conv_xproj_kernel(
     x_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xproj_w_ptr, xc_ptr, part_ptr,
     batch, dim, nproj, sx_b, scs_b, scs_d, scs_k, sw_d, sw_k, sxw_j, sxw_d,
-    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    NPROJ_PAD: tl.constexpr,
+    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr,
 ):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.arange(0, WIDTH_PAD)  # conv window slots: 0 .. WIDTH - 2 from the state, WIDTH - 1 the new x
+    j = tl.arange(0, NPROJ_PAD)
     cmask = ch < dim
     mask = (rows < batch)[:, None] & cmask[None, :]
+    # Every load is issued before the first store: a store to the conv state between its loads (as a shift slot
+    # by slot would do) makes each load wait for the one before, a memory latency each.
     x = tl.load(x_ptr + rows[:, None] * sx_b + ch[None, :], mask=mask, other=0.0)
-    state = conv_state_ptr + rows[:, None] * scs_b + ch[None, :] * scs_d
-    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
-    if HAS_CONV_BIAS:
-        acc += tl.load(conv_b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    # The window is [state_0 .. state_{WIDTH-2}, x]; the state keeps its last WIDTH - 1 entries.
-    for j in tl.static_range(WIDTH - 1):
-        past = tl.load(state + j * scs_k, mask=mask, other=0.0)
-        acc += past.to(tl.float32) * tl.load(conv_w_ptr + ch * sw_d + j * sw_k, mask=cmask, other=0.0)[None, :]
-        if j > 0:
-            tl.store(state + (j - 1) * scs_k, past, mask=mask)
-    acc += x.to(tl.float32) * tl.load(conv_w_ptr + ch * sw_d + (WIDTH - 1) * sw_k, mask=cmask, other=0.0)[None, :]
-    tl.store(state + (WIDTH - 2) * scs_k, x.to(conv_state_ptr.dtype.element_ty), mask=mask)
-    xc = acc * tl.sigmoid(acc)
-    tl.store(xc_ptr + rows[:, None] * dim + ch[None, :], xc, mask=mask)
-    # This channel block's share of xc @ x_proj.weight^T, as a (NPROJ_PAD, BLOCK_D) slice of the weight transposed.
-    j = tl.arange(0, NPROJ_PAD)
+    states = conv_state_ptr + rows[:, None, None] * scs_b + ch[None, :, None] * scs_d + k[None, None, :] * scs_k
+    past = tl.load(states, mask=mask[:, :, None] & (k < WIDTH - 1)[None, None, :], other=0.0)
+    conv_w = tl.load(conv_w_ptr + ch[:, None] * sw_d + k[None, :] * sw_k, mask=cmask[:, None] & (k < WIDTH)[None, :],
+                     other=0.0).to(tl.float32)
+    # This channel block's share of xc @ x_proj.weight^T, as a (BLOCK_D, NPROJ_PAD) slice of the weight transposed.
     w = tl.load(xproj_w_ptr + j[None, :] * sxw_j + ch[:, None] * sxw_d, mask=(j < nproj)[None, :] & cmask[:, None],
                 other=0.0)
+    window = tl.where((k == WIDTH - 1)[None, None, :], x.to(tl.float32)[:, :, None], past.to(tl.float32))
+    acc = tl.sum(window * conv_w[None, :, :], axis=2)
+    if HAS_CONV_BIAS:
+        acc += tl.load(conv_b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    # The state keeps the window's last WIDTH - 1 entries: slot k is stored at slot k - 1.
+    tl.store(states - scs_k, window.to(conv_state_ptr.dtype.element_ty),
+             mask=mask[:, :, None] & ((k >= 1) & (k < WIDTH))[None, None, :])
+    xc = acc * tl.sigmoid(acc)
+    tl.store(xc_ptr + rows[:, None] * dim + ch[None, :], xc, mask=mask)
     part = tl.dot(xc.to(w.dtype), w, input_precision="ieee")
     tl.store(part_ptr + (pid_d * batch + rows[:, None]) * NPROJ_PAD + j[None, :], part,
              mask=(rows < batch)[:, None])
@@ -140,9 +160,7 @@ def _pad(width: int) -> int:
 def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                 conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor,
                 A_log: Tensor, D: Tensor, dt_norm_weight: Optional[Tensor], B_norm_weight: Optional[Tensor],
-                C_norm_weight: Optional[Tensor], eps: float, *,
-                conv_block_d: int = CONV_BLOCK_D, state_block_d: int = STATE_BLOCK_D,
-                num_warps: int = NUM_WARPS) -> Tensor:
+                C_norm_weight: Optional[Tensor], eps: float, *, blocks: StepBlocks = StepBlocks()) -> Tensor:
     """y (b, d) in x's dtype; conv_state (b, d, width - 1) and ssm_state (b, d, n) are updated in place.
 
     x, z: (b, d) conv input and gate, any row stride; conv_weight (d, width); x_proj_weight (rank + 2n, d);
@@ -157,29 +175,27 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
     batch, dim = x.shape
     rank, dstate, width = dt_proj_weight.shape[1], A_log.shape[1], conv_weight.shape[1]
     nproj = rank + 2 * dstate
-    nproj_pad, nsplit = _pad(nproj), triton.cdiv(dim, conv_block_d)
+    nproj_pad, nsplit = _pad(nproj), triton.cdiv(dim, blocks.conv_channels)
     xc = x.new_empty(batch, dim, dtype=torch.float32)
     part = x.new_empty(nsplit, batch, nproj_pad, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    row_blocks = triton.cdiv(batch, BLOCK_B)
-    _conv_xproj_kernel[(row_blocks, nsplit)](
+    _conv_xproj_kernel[(triton.cdiv(batch, blocks.conv_rows), nsplit)](
         x, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
         batch, dim, nproj, x.stride(0), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
-        WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, BLOCK_B=BLOCK_B, BLOCK_D=conv_block_d,
-        NPROJ_PAD=nproj_pad, num_warps=num_warps,
+        WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width), HAS_CONV_BIAS=conv_bias is not None,
+        BLOCK_B=blocks.conv_rows, BLOCK_D=blocks.conv_channels, NPROJ_PAD=nproj_pad, num_warps=blocks.conv_warps,
     )
     xproj = x.new_empty(batch, nproj_pad, dtype=torch.float32)
     has_norm = dt_norm_weight is not None
     norms = (dt_norm_weight, B_norm_weight, C_norm_weight) if has_norm else (dt_bias,) * 3  # unread stand-ins
     _xproj_reduce_kernel[(batch,)](
         part, *norms, xproj, batch, nsplit, rank, dstate, eps,
-        HAS_NORM=has_norm, NSPLIT_PAD=triton.next_power_of_2(nsplit), NPROJ_PAD=nproj_pad,
-        num_warps=num_warps,
+        HAS_NORM=has_norm, NSPLIT_PAD=triton.next_power_of_2(nsplit), NPROJ_PAD=nproj_pad, num_warps=4,
     )
-    _state_update_kernel[(row_blocks, triton.cdiv(dim, state_block_d))](
+    _state_update_kernel[(triton.cdiv(batch, blocks.state_rows), triton.cdiv(dim, blocks.state_channels))](
         xproj, xc, z, dt_proj_weight, dt_bias, A_log, D, ssm_state, y,
         batch, dim, rank, dstate, z.stride(0), *dt_proj_weight.stride(), *ssm_state.stride()[:2],
-        BLOCK_B=BLOCK_B, BLOCK_D=state_block_d, NPROJ_PAD=nproj_pad, R_PAD=_pad(rank), N_PAD=_pad(dstate),
-        num_warps=num_warps,
+        BLOCK_B=blocks.state_rows, BLOCK_D=blocks.state_channels, NPROJ_PAD=nproj_pad, R_PAD=_pad(rank),
+        N_PAD=_pad(dstate), num_warps=blocks.state_warps,
     )
     return y

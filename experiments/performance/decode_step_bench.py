@@ -5,8 +5,8 @@
 - the Mamba-1 heads' step of one layer (rows E and Mamba at 300M, bf16, batch 128; the first layer's heads, with the
   model's weights and float32 SSM state): arch_lab's fused Triton step (scan_kernel=triton, the default) against
   mamba_ssm's and causal_conv1d's step kernels with the matmuls and norms between them (scan_kernel=mamba_ssm);
-  --variants adds the fused step's launcher with other blocks (conv kernel's channels x state update's channels x
-  warps, e.g. 128x32x4; the default is 64x16x4);
+  --variants adds the fused step's launcher with other blocks (StepBlocks: the conv kernel's rows x channels x warps,
+  then the state update's, e.g. 32x64x8x16x16x4; the default is 16x64x8x16x16x4);
 - the tied LM head on the last hidden states (batch 128, vocabulary 32,001), alone and followed by the greedy
   argmax: `logits` (rows of 32,001), the transposed product as a view, and `inference_logits` (the transposed
   product copied to rows, what the cached path uses).
@@ -24,7 +24,7 @@ import torch
 
 from components.kv_cache import StepInfo
 from components.model import HybridLM
-from components.ops.mamba1_step_triton import mamba1_step
+from components.ops.mamba1_step_triton import StepBlocks, mamba1_step
 from components.presets import preset
 from components.ssm_heads import Mamba1Heads, SSMState
 
@@ -71,9 +71,8 @@ def ssm_step_times(row: str, iters: int, repeats: int, variants: list[str]) -> d
         out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
         inputs = heads.fused_step_inputs(proj[:, 0, :heads.d_inner], proj[:, 0, heads.d_inner:], state)
         for variant in variants:  # the fused step's launcher with other blocks
-            conv_block_d, state_block_d, num_warps = (int(v) for v in variant.split("x"))
-            out[f"triton {variant}_us"] = graph_time_us(lambda: mamba1_step(
-                *inputs, conv_block_d=conv_block_d, state_block_d=state_block_d, num_warps=num_warps), iters, repeats)
+            blocks = StepBlocks.from_string(variant)
+            out[f"triton {blocks}_us"] = graph_time_us(lambda: mamba1_step(*inputs, blocks=blocks), iters, repeats)
     return out
 
 
@@ -99,7 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=["roadmap_e", "mamba"])
     parser.add_argument("--variants", nargs="*", default=[],
-                        help="more launches of the fused step, CONV_BLOCK_DxSTATE_BLOCK_DxNUM_WARPS, e.g. 128x32x4")
+                        help="more launches of the fused step (StepBlocks): conv rows x channels x warps, "
+                             "then the state update's, e.g. 32x64x8x16x16x4")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")

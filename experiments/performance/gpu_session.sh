@@ -12,7 +12,7 @@
 #   train_profile  as train, then the kernels of 3 more training steps (rows: PROFILE_ROWS, default roadmap_e)
 #   step        pieces of a decode step side by side (decode_step_bench.py): the Mamba-1 heads' step fused and
 #               unfused (rows E and Mamba), the LM head in both layouts; STEP_VARIANTS: more launches of the
-#               fused step, CONV_BLOCK_DxSTATE_BLOCK_DxNUM_WARPS
+#               fused step (StepBlocks: conv rows x channels x warps x state rows x channels x warps)
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
 #               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT)
 #   scan_ncu    Nsight Compute's occupancy, scheduler and warp-stall sections for the Triton scan's output and
