@@ -84,6 +84,13 @@ def test_fused_step_does_not_depend_on_its_launch_blocks() -> None:
         torch.testing.assert_close(ssm, outs[0][1], rtol=1e-5, atol=1e-5)
 
 
+def test_step_blocks_read_from_a_launch_string_or_name_the_format() -> None:
+    assert kernels.StepBlocks.from_string("32x64x8x16x32x4") == kernels.StepBlocks(32, 64, 8, 16, 32, 4)
+    assert str(kernels.StepBlocks()) == "16x64x8x16x16x4"
+    with pytest.raises(ValueError, match=r"six positive integers joined by 'x' .* got '64x16x4'"):
+        kernels.StepBlocks.from_string("64x16x4")  # the launcher's old three-field form
+
+
 def test_fused_step_custom_op_passes_opcheck_on_cpu() -> None:
     """The op registration torch.compile relies on (schema with both states mutated, fake shapes and dtypes),
     checked by torch.library.opcheck against the interpreted kernels, given to the CUDA-only op as its CPU kernel

@@ -48,7 +48,11 @@ class StepBlocks:
 
     @classmethod
     def from_string(cls, text: str) -> "StepBlocks":
-        return cls(*(int(v) for v in text.split("x")))
+        fields = text.split("x")
+        if len(fields) != 6 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise ValueError(f"StepBlocks: expected six positive integers joined by 'x' (conv rows x channels x "
+                             f"warps x state rows x channels x warps, e.g. 16x64x8x16x16x4), got {text!r}")
+        return cls(*(int(f) for f in fields))
 
     def __str__(self) -> str:
         return "x".join(str(v) for v in vars(self).values())
