@@ -15,8 +15,10 @@
 #               fused step (StepBlocks: conv rows x channels x warps x state rows x channels x warps)
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
 #               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT)
-#   scan_ncu    Nsight Compute's occupancy, scheduler and warp-stall sections for the Triton scan's output and
-#               backward kernels (one launch each, from scan_kernel_bench.py)
+#   scan_ncu    Nsight Compute's occupancy, scheduler, warp-stall and memory sections for the Triton scan's output
+#               and backward kernels (one launch each, from scan_kernel_bench.py)
+#   step_ncu    the same sections for the fused Mamba-1 decode step's three kernels, one launch each, rows
+#               PROFILE_ROWS (default "roadmap_e mamba"), from decode_step_bench.py
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
 #   text        the same rows on text (perplexities, passkey), seeds $SEEDS
 #   head_ratio  the Table 9 head-ratio sweep on MQAR, seeds $SEEDS
@@ -73,6 +75,15 @@ run_tests() {
     >"$OUT/gpu_tests.txt" 2>&1
   tail -5 "$OUT/gpu_tests.txt"
 }
+ncu_kernels() {  # Nsight Compute's occupancy, scheduler, warp-stall and memory sections: <kernel regex> <launches>
+  local ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | tail -1) kernels=$1 count=$2 name=$3
+  shift 3
+  timeout -k 10 ${BENCH_TIMEOUT_S:-150} "$ncu" --clock-control none -k "$kernels" -c $count \
+    --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section SpeedOfLight \
+    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' "$@" >"$OUT/$name.txt" 2>&1
+  grep -v "^==PROF==\|[Ww]arning" "$OUT/$name.txt" | tail -150
+}
 protocol=(context=8192 batch=128 new_tokens=32 prefill_chunk=1024 measure=[decode])
 
 for phase in "$@"; do
@@ -120,12 +131,13 @@ for phase in "$@"; do
       ${SCAN_CONFIGS:+--configs $SCAN_CONFIGS} --out "$OUT/scan_kernel_bench.json" 2>&1 \
       | grep -vi warning | tee "$OUT/scan_kernel_bench.txt" ;;
   scan_ncu)  # hardware counters (occupancy, warp stalls, issue) of the Triton scan's output and backward kernels
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | tail -1)
-    timeout -k 10 ${BENCH_TIMEOUT_S:-150} "$ncu" --clock-control none -k 'regex:^_scan_(fwd|bwd)' -c 3 \
-      --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-      python3 experiments/performance/scan_kernel_bench.py --warmup 0 --iters 1 >"$OUT/scan_ncu.txt" 2>&1
-    grep -v "^==PROF==\|[Ww]arning" "$OUT/scan_ncu.txt" | tail -150 ;;
+    ncu_kernels 'regex:^_scan_(fwd|bwd)' 3 scan_ncu \
+      python3 experiments/performance/scan_kernel_bench.py --warmup 0 --iters 1 ;;
+  step_ncu)  # the same counters for the fused Mamba-1 decode step's three kernels, one launch each, per row
+    for row in ${PROFILE_ROWS:-roadmap_e mamba}; do
+      ncu_kernels 'regex:^_(conv_xproj|xproj_reduce|state_update)_kernel' 3 step_ncu_$row \
+        python3 experiments/performance/decode_step_bench.py --rows $row --iters 1 --repeats 1
+    done ;;
   *)  # study tasks, side by side when joined by "+"
     # A fresh directory per call: the machine can keep /tmp and the checkout's ignored files (./mlruns) from earlier
     # calls, and their runs must not come back mixed into this call's. The runs start there, so MLflow puts their
@@ -137,7 +149,7 @@ for phase in "$@"; do
       mqar|text|head_ratio)
         (cd "$study_dir" && bash "$repo/experiments/roadmap/run_study.sh" $task "${SEEDS:-0 1}") & ;;
       *) echo "unknown phase $task" \
-           "(tests|decode|ratio|profile|train|train_profile|step|scan|scan_ncu|mqar|text|head_ratio)"
+           "(tests|decode|ratio|profile|train|train_profile|step|scan|scan_ncu|step_ncu|mqar|text|head_ratio)"
          exit 2 ;;
       esac
     done
