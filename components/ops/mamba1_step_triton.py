@@ -23,6 +23,7 @@ Triton's interpreter (the CPU tests do that).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,14 +64,17 @@ def _conv_xproj_kernel(
     x_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xproj_w_ptr, xc_ptr, part_ptr,
     batch, dim, nproj, sx_b, scs_b, scs_d, scs_k, sw_d, sw_k, sxw_j, sxw_d,
     WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr, ALIGN: tl.constexpr,
 ):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k = tl.arange(0, WIDTH_PAD)  # conv window slots: 0 .. WIDTH - 2 from the state, WIDTH - 1 the new x
     j = tl.arange(0, NPROJ_PAD)
-    cmask = ch < dim
+    # ALIGN (a power of 2 dividing dim and the x-projection's row stride) tells Triton what it cannot see when dim is
+    # not a multiple of 16 (row Mamba's 3,944): that runs of ALIGN channels share their mask and start aligned, so
+    # the weight and xc are moved in 16-byte vectors, not element by element.
+    cmask = tl.max_constancy(ch < dim, ALIGN)
     mask = (rows < batch)[:, None] & cmask[None, :]
     # Every load is issued before the first store: a store to the conv state between its loads (as a shift slot
     # by slot would do) makes each load wait for the one before, a memory latency each.
@@ -80,8 +84,8 @@ def _conv_xproj_kernel(
     conv_w = tl.load(conv_w_ptr + ch[:, None] * sw_d + k[None, :] * sw_k, mask=cmask[:, None] & (k < WIDTH)[None, :],
                      other=0.0).to(tl.float32)
     # This channel block's share of xc @ x_proj.weight^T, as a (BLOCK_D, NPROJ_PAD) slice of the weight transposed.
-    w = tl.load(xproj_w_ptr + j[None, :] * sxw_j + ch[:, None] * sxw_d, mask=(j < nproj)[None, :] & cmask[:, None],
-                other=0.0)
+    w_rows = tl.multiple_of(j[None, :] * sxw_j, [1, ALIGN])
+    w = tl.load(xproj_w_ptr + w_rows + ch[:, None] * sxw_d, mask=(j < nproj)[None, :] & cmask[:, None], other=0.0)
     window = tl.where((k == WIDTH - 1)[None, None, :], x.to(tl.float32)[:, :, None], past.to(tl.float32))
     acc = tl.sum(window * conv_w[None, :, :], axis=2)
     if HAS_CONV_BIAS:
@@ -90,7 +94,7 @@ def _conv_xproj_kernel(
     tl.store(states - scs_k, window.to(conv_state_ptr.dtype.element_ty),
              mask=mask[:, :, None] & ((k >= 1) & (k < WIDTH))[None, None, :])
     xc = acc * tl.sigmoid(acc)
-    tl.store(xc_ptr + rows[:, None] * dim + ch[None, :], xc, mask=mask)
+    tl.store(xc_ptr + tl.multiple_of(rows[:, None] * dim, [ALIGN, 1]) + ch[None, :], xc, mask=mask)
     part = tl.dot(xc.to(w.dtype), w, input_precision="ieee")
     tl.store(part_ptr + (pid_d * batch + rows[:, None]) * NPROJ_PAD + j[None, :], part,
              mask=(rows < batch)[:, None])
@@ -126,12 +130,14 @@ def _state_update_kernel(
     xproj_ptr, xc_ptr, z_ptr, dtproj_w_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, y_ptr,
     batch, dim, rank, dstate, sz_b, sdw_d, sdw_r, ss_b, ss_d,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, NPROJ_PAD: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, N_PAD)
-    rmask, cmask, nmask = rows < batch, ch < dim, n < dstate
+    rmask, cmask, nmask = rows < batch, tl.max_constancy(ch < dim, ALIGN), n < dstate
+    row_offs = tl.multiple_of(rows[:, None] * dim, [ALIGN, 1])  # of xc and y, rows of dim (ALIGN as above)
     mask = rmask[:, None] & cmask[None, :]
     xproj = xproj_ptr + rows[:, None] * NPROJ_PAD
     r = tl.arange(0, R_PAD)
@@ -142,7 +148,7 @@ def _state_update_kernel(
                 other=0.0)
     raw = tl.dot(dt_low.to(w.dtype), w, input_precision="ieee")
     dt = _step_size(raw + tl.load(dt_bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :], True)
-    x = tl.load(xc_ptr + rows[:, None] * dim + ch[None, :], mask=mask, other=0.0)
+    x = tl.load(xc_ptr + row_offs + ch[None, :], mask=mask, other=0.0)
     smask = mask[:, :, None] & nmask[None, None, :]
     A = -tl.exp(tl.load(A_log_ptr + ch[:, None] * dstate + n[None, :], mask=cmask[:, None] & nmask[None, :],
                         other=0.0).to(tl.float32))
@@ -153,7 +159,7 @@ def _state_update_kernel(
     y = tl.sum(h * C[:, None, :], axis=2) + x * tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
     z = tl.load(z_ptr + rows[:, None] * sz_b + ch[None, :], mask=mask, other=0.0).to(tl.float32)
     y = y * z * tl.sigmoid(z)
-    tl.store(y_ptr + rows[:, None] * dim + ch[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row_offs + ch[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _pad(width: int) -> int:
@@ -187,7 +193,8 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
         x, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
         batch, dim, nproj, x.stride(0), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
         WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width), HAS_CONV_BIAS=conv_bias is not None,
-        BLOCK_B=blocks.conv_rows, BLOCK_D=blocks.conv_channels, NPROJ_PAD=nproj_pad, num_warps=blocks.conv_warps,
+        BLOCK_B=blocks.conv_rows, BLOCK_D=blocks.conv_channels, NPROJ_PAD=nproj_pad,
+        ALIGN=math.gcd(dim, x_proj_weight.stride(0), blocks.conv_channels, 16), num_warps=blocks.conv_warps,
     )
     xproj = x.new_empty(batch, nproj_pad, dtype=torch.float32)
     has_norm = dt_norm_weight is not None
@@ -200,6 +207,6 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
         xproj, xc, z, dt_proj_weight, dt_bias, A_log, D, ssm_state, y,
         batch, dim, rank, dstate, z.stride(0), *dt_proj_weight.stride(), *ssm_state.stride()[:2],
         BLOCK_B=blocks.state_rows, BLOCK_D=blocks.state_channels, NPROJ_PAD=nproj_pad, R_PAD=_pad(rank),
-        N_PAD=_pad(dstate), num_warps=blocks.state_warps,
+        N_PAD=_pad(dstate), ALIGN=math.gcd(dim, blocks.state_channels, 16), num_warps=blocks.state_warps,
     )
     return y
