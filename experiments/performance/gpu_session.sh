@@ -16,7 +16,8 @@
 #   scan        the Mamba-1 selective scan's kernels side by side at row E's training shape (scan_kernel_bench.py;
 #               SCAN_CONFIGS: extra Triton launches BLOCK_DxCHUNKxWARPSxAHEADxUNROLLxSEGMENT)
 #   scan_ncu    Nsight Compute's occupancy, scheduler, warp-stall and memory sections for the Triton scan's output
-#               and backward kernels (one launch each, from scan_kernel_bench.py)
+#               and backward kernels (one launch each, from scan_kernel_bench.py), and the warp stalls by source
+#               line (ncu_source_lines.py, into scan_ncu_lines.txt)
 #   step_ncu    the same sections for the fused Mamba-1 decode step's three kernels, one launch each, rows
 #               PROFILE_ROWS (default "roadmap_e mamba"), from decode_step_bench.py
 #   mqar        the roadmap study (experiments/roadmap/run_study.sh): every Table 1 row on MQAR, seeds $SEEDS
@@ -76,13 +77,21 @@ run_tests() {
   tail -5 "$OUT/gpu_tests.txt"
 }
 ncu_kernels() {  # Nsight Compute's occupancy, scheduler, warp-stall and memory sections: <kernel regex> <launches>
+  # <name> <command...>; the sections go to $OUT/<name>.txt, the warp stalls by source line to $OUT/<name>_lines.txt
   local ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | tail -1) kernels=$1 count=$2 name=$3
   shift 3
   timeout -k 10 ${BENCH_TIMEOUT_S:-150} "$ncu" --clock-control none -k "$kernels" -c $count \
     --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-    --section MemoryWorkloadAnalysis --section SpeedOfLight \
-    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' "$@" >"$OUT/$name.txt" 2>&1
-  grep -v "^==PROF==\|[Ww]arning" "$OUT/$name.txt" | tail -150
+    --section MemoryWorkloadAnalysis --section SpeedOfLight --section SourceCounters --import-source yes \
+    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' -o "$OUT/$name" "$@" \
+    >"$OUT/$name.log" 2>&1
+  "$ncu" -i "$OUT/$name.ncu-rep" --page details >"$OUT/$name.txt" 2>&1
+  "$ncu" -i "$OUT/$name.ncu-rep" --page source --csv --print-source cuda,sass \
+    | python3 experiments/performance/ncu_source_lines.py >"$OUT/${name}_lines.txt"
+  rm -f "$OUT/$name.ncu-rep"
+  grep -v "^==PROF==\|[Ww]arning" "$OUT/$name.log" | tail -5
+  grep -v "[Ww]arning" "$OUT/$name.txt" | tail -150
+  cat "$OUT/${name}_lines.txt"
 }
 protocol=(context=8192 batch=128 new_tokens=32 prefill_chunk=1024 measure=[decode])
 
