@@ -12,6 +12,7 @@ import argparse
 import collections
 import csv
 import sys
+from dataclasses import dataclass, field
 from typing import Iterable, TextIO
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
@@ -26,9 +27,15 @@ def opcode(sass: str) -> str:
     return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # past a predicate
 
 
+@dataclass
+class LineStalls:
+    samples: int = 0
+    reasons: collections.Counter = field(default_factory=collections.Counter)
+
+
 def read(rows: Iterable[list[str]]) -> tuple[dict, dict]:
-    """Per kernel: stall counters by (file, line, source), and samples by SASS opcode."""
-    lines: dict = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+    """Per kernel: the stalls of each (file, line, source), and the samples of each SASS opcode."""
+    lines: dict = collections.defaultdict(lambda: collections.defaultdict(LineStalls))
     opcodes: dict = collections.defaultdict(collections.Counter)
     kernel = file = None
     header: list[str] = []
@@ -42,14 +49,13 @@ def read(rows: Iterable[list[str]]) -> tuple[dict, dict]:
         elif row[0] == "Line No":
             header = row
         elif header and len(row) == len(header):
-            fields = dict(zip(header, row))  # the two "Source" columns: the later (SASS) one wins
-            samples = count(fields.get(SAMPLES, ""))
-            if row[0]:
-                counter = lines[kernel][(file, row[0], row[1].strip())]
-                counter[" samples"] += samples
+            samples = count(row[header.index(SAMPLES)])
+            if row[0]:  # a source line: columns 0-1; its SASS rows follow, with columns 2-3
+                stalls = lines[kernel][(file, row[0], row[1].strip())]
+                stalls.samples += samples
                 for name, value in zip(header, row):
                     if name.startswith("stall_") and "Not Issued" not in name:
-                        counter[name[len("stall_"):]] += count(value)
+                        stalls.reasons[name[len("stall_"):]] += count(value)
             elif row[3].strip() not in ("", "..."):
                 opcodes[kernel][opcode(row[3].strip())] += samples
     return lines, opcodes
@@ -57,12 +63,10 @@ def read(rows: Iterable[list[str]]) -> tuple[dict, dict]:
 
 def report(lines: dict, opcodes: dict, top: int, out: TextIO) -> None:
     for kernel, by_line in lines.items():
-        total = sum(c[" samples"] for c in by_line.values())
-        print(f"== {kernel}: {total} warp-stall samples", file=out)
-        ranked = sorted(by_line.items(), key=lambda item: -item[1][" samples"])[:top]
-        for (file, line, source), counter in ranked:
-            reasons = ", ".join(f"{name} {n}" for name, n in counter.most_common(5) if name != " samples" and n)
-            print(f"{counter[' samples']:7d}  {file}:{line}  {source[:90]}  | {reasons}", file=out)
+        print(f"== {kernel}: {sum(s.samples for s in by_line.values())} warp-stall samples", file=out)
+        for (file, line, source), stalls in sorted(by_line.items(), key=lambda item: -item[1].samples)[:top]:
+            reasons = ", ".join(f"{name} {n}" for name, n in stalls.reasons.most_common(5) if n)
+            print(f"{stalls.samples:7d}  {file}:{line}  {source[:90]}  | {reasons}", file=out)
         common = ", ".join(f"{op} {n}" for op, n in opcodes[kernel].most_common(10))
         print(f"   by instruction: {common}", file=out)
 
