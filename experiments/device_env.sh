@@ -7,13 +7,15 @@ OUT=${OUT:-/tmp/arch_lab_out}
 mkdir -p "$OUT"
 if [[ -z ${ARCH_LAB_DEVICE_ENV:-} ]]; then
   # A device call's $OUT should start empty, but a machine has handed back an earlier lease's gpu0/ and gpu1/ (seen
-  # 2026-11-28: files from hours before, appended to by this call's benches). Moved aside (not deleted) once, before
-  # anything runs, so only this call's results come back.
-  if [[ -n $(ls -A "$OUT") ]]; then
-    stale=$(mktemp -d /tmp/arch_lab_stale_out.XXXXXX)
-    echo "device_env: moving what was already in $OUT to $stale: $(ls -A "$OUT" | tr '\n' ' ')" >&2
-    mv "$OUT"/* "$OUT"/.[!.]* "$stale"/ 2>/dev/null
+  # 2026-11-28: files from hours before, appended to by this call's benches). What is older than a device call can
+  # last is moved aside (not deleted), so only this call's results come back, those of an earlier script in it too.
+  leftovers=$(find "$OUT" -mindepth 1 -maxdepth 1 -mmin +30)
+  if [[ -n $leftovers ]]; then
+    aside=$(mktemp -d /tmp/arch_lab_stale_out.XXXXXX)
+    echo "device_env: moving what an earlier lease left in $OUT to $aside:" $leftovers >&2
+    mv $leftovers "$aside"/
   fi
+  unset leftovers aside
   mkdir -p /tmp/site/hydra_plugins
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/lab/*.whl 2>&1 | grep -v "already exists" | tail -2
   ln -sfn "$PWD/arch_lab/sweep/hydra_plugin" /tmp/site/hydra_plugins/arch_lab_optuna_sweeper
