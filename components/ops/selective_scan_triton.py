@@ -1,6 +1,6 @@
 """The Mamba-1 selective scan (selective_scan.py has the recurrence) as Triton kernels, forward and backward.
 
-The lab's default training scan: at row E's training shape its kernels run 2.4x faster than mamba_ssm's
+The lab's default training scan: at row E's training shape its kernels run 2.5x faster than mamba_ssm's
 (experiments/performance/RESULTS.md). It also takes an initial state and the last state's gradient (mamba_ssm's
 takes neither, so prefill chunks after the first need this one), and inputs of any strides.
 
@@ -122,24 +122,33 @@ def _prefetch(rows, stride_l, t, seqlen, PREFETCH: tl.constexpr):
 
 
 @triton.jit
-def _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS: tl.constexpr):
-    """u, the biased pre-softplus delta and the step size at step t, float32."""
-    u = tl.load(u_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
-    raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
+def _load_step(rows, stride_l, t, seqlen, mask):
+    """Step t (clamped in bounds) of a (rows, steps) operand, as stored. The walks load a step's inputs during the
+    step before and convert them where they are used: loaded in their own step, the step size's first input
+    (delta) held 16-31% of the walks' warp stall samples (Nsight Compute), though prefetched into L1."""
+    return tl.load(rows + tl.minimum(tl.maximum(t, 0), seqlen - 1) * stride_l, mask=mask, other=0.0)
+
+
+@triton.jit
+def _walk_inputs(u_stored, delta_stored, bias, SOFTPLUS: tl.constexpr):
+    """u, the biased pre-softplus delta and the step size, float32, from a step's stored u and delta."""
+    u = u_stored.to(tl.float32)
+    raw = delta_stored.to(tl.float32) + bias
     return u, raw, _step_size(raw, SOFTPLUS)
 
 
 @triton.jit
-def _dy_and_dz(dout_b, z_b, y_b, dz_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, sy_d, sy_l, sdz_d, sdz_l, t,
-               HAS_Z: tl.constexpr, STORE_DZ: tl.constexpr):
-    """The gradient of the scan's output before the gate at step t (storing the gate's gradient if asked)."""
-    dy = tl.load(dout_b + d * sdo_d + t * sdo_l, mask=dmask, other=0.0).to(tl.float32)
+def _dy_and_dz(dout_stored, z_stored, y_stored, dz_row, sdz_l, t, dmask, HAS_Z: tl.constexpr,
+               STORE_DZ: tl.constexpr):
+    """The gradient of the scan's output before the gate at step t, from the step's stored dout, z and y (storing
+    the gate's gradient if asked)."""
+    dy = dout_stored.to(tl.float32)
     if HAS_Z:
-        z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
+        z = z_stored.to(tl.float32)
         gate = tl.sigmoid(z)
         if STORE_DZ:
-            y = tl.load(y_b + d * sy_d + t * sy_l, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(dz_b + d * sdz_d + t * sdz_l, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_b.dtype.element_ty),
+            y = y_stored.to(tl.float32)
+            tl.store(dz_row + t * sdz_l, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_row.dtype.element_ty),
                      mask=dmask)
         dy = dy * z * gate
     return dy
@@ -167,13 +176,20 @@ def _scan_local_states_kernel(
     # loads only its own state dims (a channel-sized tile loaded each of them once per channel: 1.3x slower walks).
     # int32 offsets: half a pointer's registers.
     B_col = cols[:, None, :] * sB_n
+    u_row, delta_row, B_rows = u_b + d * su_d, delta_b + d * sdl_d, B_b + B_col
     lo = seg * SEGLEN
+    u_next = _load_step(u_row, su_l, lo, seqlen, dmask)
+    delta_next = _load_step(delta_row, sdl_l, lo, seqlen, dmask)
+    B_next = _load_step(B_rows, sB_l, lo, seqlen, nmask[:, None, :])
     for t in tl.range(lo, tl.minimum(lo + SEGLEN, seqlen), loop_unroll_factor=UNROLL):
         _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
         _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
         _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
-        u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-        B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+        u, _, dt = _walk_inputs(u_next, delta_next, bias, SOFTPLUS)
+        B_t = B_next.to(tl.float32)
+        u_next = _load_step(u_row, su_l, t + 1, seqlen, dmask)
+        delta_next = _load_step(delta_row, sdl_l, t + 1, seqlen, dmask)
+        B_next = _load_step(B_rows, sB_l, t + 1, seqlen, nmask[:, None, :])
         h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
         dtsum += dt
     row = b * nseg + seg
@@ -231,6 +247,16 @@ def _scan_fwd_kernel(
     B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
     B_col, C_col = cols[:, None, :] * sB_n, cols[:, None, :] * sC_n  # as above
     out_row, y_row = out_ptr + b * so_b + d * so_d, y_ptr + b * so_b + d * so_d
+    u_row, delta_row, z_row = u_b + d * su_d, delta_b + d * sdl_d, z_b + d * sz_d
+    B_rows, C_rows = B_b + B_col, C_b + C_col
+    # Step t's inputs, loaded during step t - 1 (see _load_step).
+    t0 = first * CHUNK
+    u_next = _load_step(u_row, su_l, t0, seqlen, dmask)
+    delta_next = _load_step(delta_row, sdl_l, t0, seqlen, dmask)
+    B_next = _load_step(B_rows, sB_l, t0, seqlen, nmask[:, None, :])
+    C_next = _load_step(C_rows, sC_l, t0, seqlen, nmask[:, None, :])
+    if HAS_Z:
+        z_next = _load_step(z_row, sz_l, t0, seqlen, dmask)
     for c in range(first, tl.minimum(first + SEGMENT, nchunks)):
         if c > first:
             tl.store(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, h, mask=smask)
@@ -239,12 +265,16 @@ def _scan_fwd_kernel(
             _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
             _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
             _prefetch(C_b + nsafe * sC_n, sC_l, t + AHEAD, seqlen, PREFETCH)
-            u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+            u, _, dt = _walk_inputs(u_next, delta_next, bias, SOFTPLUS)
+            B_t, C_t = B_next.to(tl.float32), C_next.to(tl.float32)
+            u_next = _load_step(u_row, su_l, t + 1, seqlen, dmask)
+            delta_next = _load_step(delta_row, sdl_l, t + 1, seqlen, dmask)
+            B_next = _load_step(B_rows, sB_l, t + 1, seqlen, nmask[:, None, :])
+            C_next = _load_step(C_rows, sC_l, t + 1, seqlen, nmask[:, None, :])
             if HAS_Z:
                 _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
-                z = tl.load(z_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
+                z = z_next.to(tl.float32)
+                z_next = _load_step(z_row, sz_l, t + 1, seqlen, dmask)
             h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
             y = _sum_states(h * C_t) + Dskip * u
             if HAS_Z:
@@ -271,8 +301,16 @@ def _scan_local_adjoint_kernel(
     dtsum = tl.zeros((BLOCK_D,), tl.float32)
     delta_b, z_b, dout_b, C_b = delta_ptr + b * sdl_b, z_ptr + b * sz_b, dout_ptr + b * sdo_b, C_ptr + b * sC_b
     C_col = cols[:, None, :] * sC_n  # as in _scan_local_states_kernel
+    delta_row, z_row, dout_row, C_rows = delta_b + d * sdl_d, z_b + d * sz_d, dout_b + d * sdo_d, C_b + C_col
     lo = seg * SEGLEN
     hi = tl.minimum(lo + SEGLEN, seqlen)
+    # Step t's inputs, loaded during step t + 1 (see _load_step).
+    delta_next = _load_step(delta_row, sdl_l, hi - 1, seqlen, dmask)
+    dout_next = _load_step(dout_row, sdo_l, hi - 1, seqlen, dmask)
+    C_next = _load_step(C_rows, sC_l, hi - 1, seqlen, nmask[:, None, :])
+    z_next = dout_next  # read only with a gate
+    if HAS_Z:
+        z_next = _load_step(z_row, sz_l, hi - 1, seqlen, dmask)
     for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
         t = hi - 1 - j
         _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - AHEAD, seqlen, PREFETCH)
@@ -280,10 +318,14 @@ def _scan_local_adjoint_kernel(
         _prefetch(C_b + nsafe * sC_n, sC_l, t - AHEAD, seqlen, PREFETCH)
         if HAS_Z:
             _prefetch(z_b + dsafe * sz_d, sz_l, t - AHEAD, seqlen, PREFETCH)
-        raw = tl.load(delta_b + d * sdl_d + t * sdl_l, mask=dmask, other=0.0).to(tl.float32) + bias
-        dy = _dy_and_dz(dout_b, z_b, z_b, z_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, 0, 0, 0, 0, t, HAS_Z,
-                        False)  # y and dz go unused when the gate's gradient is not stored
-        C_t = tl.load(C_b + (C_col + t * sC_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+        raw = delta_next.to(tl.float32) + bias
+        dy = _dy_and_dz(dout_next, z_next, z_next, dout_row, 0, t, dmask, HAS_Z, False)  # no dz: y goes unused
+        C_t = C_next.to(tl.float32)
+        delta_next = _load_step(delta_row, sdl_l, t - 1, seqlen, dmask)
+        dout_next = _load_step(dout_row, sdo_l, t - 1, seqlen, dmask)
+        C_next = _load_step(C_rows, sC_l, t - 1, seqlen, nmask[:, None, :])
+        if HAS_Z:
+            z_next = _load_step(z_row, sz_l, t - 1, seqlen, dmask)
         dt = _step_size(raw, SOFTPLUS)
         g = (g + _tile(dy) * C_t) * tl.exp2(_tile(dt) * A2)
         dtsum += dt
@@ -325,16 +367,33 @@ def _scan_bwd_kernel(
     dz_b = dz_ptr + b * sdz_b
     B_col, C_col = cols[:, None, :] * sB_n, cols[:, None, :] * sC_n  # as above
     du_row, ddelta_row = du_ptr + b * sdu_b + d * sdu_d, ddelta_ptr + b * sddl_b + d * sddl_d
+    u_row, delta_row, B_rows, C_rows = u_b + d * su_d, delta_b + d * sdl_d, B_b + B_col, C_b + C_col
+    dout_row, z_row, y_row, dz_row = dout_b + d * sdo_d, z_b + d * sz_d, y_b + d * sy_d, dz_b + d * sdz_d
     for i in range(0, stop - first):
         c = stop - 1 - i
         lo = c * CHUNK
         hi = tl.minimum(lo + CHUNK, seqlen)
+        # A step's inputs are loaded during the step before (see _load_step), except the walk back's u, delta and
+        # B, which the walk forward has just read (loading them ahead too was 1% slower: more spills); the walk
+        # back's first ones while the chunk is walked forward.
+        u_next = _load_step(u_row, su_l, lo, seqlen, dmask)
+        delta_next = _load_step(delta_row, sdl_l, lo, seqlen, dmask)
+        B_next = _load_step(B_rows, sB_l, lo, seqlen, nmask[:, None, :])
+        C_back = _load_step(C_rows, sC_l, hi - 1, seqlen, nmask[:, None, :])
+        dout_back = _load_step(dout_row, sdo_l, hi - 1, seqlen, dmask)
+        z_back, y_back = dout_back, dout_back  # read only with a gate
+        if HAS_Z:
+            z_back = _load_step(z_row, sz_l, hi - 1, seqlen, dmask)
+            y_back = _load_step(y_row, sy_l, hi - 1, seqlen, dmask)
         # Forward again over the chunk from its saved start state, keeping h_{t-1} for every step.
         h = tl.load(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, mask=smask, other=0.0)
         for t in tl.range(lo, hi, loop_unroll_factor=UNROLL):
             tl.store(scratch + (t - lo) * BLOCK_D * NP, h)
-            u, _, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
+            u, _, dt = _walk_inputs(u_next, delta_next, bias, SOFTPLUS)
+            B_t = B_next.to(tl.float32)
+            u_next = _load_step(u_row, su_l, t + 1, seqlen, dmask)  # after the chunk's last step: unused
+            delta_next = _load_step(delta_row, sdl_l, t + 1, seqlen, dmask)
+            B_next = _load_step(B_rows, sB_l, t + 1, seqlen, nmask[:, None, :])
             h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
         # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}.
         for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
@@ -349,11 +408,16 @@ def _scan_bwd_kernel(
                 _prefetch(z_b + dsafe * sz_d, sz_l, t - CHUNK, seqlen, PREFETCH)
                 _prefetch(y_b + dsafe * sy_d, sy_l, t - CHUNK, seqlen, PREFETCH)
             h_prev = tl.load(scratch + (t - lo) * BLOCK_D * NP)
-            u, raw, dt = _walk_inputs(u_b, delta_b, d, dmask, su_d, su_l, sdl_d, sdl_l, t, bias, SOFTPLUS)
-            B_t = tl.load(B_b + (B_col + t * sB_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
-            C_t = tl.load(C_b + (C_col + t * sC_l), mask=nmask[:, None, :], other=0.0).to(tl.float32)
-            dy = _dy_and_dz(dout_b, z_b, y_b, dz_b, d, dmask, sdo_d, sdo_l, sz_d, sz_l, sy_d, sy_l, sdz_d, sdz_l, t,
-                            HAS_Z, True)
+            u, raw, dt = _walk_inputs(_load_step(u_row, su_l, t, seqlen, dmask),
+                                      _load_step(delta_row, sdl_l, t, seqlen, dmask), bias, SOFTPLUS)
+            B_t, C_t = _load_step(B_rows, sB_l, t, seqlen, nmask[:, None, :]).to(tl.float32), C_back.to(tl.float32)
+            dy = _dy_and_dz(dout_back, z_back, y_back, dz_row, sdz_l, t, dmask, HAS_Z, True)
+            prev = tl.maximum(t - 1, lo)  # the chunk's first step loads itself again, unused
+            C_back = _load_step(C_rows, sC_l, prev, seqlen, nmask[:, None, :])
+            dout_back = _load_step(dout_row, sdo_l, prev, seqlen, dmask)
+            if HAS_Z:
+                z_back = _load_step(z_row, sz_l, prev, seqlen, dmask)
+                y_back = _load_step(y_row, sy_l, prev, seqlen, dmask)
             decay = tl.exp2(_tile(dt) * A2)
             dtu = dt * u
             h = decay * h_prev + _tile(dtu) * B_t
