@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from components.ops.backend import BackendError, check_shape, resolve_backend
 from components.ops.custom_ops import selective_scan_kernel, selective_state_update_kernel, triton_scan_kernel
-from components.ops.ssd import segsum
+from components.ops.ssd import discretization_step, segsum
 
 # The GPU kernels of selective_scan: mamba_ssm's CUDA kernel, or arch_lab's Triton one (selective_scan_triton.py).
 SCAN_KERNELS: tuple[str, ...] = ("mamba_ssm", "triton")
@@ -63,18 +63,6 @@ def _check_scan_inputs(
     ):
         if tensor is not None:
             check_shape(name, tensor, shape)
-
-
-def discretization_step(
-    delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool, channel_dim: int = 1
-) -> torch.Tensor:
-    """float32 softplus(delta + delta_bias) (bias and softplus optional); bias indexed on ``channel_dim``."""
-    delta = delta.float()
-    if delta_bias is not None:
-        shape = [1] * delta.dim()
-        shape[channel_dim] = -1
-        delta = delta + delta_bias.float().view(shape)
-    return F.softplus(delta) if delta_softplus else delta
 
 
 def _finish_output(

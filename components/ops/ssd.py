@@ -22,6 +22,19 @@ from components.ops.backend import check_shape, resolve_backend
 from components.ops.custom_ops import selective_state_update_kernel, ssd_scan_kernel
 
 
+def discretization_step(
+    delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool, channel_dim: int = 1
+) -> torch.Tensor:
+    """float32 softplus(delta + delta_bias) (bias and softplus optional); bias indexed on ``channel_dim``: 1 for
+    the Mamba-1 scan's (b, d, ...) channels, -1 for the SSD's heads (selective_scan.py uses it too)."""
+    delta = delta.float()
+    if delta_bias is not None:
+        shape = [1] * delta.dim()
+        shape[channel_dim] = -1
+        delta = delta + delta_bias.float().view(shape)
+    return F.softplus(delta) if delta_softplus else delta
+
+
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """Stable segment sums: out[..., i, j] = sum_{k=j+1..i} x[..., k] for j <= i, -inf above.
 
@@ -88,13 +101,6 @@ def _skip_and_gate(
     return y.to(dtype)
 
 
-def _discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool) -> torch.Tensor:
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    return F.softplus(dt) if dt_softplus else dt
-
-
 def ssd_naive(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -112,7 +118,7 @@ def ssd_naive(
     """Step-by-step recurrence (the test oracle; slow)."""
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, "initial_state")
     batch, _, nheads, headdim = x.shape
-    dt32 = _discretize_dt(dt, dt_bias, dt_softplus)
+    dt32 = discretization_step(dt, dt_bias, dt_softplus, channel_dim=-1)
     Bh, Ch = _heads_from_groups(B.float(), nheads), _heads_from_groups(C.float(), nheads)  # (b, l, h, n)
     x32 = x.float()
     h = x32.new_zeros(batch, nheads, headdim, B.shape[-1]) if initial_state is None else initial_state.float()
@@ -152,7 +158,7 @@ def ssd_reference(
     nchunks = math.ceil(seqlen / chunk_size)
     pad = nchunks * chunk_size - seqlen
     # Padding with dt = 0 gives decay 1 and input 0: the final state is unchanged.
-    dt32 = F.pad(_discretize_dt(dt, dt_bias, dt_softplus), (0, 0, 0, pad))  # (b, L, h)
+    dt32 = F.pad(discretization_step(dt, dt_bias, dt_softplus, channel_dim=-1), (0, 0, 0, pad))  # (b, L, h)
 
     def by_chunk(t: torch.Tensor) -> torch.Tensor:  # (b, l, h, k) -> (b, c, T, h, k)
         return F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, chunk_size, nheads, -1)
@@ -236,7 +242,7 @@ def ssd_step_reference(
 ) -> torch.Tensor:
     """Pure-PyTorch ssd_step (see :func:`ssd_step`)."""
     nheads = x.shape[1]
-    dt32 = _discretize_dt(dt, dt_bias, dt_softplus)  # (b, h)
+    dt32 = discretization_step(dt, dt_bias, dt_softplus, channel_dim=-1)  # (b, h)
     Bh, Ch = _heads_from_groups(B.float(), nheads), _heads_from_groups(C.float(), nheads)  # (b, h, n)
     decay = torch.exp(dt32 * A.float())[:, :, None, None]
     new_state = decay * state.float() + (dt32[..., None] * x.float())[..., None] * Bh[:, :, None, :]
