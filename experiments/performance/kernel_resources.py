@@ -117,7 +117,7 @@ def step_launches(row: str, size: str, batch: int) -> list[Launch]:
         model = HybridLM(preset(row, size)).to(torch.bfloat16)
     heads = next((m for m in model.modules() if isinstance(m, Mamba1Heads)), None)
     if heads is None:
-        raise ValueError(f"row {row!r} has no Mamba-1 heads, whose decode step the fused kernels are")
+        raise ValueError(f"row {row!r} has no Mamba-1 heads: the fused decode step is theirs")
     conv_shape, ssm_shape = heads.state_shapes(batch)
     state = SSMState(conv=torch.empty(conv_shape, dtype=torch.bfloat16, device="meta"),
                      ssm=torch.empty(ssm_shape, device="meta"))
