@@ -76,7 +76,8 @@ def _step_size(raw, SOFTPLUS: tl.constexpr):
 @triton.jit
 def _program_channels(pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE: tl.constexpr, NP: tl.constexpr,
                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's channels d with their mask and clamped in bounds (for the prefetches); the state dims as a
+    """This program's channels d with their mask and clamped in bounds (the rows that are loaded and prefetched
+    start there: the prefetches need addresses in bounds, the masked loads read the same rows); the state dims as a
     (NP // LANES_N, LANES_N) index n with its mask and clamped in bounds as a flat vector; the state tile's mask and
     offsets into (dim, DSTATE) float32 tensors; and its rows of A * log2(e), the delta bias and D (zeros where
     absent)."""
@@ -176,14 +177,14 @@ def _scan_local_states_kernel(
     # loads only its own state dims (a channel-sized tile loaded each of them once per channel: 1.3x slower walks).
     # int32 offsets: half a pointer's registers.
     B_col = cols[:, None, :] * sB_n
-    u_row, delta_row, B_rows = u_b + d * su_d, delta_b + d * sdl_d, B_b + B_col
+    u_row, delta_row, B_rows = u_b + dsafe * su_d, delta_b + dsafe * sdl_d, B_b + B_col
     lo = seg * SEGLEN
     u_next = _load_step(u_row, su_l, lo, seqlen, dmask)
     delta_next = _load_step(delta_row, sdl_l, lo, seqlen, dmask)
     B_next = _load_step(B_rows, sB_l, lo, seqlen, nmask[:, None, :])
     for t in tl.range(lo, tl.minimum(lo + SEGLEN, seqlen), loop_unroll_factor=UNROLL):
-        _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
-        _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(u_row, su_l, t + AHEAD, seqlen, PREFETCH)
+        _prefetch(delta_row, sdl_l, t + AHEAD, seqlen, PREFETCH)
         _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
         u, _, dt = _walk_inputs(u_next, delta_next, bias, SOFTPLUS)
         B_t = B_next.to(tl.float32)
@@ -247,7 +248,7 @@ def _scan_fwd_kernel(
     B_b, C_b = B_ptr + b * sB_b, C_ptr + b * sC_b
     B_col, C_col = cols[:, None, :] * sB_n, cols[:, None, :] * sC_n  # as above
     out_row, y_row = out_ptr + b * so_b + d * so_d, y_ptr + b * so_b + d * so_d
-    u_row, delta_row, z_row = u_b + d * su_d, delta_b + d * sdl_d, z_b + d * sz_d
+    u_row, delta_row, z_row = u_b + dsafe * su_d, delta_b + dsafe * sdl_d, z_b + dsafe * sz_d
     B_rows, C_rows = B_b + B_col, C_b + C_col
     # Step t's inputs, loaded during step t - 1 (see _load_step).
     t0 = first * CHUNK
@@ -261,8 +262,8 @@ def _scan_fwd_kernel(
         if c > first:
             tl.store(starts_ptr + (b * nchunks + c) * dim * DSTATE + state_offsets, h, mask=smask)
         for t in tl.range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seqlen), loop_unroll_factor=UNROLL):
-            _prefetch(u_b + dsafe * su_d, su_l, t + AHEAD, seqlen, PREFETCH)
-            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(u_row, su_l, t + AHEAD, seqlen, PREFETCH)
+            _prefetch(delta_row, sdl_l, t + AHEAD, seqlen, PREFETCH)
             _prefetch(B_b + nsafe * sB_n, sB_l, t + AHEAD, seqlen, PREFETCH)
             _prefetch(C_b + nsafe * sC_n, sC_l, t + AHEAD, seqlen, PREFETCH)
             u, _, dt = _walk_inputs(u_next, delta_next, bias, SOFTPLUS)
@@ -272,7 +273,7 @@ def _scan_fwd_kernel(
             B_next = _load_step(B_rows, sB_l, t + 1, seqlen, nmask[:, None, :])
             C_next = _load_step(C_rows, sC_l, t + 1, seqlen, nmask[:, None, :])
             if HAS_Z:
-                _prefetch(z_b + dsafe * sz_d, sz_l, t + AHEAD, seqlen, PREFETCH)
+                _prefetch(z_row, sz_l, t + AHEAD, seqlen, PREFETCH)
                 z = z_next.to(tl.float32)
                 z_next = _load_step(z_row, sz_l, t + 1, seqlen, dmask)
             h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
@@ -301,7 +302,8 @@ def _scan_local_adjoint_kernel(
     dtsum = tl.zeros((BLOCK_D,), tl.float32)
     delta_b, z_b, dout_b, C_b = delta_ptr + b * sdl_b, z_ptr + b * sz_b, dout_ptr + b * sdo_b, C_ptr + b * sC_b
     C_col = cols[:, None, :] * sC_n  # as in _scan_local_states_kernel
-    delta_row, z_row, dout_row, C_rows = delta_b + d * sdl_d, z_b + d * sz_d, dout_b + d * sdo_d, C_b + C_col
+    delta_row, z_row, dout_row = delta_b + dsafe * sdl_d, z_b + dsafe * sz_d, dout_b + dsafe * sdo_d
+    C_rows = C_b + C_col
     lo = seg * SEGLEN
     hi = tl.minimum(lo + SEGLEN, seqlen)
     # Step t's inputs, loaded during step t + 1 (see _load_step).
@@ -313,11 +315,11 @@ def _scan_local_adjoint_kernel(
         z_next = _load_step(z_row, sz_l, hi - 1, seqlen, dmask)
     for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
         t = hi - 1 - j
-        _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - AHEAD, seqlen, PREFETCH)
-        _prefetch(dout_b + dsafe * sdo_d, sdo_l, t - AHEAD, seqlen, PREFETCH)
+        _prefetch(delta_row, sdl_l, t - AHEAD, seqlen, PREFETCH)
+        _prefetch(dout_row, sdo_l, t - AHEAD, seqlen, PREFETCH)
         _prefetch(C_b + nsafe * sC_n, sC_l, t - AHEAD, seqlen, PREFETCH)
         if HAS_Z:
-            _prefetch(z_b + dsafe * sz_d, sz_l, t - AHEAD, seqlen, PREFETCH)
+            _prefetch(z_row, sz_l, t - AHEAD, seqlen, PREFETCH)
         raw = delta_next.to(tl.float32) + bias
         dy = _dy_and_dz(dout_next, z_next, z_next, dout_row, 0, t, dmask, HAS_Z, False)  # no dz: y goes unused
         C_t = C_next.to(tl.float32)
@@ -367,8 +369,8 @@ def _scan_bwd_kernel(
     dz_b = dz_ptr + b * sdz_b
     B_col, C_col = cols[:, None, :] * sB_n, cols[:, None, :] * sC_n  # as above
     du_row, ddelta_row = du_ptr + b * sdu_b + d * sdu_d, ddelta_ptr + b * sddl_b + d * sddl_d
-    u_row, delta_row, B_rows, C_rows = u_b + d * su_d, delta_b + d * sdl_d, B_b + B_col, C_b + C_col
-    dout_row, z_row, y_row, dz_row = dout_b + d * sdo_d, z_b + d * sz_d, y_b + d * sy_d, dz_b + d * sdz_d
+    u_row, delta_row, B_rows, C_rows = u_b + dsafe * su_d, delta_b + dsafe * sdl_d, B_b + B_col, C_b + C_col
+    dout_row, z_row, y_row, dz_row = dout_b + dsafe * sdo_d, z_b + dsafe * sz_d, y_b + dsafe * sy_d, dz_b + d * sdz_d
     for i in range(0, stop - first):
         c = stop - 1 - i
         lo = c * CHUNK
@@ -399,14 +401,14 @@ def _scan_bwd_kernel(
         for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
             t = hi - 1 - j
             # Both walks over the chunk before (the next one here) read its inputs at these offsets.
-            _prefetch(u_b + dsafe * su_d, su_l, t - CHUNK, seqlen, PREFETCH)
-            _prefetch(delta_b + dsafe * sdl_d, sdl_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(u_row, su_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(delta_row, sdl_l, t - CHUNK, seqlen, PREFETCH)
             _prefetch(B_b + nsafe * sB_n, sB_l, t - CHUNK, seqlen, PREFETCH)
             _prefetch(C_b + nsafe * sC_n, sC_l, t - CHUNK, seqlen, PREFETCH)
-            _prefetch(dout_b + dsafe * sdo_d, sdo_l, t - CHUNK, seqlen, PREFETCH)
+            _prefetch(dout_row, sdo_l, t - CHUNK, seqlen, PREFETCH)
             if HAS_Z:
-                _prefetch(z_b + dsafe * sz_d, sz_l, t - CHUNK, seqlen, PREFETCH)
-                _prefetch(y_b + dsafe * sy_d, sy_l, t - CHUNK, seqlen, PREFETCH)
+                _prefetch(z_row, sz_l, t - CHUNK, seqlen, PREFETCH)
+                _prefetch(y_row, sy_l, t - CHUNK, seqlen, PREFETCH)
             h_prev = tl.load(scratch + (t - lo) * BLOCK_D * NP)
             u, raw, dt = _walk_inputs(_load_step(u_row, su_l, t, seqlen, dmask),
                                       _load_step(delta_row, sdl_l, t, seqlen, dmask), bias, SOFTPLUS)
