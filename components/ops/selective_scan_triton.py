@@ -12,11 +12,14 @@ mamba_ssm's speed). But a walk's time is its steps times a step's latency, not i
 whole sequence: it is cut into segments of SEGMENT chunks of CHUNK steps, and each step prefetches the inputs of a
 step further on into L1.
 
-The tile is shaped (state // LANES_N, BLOCK_D, LANES_N). Triton lays its last two axes across a warp's lanes (4 x 8),
-so each thread holds 8 channels x 2 state dims, and a sum over the channels (dB, dC) or over the state dims (the
-output, the step size's gradient) takes 2-3 shuffles per value. A (BLOCK_D, state) tile put the 16 state dims across
-lanes, and its sums over them took 64 shuffles per step; the 3-D tile with 8 x 4 lanes made the kernels 1.32x faster,
-and 4 x 8 lanes made the backward 7% faster again.
+The tile is shaped (state // LANES_N, BLOCK_D, LANES_N), a float32 tile of 16 values a thread at 16 states. Triton
+picks its layout: Triton 3.6 (the GPU machine's; its TTGIR, read with kernel_resources.py) gives each thread 4
+adjacent state dims of 4 channels, with 8 lanes along the channels and 4 along the states, so a sum over the state
+dims (the output, the step size's gradient) takes 2 shuffles per channel and one over the channels (dB, dC) 3 per
+state dim. A (BLOCK_D, state) tile put the 16 state dims across lanes, and its sums over them took 64 shuffles per
+step; the 3-D tile made the kernels 1.32x faster. With 8 states along the last axis (LANES_N = 8) Triton 3.6 spread
+the states over 2 lanes and the first axis, and the backward issued 64 shuffles a step where 16 issue 40: its kernel
+took 0.84 ms at row E's shape, against 0.73 ms.
 
 - forward: one program per segment walks it from a zero state, giving the segment's own contribution to its end
   state and the sum of its step sizes (the segment's decay is exp(A * sum)); a combine kernel carries the true
@@ -57,12 +60,12 @@ UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slowe
 SEGMENT = 8  # chunks per program of the walks within segments: the combine takes one step per segment
 # Registers per thread for the backward's segment walk (ptxas spills the rest). Uncapped it took 232 (Triton 3.6),
 # which leaves room for 8 one-warp programs per multiprocessor; at 168, 12 fit and it ran 1.09x faster (128: 0.90x;
-# measured with 8 x 4 lanes). Capping the other kernels made them slower.
+# measured with LANES_N = 8). Capping the other kernels made them slower.
 BWD_MAX_REGISTERS = 168
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # decays are exp2(delta * A * log2(e)): one MUFU instruction each
-LANES_N = tl.constexpr(8)  # state dims along a state tile's last axis, which Triton lays across lanes (2: 4% slower)
+LANES_N = tl.constexpr(16)  # state dims along a state tile's last axis (see the module's docstring)
 
 
 @triton.jit
@@ -106,7 +109,7 @@ def _tile(v):
 
 @triton.jit
 def _sum_states(x):
-    """A state tile summed over its state dims: within each thread first, then across LANES_N lanes."""
+    """A state tile summed over its state dims: within each thread first, then across lanes."""
     return tl.sum(tl.sum(x, axis=0), axis=1)
 
 
@@ -375,9 +378,8 @@ def _scan_bwd_kernel(
         c = stop - 1 - i
         lo = c * CHUNK
         hi = tl.minimum(lo + CHUNK, seqlen)
-        # A step's inputs are loaded during the step before (see _load_step), except the walk back's u, delta and
-        # B, which the walk forward has just read (loading them ahead too was 1% slower: more spills); the walk
-        # back's first ones while the chunk is walked forward.
+        # A step's inputs are loaded during the step before (see _load_step); the walk back's first C, dout, z and
+        # y while the chunk is walked forward.
         u_next = _load_step(u_row, su_l, lo, seqlen, dmask)
         delta_next = _load_step(delta_row, sdl_l, lo, seqlen, dmask)
         B_next = _load_step(B_rows, sB_l, lo, seqlen, nmask[:, None, :])
@@ -398,6 +400,9 @@ def _scan_bwd_kernel(
             B_next = _load_step(B_rows, sB_l, t + 1, seqlen, nmask[:, None, :])
             h = tl.exp2(_tile(dt) * A2) * h + _tile(dt * u) * B_t
         # Then the adjoint recurrence backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}.
+        u_next = _load_step(u_row, su_l, hi - 1, seqlen, dmask)
+        delta_next = _load_step(delta_row, sdl_l, hi - 1, seqlen, dmask)
+        B_next = _load_step(B_rows, sB_l, hi - 1, seqlen, nmask[:, None, :])
         for j in tl.range(0, hi - lo, loop_unroll_factor=UNROLL):
             t = hi - 1 - j
             # Both walks over the chunk before (the next one here) read its inputs at these offsets.
@@ -410,11 +415,13 @@ def _scan_bwd_kernel(
                 _prefetch(z_row, sz_l, t - CHUNK, seqlen, PREFETCH)
                 _prefetch(y_row, sy_l, t - CHUNK, seqlen, PREFETCH)
             h_prev = tl.load(scratch + (t - lo) * BLOCK_D * NP)
-            u, raw, dt = _walk_inputs(_load_step(u_row, su_l, t, seqlen, dmask),
-                                      _load_step(delta_row, sdl_l, t, seqlen, dmask), bias, SOFTPLUS)
-            B_t, C_t = _load_step(B_rows, sB_l, t, seqlen, nmask[:, None, :]).to(tl.float32), C_back.to(tl.float32)
+            u, raw, dt = _walk_inputs(u_next, delta_next, bias, SOFTPLUS)
+            B_t, C_t = B_next.to(tl.float32), C_back.to(tl.float32)
             dy = _dy_and_dz(dout_back, z_back, y_back, dz_row, sdz_l, t, dmask, HAS_Z, True)
             prev = tl.maximum(t - 1, lo)  # the chunk's first step loads itself again, unused
+            u_next = _load_step(u_row, su_l, prev, seqlen, dmask)
+            delta_next = _load_step(delta_row, sdl_l, prev, seqlen, dmask)
+            B_next = _load_step(B_rows, sB_l, prev, seqlen, nmask[:, None, :])
             C_back = _load_step(C_rows, sC_l, prev, seqlen, nmask[:, None, :])
             dout_back = _load_step(dout_row, sdo_l, prev, seqlen, dmask)
             if HAS_Z:
