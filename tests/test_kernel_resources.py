@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "performance" / "kernel_resources.py"
 NUMBERS = 13  # regs, stack, warps/SM and ten SASS counts end every row
@@ -26,10 +27,18 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_kernels_compile_from_their_launchers_arguments() -> None:
-    result = run("--rows", "roadmap_e", "--kernels", "^(_scan_fwd_kernel|_state_update_kernel)$")
+    result = run("--rows", "roadmap_e", "--kernels", "^(_scan_fwd_kernel|_state_update_kernel)$", "--layouts")
     assert result.returncode == 0, result.stderr
-    header, *rows, legend = result.stdout.splitlines()
+    summary, *layouts = result.stdout.split("\n\n")
+    version, header, *rows, legend = summary.splitlines()
+    assert version == f"Triton {triton.__version__}, sm_90a"  # layouts and registers depend on Triton's version
     assert legend.startswith("SASS instructions (static counts):")
+    # Each kernel's tile layouts follow the table: the scan's state tile is 3-D, laid out over one warp.
+    assert [block.splitlines()[0] for block in layouts] == [
+        "== _scan_fwd_kernel (scan b8 d1024 l2176 n16): layouts",
+        "== _state_update_kernel (step roadmap_e b128 d1024): layouts"]
+    assert re.search(r"^#blocked\d* = #ttg.blocked<\{sizePerThread = \[\d+, \d+, \d+\].*warpsPerCTA = \[1, 1, 1\]",
+                     layouts[0], flags=re.M)
     names = header.split()[-NUMBERS:]
     table = {row.split()[0]: (row, dict(zip(names, map(int, row.split()[-NUMBERS:])))) for row in rows}
     assert set(table) == {"_scan_fwd_kernel", "_state_update_kernel"}

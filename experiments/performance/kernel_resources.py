@@ -2,14 +2,21 @@
 thread, and counts of the instructions a latency-bound kernel waits on, from the cubin compiled for Hopper.
 
     python experiments/performance/kernel_resources.py                    # the scan's and the fused step's kernels
-    python experiments/performance/kernel_resources.py --kernels _scan_bwd_kernel --sass
+    python experiments/performance/kernel_resources.py --kernels _scan_bwd_kernel --sass --layouts
 
 The launchers (the Triton scan's forward and backward at row E's training shape, the fused Mamba-1 decode step at
 batch 128 for --rows) run on meta tensors with their kernels swapped for recorders, so each kernel is compiled with
 the arguments, constexprs and options its launcher passes, and with Triton's specializations (integers equal to 1
 as constants, integers and pointers divisible by 16 marked so). Use it before a device call: a kernel change that
-raises the registers past an occupancy step, or adds spills or shuffles, shows here. Registers come from this
-machine's Triton; the GPU machine's may differ by a few (RESULTS.md notes where they did).
+raises the registers past an occupancy step, or adds spills or shuffles, shows here.
+
+Everything here comes from the Triton this runs with, and Triton's versions lay tiles out differently: with 8
+states along its last axis, the scan's backward tile got 16 lanes along the channels from Triton 3.8 and 8 from 3.6
+(the GPU machine's), and their spills and shuffles differed accordingly. To read what the GPU machine compiles, run
+it with that version beside this machine's:
+
+    pip install --no-deps --target /tmp/triton-3.6.0 triton==3.6.0
+    PYTHONPATH=/tmp/triton-3.6.0 python experiments/performance/kernel_resources.py --kernels _scan_bwd_kernel
 """
 from __future__ import annotations
 
@@ -60,6 +67,7 @@ class KernelResources:
     warps: int
     counts: dict[str, int]
     sass: str
+    layouts: str  # the TTGIR's layout definitions (which dims of a tile go to registers, lanes and warps)
 
     @property
     def warps_per_sm(self) -> int:
@@ -174,17 +182,18 @@ def resources(launch: Launch, arch: int) -> KernelResources:
     registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     opcodes = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, flags=re.M)
     counts = {op: sum(1 for found in opcodes if found == op) for op in COUNTED}
+    layouts = "\n".join(re.findall(r"^#\w+ = #ttg\.\w+<.*$", compiled.asm["ttgir"], flags=re.M))
     return KernelResources(launch.label, launch.kernel.__name__, registers, stack,
-                           launch.kwargs.get("num_warps", 4), counts, sass)
+                           launch.kwargs.get("num_warps", 4), counts, sass, layouts)
 
 
-def report(found: list[KernelResources]) -> str:
+def report(found: list[KernelResources], arch: int) -> str:
     head = f"{'kernel':<28}{'launch':<30}{'regs':>5}{'stack':>6}{'warps/SM':>9}" + "".join(
         f"{op:>6}" for op in COUNTED)
     rows = [f"{r.name:<28}{r.label:<30}{r.registers:>5}{r.stack:>6}{r.warps_per_sm:>9}" + "".join(
         f"{r.counts[op]:>6}" for op in COUNTED) for r in found]
     legend = "SASS instructions (static counts): " + ", ".join(f"{op} {what}" for op, what in COUNTED.items())
-    return "\n".join([head, *rows, legend])
+    return "\n".join([f"Triton {triton.__version__}, sm_{arch}a", head, *rows, legend])
 
 
 def scan_shape(text: str) -> tuple[int, int, int, int]:
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="", help="a regular expression: only kernels whose name matches")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90a (Hopper)")
     parser.add_argument("--sass", action="store_true", help="also print each kernel's SASS")
+    parser.add_argument("--layouts", action="store_true", help="also print each kernel's tile layouts (TTGIR)")
     args = parser.parse_args()
     builders: list[Callable[[], list[Launch]]] = [
         lambda: scan_launches(*args.scan_shape)]
@@ -217,10 +227,12 @@ def main() -> None:
         names = sorted({launch.kernel.__name__ for launch in recorded_launches})
         parser.error(f"--kernels {args.kernels!r} matches none of the launched kernels: {', '.join(names)}")
     found = [resources(launch, args.arch) for launch in launches]
-    print(report(found))
-    if args.sass:
-        for r in found:
-            print(f"\n== {r.name} ({r.label})\n{r.sass}")
+    print(report(found, args.arch))
+    for r in found:
+        if args.layouts:
+            print(f"\n== {r.name} ({r.label}): layouts\n{r.layouts}")
+        if args.sass:
+            print(f"\n== {r.name} ({r.label}): SASS\n{r.sass}")
 
 
 if __name__ == "__main__":
