@@ -15,7 +15,8 @@ import torch
 from components.attention import AttentionHeads
 from components.kv_cache import StepInfo
 from components.layer_plan import LayerSpec
-from components.ops.attention import allowed_keys, attention_reference, kernel_sequence_attention, sequence_attention
+from components.ops.attention import (HOPPER_FLEX_OPTIONS, _flex_options, allowed_keys, attention_reference,
+                                     kernel_sequence_attention, sequence_attention)
 from model_factories import one_cpu_thread, rope_by_hand  # noqa: F401
 
 BATCH, SEQ = 2, 11
@@ -147,3 +148,17 @@ def test_kernel_path_flex_attention_equals_dense_masked_softmax_without_tracing_
     expected = dense_attention(q, k, v, hymba_mask(SEQ, window, meta))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+
+def test_hopper_flex_options_are_options_flex_attention_takes_and_stay_off_the_cpu():
+    """The tuned FlexAttention tiles name options of torch's FlexKernelOptions (a misspelt key would be passed to the
+    kernel template unread), each for one pass, and only Hopper GPUs get them."""
+    from typing import get_type_hints
+
+    from torch.nn.attention.flex_attention import FlexKernelOptions
+
+    known = set(get_type_hints(FlexKernelOptions))
+    for key in HOPPER_FLEX_OPTIONS:
+        prefix, _, option = key.partition("_")
+        assert prefix in ("fwd", "bwd") and option in known, key
+    assert _flex_options(torch.zeros(1)) is None

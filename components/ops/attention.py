@@ -52,6 +52,21 @@ def _dense_mask(seq_len: int, window: int, num_meta: int, device: str) -> torch.
     return allowed_keys(pos, pos, window, num_meta)
 
 
+# FlexAttention's kernel options on Hopper (sm_90). torch 2.11 gives its forward there 128 x 128 tiles and its
+# backward 8 warps; at row E's local layers' training shape (keys 64, values 128) these options ran the forward 1.48x
+# and the backward 1.08x faster on an H200, as fast as Inductor's own autotuning found
+# (experiments/performance/flex_attention_bench.py, RESULTS.md). Other GPUs keep torch's choices: none was measured.
+HOPPER_FLEX_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+                       "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                       "bwd_num_warps": 4, "bwd_num_stages": 3}
+
+
+def _flex_options(q: torch.Tensor) -> Optional[dict]:
+    # Dynamo folds get_device_properties to a constant, so a compiled model takes no graph break here.
+    hopper = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).major == 9
+    return HOPPER_FLEX_OPTIONS if hopper else None
+
+
 # Eager calls build each mask once per shape and compile flex_attention once.
 _cached_block_mask = lru_cache(maxsize=32)(_block_mask)
 _cached_dense_mask = lru_cache(maxsize=8)(_dense_mask)
@@ -81,8 +96,9 @@ def kernel_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if compiling:
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=_block_mask(*shape), enable_gqa=gqa)
-    return _compiled_flex()(q, k, v, block_mask=_cached_block_mask(*shape), enable_gqa=gqa)
+        return flex_attention(q, k, v, block_mask=_block_mask(*shape), enable_gqa=gqa, kernel_options=_flex_options(q))
+    return _compiled_flex()(q, k, v, block_mask=_cached_block_mask(*shape), enable_gqa=gqa,
+                            kernel_options=_flex_options(q))
 
 
 def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
