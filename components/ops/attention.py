@@ -52,10 +52,10 @@ def _dense_mask(seq_len: int, window: int, num_meta: int, device: str) -> torch.
     return allowed_keys(pos, pos, window, num_meta)
 
 
-# FlexAttention's kernel options on Hopper (sm_90). torch 2.11 gives its forward there 128 x 128 tiles and its
-# backward 8 warps; at row E's local layers' training shape (keys 64, values 128) these options ran the forward 1.48x
-# and the backward 1.08x faster on an H200, as fast as Inductor's own autotuning found
-# (experiments/performance/flex_attention_bench.py, RESULTS.md). Other GPUs keep torch's choices: none was measured.
+# FlexAttention's kernel options on Hopper (sm_90). At row E's local layers' training shape (keys 64, values 128)
+# they ran the forward 1.48x and the backward 1.08x faster than torch's own choice on an H200, as fast as Inductor's
+# autotuning found (experiments/performance/flex_attention_bench.py, RESULTS.md). Other GPUs keep torch's choices:
+# none was measured.
 HOPPER_FLEX_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
                        "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                        "bwd_num_warps": 4, "bwd_num_stages": 3}

@@ -1,6 +1,6 @@
 """The Mamba-1 selective scan (selective_scan.py has the recurrence) as Triton kernels, forward and backward.
 
-The lab's default training scan: at row E's training shape its kernels run 2.5x faster than mamba_ssm's
+The lab's default training scan: at row E's training shape its kernels run 2.77x faster than mamba_ssm's
 (experiments/performance/RESULTS.md). It also takes an initial state and the last state's gradient (mamba_ssm's
 takes neither, so prefill chunks after the first need this one), and inputs of any strides.
 
@@ -18,8 +18,8 @@ adjacent state dims of 4 channels, with 8 lanes along the channels and 4 along t
 dims (the output, the step size's gradient) takes 2 shuffles per channel and one over the channels (dB, dC) 3 per
 state dim. A (BLOCK_D, state) tile put the 16 state dims across lanes, and its sums over them took 64 shuffles per
 step; the 3-D tile made the kernels 1.32x faster. With 8 states along the last axis (LANES_N = 8) Triton 3.6 spread
-the states over 2 lanes and the first axis, and the backward issued 64 shuffles a step where 16 issue 40: its kernel
-took 0.84 ms at row E's shape, against 0.73 ms.
+the states over 2 lanes and the first axis, and the backward's SASS held 64 shuffles where 16 states give 40: its
+kernel took 0.84 ms at row E's shape, against 0.73 ms.
 
 - forward: one program per segment walks it from a zero state, giving the segment's own contribution to its end
   state and the sum of its step sizes (the segment's decay is exp(A * sum)); a combine kernel carries the true
