@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from scan_kernel_bench import kernel_ms
+
 # Kernel options tried by default: torch's own choice first (in torch 2.14's source, for Hopper at this dtype and
 # head dim: forward 128 x 128 tiles, 4 warps, 3 stages; backward blocks 64/128/128/64, 8 warps, 3 stages), then
 # smaller tiles and fewer warps for each pass.
@@ -60,19 +62,6 @@ def make_inputs(batch: int, seqlen: int, heads: int, kv_heads: int, qk_dim: int,
             for h, d in shapes]
 
 
-def device_ms(fn, iters: int) -> float:
-    """Device ms per call of all the kernels fn launches, summed by torch.profiler."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1000 / iters
-
-
 def run_config(config: str, inputs: list[torch.Tensor], dout: torch.Tensor, block_mask, warmup: int, iters: int):
     import torch._inductor.config as inductor_config
     from torch.nn.attention.flex_attention import flex_attention
@@ -95,8 +84,8 @@ def run_config(config: str, inputs: list[torch.Tensor], dout: torch.Tensor, bloc
 
         for _ in range(max(1, warmup)):  # the first call compiles
             out = forward_backward()
-        fwd = device_ms(forward, iters)
-        bwd = device_ms(forward_backward, iters) - fwd
+        fwd = kernel_ms(forward, iters)[0]  # all kernels' device ms per call
+        bwd = kernel_ms(forward_backward, iters)[0] - fwd
     return fwd, bwd, [out.detach(), *(t.grad for t in leaves)]
 
 
