@@ -118,8 +118,8 @@ def test_triton_scan_custom_op_passes_opcheck_on_cpu() -> None:
         return kernels.scan_fwd(*args, chunk=custom_ops.TRITON_SCAN_CHUNK)
 
     def bwd(*args):
-        grads = kernels.scan_bwd(*args, chunk=custom_ops.TRITON_SCAN_CHUNK)
-        return tuple(g if g is not None else args[0].new_empty(0) for g in grads)
+        du, ddelta, dz, *rest = kernels.scan_bwd_partials(*args, chunk=custom_ops.TRITON_SCAN_CHUNK)
+        return du, ddelta, dz if dz is not None else args[0].new_empty(0), *rest
 
     case = scan_case(True)["leaves"]
     u, z = split(case, True)

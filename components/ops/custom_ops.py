@@ -136,23 +136,25 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
 def triton_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                     z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor,
                     dlast: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                          Tensor, Tensor, Tensor, Tensor]:
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); absent inputs get empty tensors."""
-    from components.ops.selective_scan_triton import scan_bwd
+                                                                          Tensor]:
+    """(du, ddelta, dz or an empty tensor, dinitial_state, dB and dC's partial sums, dA, dD and ddelta_bias's):
+    the backward adds the partial sums up outside the op, where torch.compile fuses them with their consumers."""
+    from components.ops.selective_scan_triton import scan_bwd_partials
 
-    grads = scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, y, dout, dlast, delta_softplus,
-                     chunk=TRITON_SCAN_CHUNK)
-    return tuple(g if g is not None else _absent(u) for g in grads)
+    du, ddelta, dz, dh0, dBC, dparams = scan_bwd_partials(u, delta, A, B, C, D, z, delta_bias, starts, y, dout,
+                                                          dlast, delta_softplus, chunk=TRITON_SCAN_CHUNK)
+    return du, ddelta, dz if dz is not None else _absent(u), dh0, dBC, dparams
 
 
 @triton_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, starts, y, dout, dlast, delta_softplus):
-    def like(t: Optional[Tensor]) -> Tensor:
-        return torch.empty_like(t) if t is not None else _absent(u)
+    from components.ops.selective_scan_triton import bwd_partial_shapes
 
-    state = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
-    return (like(u), like(delta), like(A), B.new_empty(B.shape), C.new_empty(C.shape), like(D), like(z),
-            like(delta_bias), state)
+    batch, dim, seqlen = u.shape
+    dBC_shape, params_shape = bwd_partial_shapes(batch, dim, seqlen, A.shape[1], TRITON_SCAN_CHUNK)
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z) if z is not None else _absent(u),
+            u.new_empty(batch, dim, A.shape[1], dtype=torch.float32), u.new_empty(dBC_shape, dtype=torch.float32),
+            u.new_empty(params_shape, dtype=torch.float32))
 
 
 def _triton_scan_setup_context(ctx, inputs, output) -> None:
@@ -164,10 +166,13 @@ def _triton_scan_setup_context(ctx, inputs, output) -> None:
 
 
 def _triton_scan_backward(ctx, d_out, d_y, d_starts, d_last):
+    from components.ops.selective_scan_triton import sum_partials
+
     u, delta, A, B, C, D, z, delta_bias, starts, y = ctx.saved_tensors
     # Unlike mamba_ssm's kernel, this one takes the last state's gradient too (prefill chunks chain through it).
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = triton_scan_bwd(
+    du, ddelta, dz, dh0, dBC, dparams = triton_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, starts, y, d_out, d_last, ctx.delta_softplus)
+    dA, dB, dC, dD, dbias = sum_partials(dBC, dparams, B.dtype, C.dtype)
     has_D, has_z, has_bias, has_h0 = ctx.present
     return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
             dh0 if has_h0 else None, None)

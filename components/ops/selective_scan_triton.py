@@ -33,13 +33,15 @@ kernel took 0.84 ms at row E's shape, against 0.73 ms.
   start, writing each h_{t-1} to a per-program scratch buffer, and walks back reading them (recovering h_{t-1} as
   (h_t - x_t) / a_t would blow up where decays underflow).
 
-dB and dC are summed over the block's channels inside the program and over blocks by torch; dA, dD and the
-delta-bias gradient over segments and batch rows likewise. Nothing uses atomics (mamba_ssm's backward adds every
-channel's dB and dC into the same global memory with atomics), so the gradients are deterministic.
+dB and dC are summed over the block's channels inside the program and over blocks by torch (sum_partials); dA, dD
+and the delta-bias gradient over segments and batch rows likewise. The custom op (custom_ops.py) returns the
+partial sums, so that a compiled backward fuses their sums with the ops that consume the gradients. Nothing uses
+atomics (mamba_ssm's backward adds every channel's dB and dC into the same global memory with atomics), so the
+gradients are deterministic.
 
 The launchers work in float32 inside. Importing this module imports triton, so only ops/backend.py (when it looks
-for kernels) and custom_ops.py (when the op first runs) import it. On a CPU, TRITON_INTERPRET=1 runs the kernels in
-Triton's interpreter (the CPU tests do that).
+for kernels) and custom_ops.py (when an op first runs or is traced) import it. On a CPU, TRITON_INTERPRET=1 runs
+the kernels in Triton's interpreter (the CPU tests do that).
 """
 from __future__ import annotations
 
@@ -343,7 +345,7 @@ def _scan_local_adjoint_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr, ends_ptr, y_ptr, dout_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dparams_ptr, scratch_ptr,
     dim, seqlen, nchunks, batch,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, sdo_b, sdo_d, sdo_l,
     sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
@@ -352,8 +354,8 @@ def _scan_bwd_kernel(
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Gradients, each program over one segment of SEGMENT chunks, from the chunks' saved start states and the
-    adjoint state where it enters the segment from later steps. dA (segments, b, dim, n), dD and dbias (segments,
-    b, dim), dB and dC (dim blocks, b, l, n) are partial sums the launcher adds up."""
+    adjoint state where it enters the segment from later steps. dB and dC (dim blocks, b, l, n) and dA, dD and
+    dbias (segments, b, dim * (n + 2), dA first) are partial sums, added up by sum_partials."""
     pid_d, b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     d, dmask, dsafe, cols, nmask, nsafe, smask, state_offsets, A2, bias, Dskip = _program_channels(
         pid_d, A_ptr, bias_ptr, D_ptr, dim, DSTATE, NP, HAS_D, HAS_BIAS, BLOCK_D, LANES_N)
@@ -446,10 +448,10 @@ def _scan_bwd_kernel(
             tl.store(ddelta_row + t * sddl_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=dmask)
             g = g * decay
             h = h_prev  # the state after the step before (the walk forward leaves the chunk's last in h)
-    row = seg * batch + b
-    tl.store(dA_ptr + row * dim * DSTATE + state_offsets, dA, mask=smask)
-    tl.store(dD_ptr + row * dim + d, dD, mask=dmask)
-    tl.store(dbias_ptr + row * dim + d, dbias, mask=dmask)
+    params = dparams_ptr + (seg * batch + b) * dim * (DSTATE + 2)
+    tl.store(params + state_offsets, dA, mask=smask)
+    tl.store(params + dim * DSTATE + d, dD, mask=dmask)
+    tl.store(params + dim * (DSTATE + 1) + d, dbias, mask=dmask)
 
 
 # Triton's interpreter (the CPU tests) runs no inline PTX.
@@ -524,14 +526,16 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     return out, y, starts, last
 
 
-def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor, dlast: Optional[Tensor],
-             delta_softplus: bool, *, chunk: int, block_d: int = BLOCK_D, num_warps: int = NUM_WARPS,
-             ahead: int = AHEAD, unroll: int = UNROLL, segment: int = SEGMENT,
-             max_registers: Optional[int] = BWD_MAX_REGISTERS) -> tuple[Tensor, ...]:
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state): each in its input's dtype and layout, the
-    state's float32; None for absent inputs. dlast may have any strides (autograd passes expanded ones).
-    max_registers caps the segment walk's registers per thread (None: as many as ptxas likes)."""
+def scan_bwd_partials(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor,
+                      dlast: Optional[Tensor], delta_softplus: bool, *, chunk: int, block_d: int = BLOCK_D,
+                      num_warps: int = NUM_WARPS, ahead: int = AHEAD, unroll: int = UNROLL, segment: int = SEGMENT,
+                      max_registers: Optional[int] = BWD_MAX_REGISTERS) -> tuple[Tensor, ...]:
+    """(du, ddelta, dz or None, dinitial_state, dB and dC's partial sums, dA, dD and ddelta_bias's): the partial
+    sums are float32, shaped as bwd_partial_shapes gives, and sum_partials adds them up. Kept apart so that a
+    compiled backward fuses those sums with what consumes the gradients (they were nine small kernels of their own).
+    dlast may have any strides (autograd passes expanded ones). max_registers caps the segment walk's registers
+    per thread (None: as many as ptxas likes)."""
     batch, dim, seqlen = u.shape
     dlast = dlast.float().contiguous() if dlast is not None else None
     dstate = A.shape[1]
@@ -539,11 +543,9 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     blocks, np2, segments = triton.cdiv(dim, block_d), _padded_states(dstate), triton.cdiv(nchunks, segment)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
-    dA = u.new_empty(segments, batch, dim, dstate, dtype=torch.float32)
-    dB = u.new_empty(blocks, batch, seqlen, dstate, dtype=torch.float32)
-    dC = torch.empty_like(dB)
-    dD = u.new_empty(segments, batch, dim, dtype=torch.float32)
-    dbias = torch.empty_like(dD)
+    dBC_shape, params_shape = bwd_partial_shapes(batch, dim, seqlen, dstate, chunk, block_d=block_d, segment=segment)
+    dBC = u.new_empty(dBC_shape, dtype=torch.float32)
+    dparams = u.new_empty(params_shape, dtype=torch.float32)
     ends = u.new_empty(batch, segments, dim, dstate, dtype=torch.float32)
     dh0 = u.new_empty(batch, dim, dstate, dtype=torch.float32)
     scratch = u.new_empty(segments * batch * blocks * chunk * block_d * np2, dtype=torch.float32)
@@ -564,7 +566,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     _scan_bwd_kernel[(blocks, batch, segments)](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy, bias, starts, ends,
         y if z is not None else dummy, dout,
-        du, ddelta, dz if z is not None else dummy, dA, dB, dC, dD, dbias, scratch,
+        du, ddelta, dz if z is not None else dummy, dBC[0], dBC[1], dparams, scratch,
         dim, seqlen, nchunks, batch,
         *u.stride(), *delta.stride(), *_strides3(z), *_strides3(y if z is not None else None), *dout.stride(),
         *du.stride(), *ddelta.stride(), *_strides3(dz), *B.stride(), *C.stride(),
@@ -572,8 +574,36 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, CHUNK=chunk, SEGMENT=segment, PREFETCH=_PREFETCH, UNROLL=unroll,
         num_warps=num_warps, maxnreg=max_registers,
     )
-    # dB and dC contiguous like the custom op's fake outputs (torch.compile checks the strides)
-    return (du, ddelta, dA.sum((0, 1)), dB.sum(0).transpose(1, 2).contiguous().to(B.dtype),
-            dC.sum(0).transpose(1, 2).contiguous().to(C.dtype),
-            dD.sum((0, 1)) if D is not None else None, dz, dbias.sum((0, 1)) if delta_bias is not None else None,
+    return du, ddelta, dz, dh0, dBC, dparams
+
+
+def bwd_partial_shapes(batch: int, dim: int, seqlen: int, dstate: int, chunk: int, *, block_d: int = BLOCK_D,
+                       segment: int = SEGMENT) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of scan_bwd_partials' partial sums: dB and dC's (2, dim blocks, b, l, n), dA, dD and ddelta_bias's
+    (segments, b, dim * (n + 2))."""
+    segments = triton.cdiv(triton.cdiv(seqlen, chunk), segment)
+    return (2, triton.cdiv(dim, block_d), batch, seqlen, dstate), (segments, batch, dim * (dstate + 2))
+
+
+def sum_partials(dBC: Tensor, dparams: Tensor, B_dtype: torch.dtype, C_dtype: torch.dtype
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dA, dB, dC, dD, ddelta_bias) from scan_bwd_partials' partial sums: float32 sums, dB and dC (b, n, l) cast
+    last. Plain torch, so a compiled backward fuses them; dD and ddelta_bias are views of one buffer."""
+    dstate = dBC.shape[-1]
+    dB, dC = dBC.sum(1).transpose(2, 3)
+    sums = dparams.sum((0, 1))
+    dim = sums.numel() // (dstate + 2)
+    dA, dD, dbias = sums.split((dim * dstate, dim, dim))
+    return dA.view(dim, dstate), dB.to(B_dtype), dC.to(C_dtype), dD, dbias
+
+
+def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], starts: Tensor, y: Tensor, dout: Tensor, dlast: Optional[Tensor],
+             delta_softplus: bool, **launch) -> tuple[Optional[Tensor], ...]:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state): each in its input's dtype and shape, the
+    state's float32; None for absent inputs. launch: scan_bwd_partials' keywords."""
+    du, ddelta, dz, dh0, dBC, dparams = scan_bwd_partials(u, delta, A, B, C, D, z, delta_bias, starts, y, dout, dlast,
+                                                          delta_softplus, **launch)
+    dA, dB, dC, dD, dbias = sum_partials(dBC, dparams, B.dtype, C.dtype)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz, dbias if delta_bias is not None else None,
             dh0)
