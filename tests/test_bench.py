@@ -23,10 +23,12 @@ from arch_lab.bench.flops import (
     attention_context,
     decode_bandwidth_bound_tok_s,
     decode_bytes_per_step,
+    kv_consumer_bytes,
     matmul_params,
     model_flops_utilization,
     scan_flops_per_token,
     train_flops_per_token,
+    weight_bytes,
 )
 from arch_lab.bench.measure import BatchDoesNotFitError, halve_batch_on_oom
 from arch_lab.bench.report import format_table, table_rows
@@ -309,6 +311,20 @@ def test_decode_bandwidth_bound_by_hand():
     total = sum(weights + batch * length * kv_per_token for length in (11, 12))  # 2 steps read 11 then 12 keys
     assert decode_bandwidth_bound_tok_s(model, batch, context, 2, 2, 100.0) == pytest.approx(
         batch * 2 * 100e9 / total)
+
+
+def test_decode_bound_counts_a_kv_consumers_read_of_its_producers_ring():
+    """Two local layers sharing one ring: the step reads the ring (+ meta) twice, once per layer's attention."""
+    shared = dict(vocab_size=10, d_model=8, n_layers=2, layers="attention", n_heads=2, n_kv_heads=1, qk_head_dim=4,
+                  ffn_dim=12, max_seq_len=64, window=6, global_layers="none", n_meta_tokens=3)
+    model = build_on_meta(ModelConfig(**shared, kv_share=2))
+    unshared = build_on_meta(ModelConfig(**shared))
+    ring = (3 + 6) * 1 * (4 + 4) * 2  # (meta + window) x KV heads x (k + v) x bf16, per row
+    batch = 5
+    assert kv_consumer_bytes(model, batch, 2) == batch * ring and kv_consumer_bytes(unshared, batch, 2) == 0
+    # The consumer owns no K/V projection and no cache; it reads its producer's ring as the owner of its own would.
+    assert decode_bytes_per_step(unshared, batch, 11, 2) - decode_bytes_per_step(model, batch, 11, 2) == (
+        weight_bytes(unshared, 2) - weight_bytes(model, 2))
 
 
 # ---------------------------------------------------------------------------- report

@@ -23,13 +23,19 @@ model does, like padding, and are not credited):
 
 Decode bytes per step (the memory-bandwidth bound of cached decoding, batch b, cache length L):
 
-    bytes/step  = weight_bytes + cache_bytes(L)
+    bytes/step  = weight_bytes + cache_bytes(L) + kv_consumer_bytes
     bound tok/s = b / (bytes/step / bandwidth)     (summed over the decode's steps, as their L grows)
 
 - weight_bytes: every parameter in the run dtype (each decode step streams all weights once).
 - cache_bytes(L) (`components.cache_accounting.cache_bytes`, batch b, run dtype, SSM scan state float32): the
   K/V of global layers up to the current length L (+ meta tokens), the full ring (+ meta) of every
-  sliding-window KV owner, nothing for KV consumers, and each SSM layer's scan and conv state.
+  sliding-window KV owner, and each SSM layer's scan and conv state.
+- kv_consumer_bytes: a KV-consumer layer (cross-layer KV sharing) owns no cache but reads its producer's ring
+  (+ meta) again in its own attention. Its queries exist only once the layers before it have run, so the two
+  reads cannot be one, and at the measured sizes a ring is larger than the GPU's L2 (row E at batch 128: 113 MB
+  a ring, against the H200's 50 MB), so the second read comes from memory too. Before 2026-11-28 (nineteenth
+  session) these reads were left out, which put rows D's and E's bounds 1.23x and 1.25x too high (300M, 8k
+  context, batch 128).
 - Over a decode of n tokens after a `context`-token prefill, step t (0-based) reads L = context + t + 1 keys;
   the bound divides the n steps' summed bytes by the bandwidth.
 This is the minimum any implementation must read: it counts state once (reads, not the writes back), and our
@@ -89,9 +95,20 @@ def weight_bytes(model, dtype_bytes: int) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype_bytes
 
 
+def kv_consumer_bytes(model, batch: int, dtype_bytes: int) -> int:
+    """Bytes the KV-consumer layers of one decode step read from their producers' rings (module docstring)."""
+    total = 0
+    for layer in model.layers:
+        attn = layer.mixer.attn
+        if attn is not None and not attn.owns_kv:  # only sliding-window layers share (LayerPlan)
+            total += (model.cfg.n_meta_tokens + model.cfg.window) * attn.n_kv_heads * (attn.qk_dim + attn.v_dim)
+    return total * batch * dtype_bytes
+
+
 def decode_bytes_per_step(model, batch: int, length: int, dtype_bytes: int) -> int:
     """Bytes one decode step must read with `length` tokens in the cache (module docstring)."""
-    return weight_bytes(model, dtype_bytes) + cache_bytes(model, length, batch, dtype_bytes).total
+    return (weight_bytes(model, dtype_bytes) + cache_bytes(model, length, batch, dtype_bytes).total
+            + kv_consumer_bytes(model, batch, dtype_bytes))
 
 
 def decode_bandwidth_bound_tok_s(model, batch: int, context: int, new_tokens: int, dtype_bytes: int,

@@ -1,0 +1,123 @@
+"""Time one decode step's attention at row E's shapes (300M, 8k context, batch 128), several ways, side by side.
+
+    python experiments/performance/decode_attention_bench.py
+    python experiments/performance/decode_attention_bench.py --batch 64 --context 16384
+
+One query per sequence, 8 query heads over 2 key/value heads, keys of 64 and values of 128, bf16, against the
+two caches a decode step reads (components/kv_cache.py): a local layer's 128 meta slots + a ring of 1,024, and a
+global layer's 128 meta slots + every position up to the context plus the new tokens, with the mask the model
+builds from their key positions (components/ops/attention.py: allowed_keys). Ways, each compiled with
+torch.compile as the compiled decode step would be:
+  sdpa     the model's (attention_reference): SDPA with the boolean mask, GQA by enable_gqa (cuDNN's kernel on an
+           H200 with torch 2.11)
+  sdpa_mem the same held to SDPA's memory-efficient kernel
+  matmul   the 4 query heads of a key/value head as the rows of one matmul against its keys, a float32 softmax
+           with the mask, then one against its values: every key and value read once
+  flex     FlexAttention with the mask as a score_mod (no block mask: a decode step's keys are nearly all allowed)
+Device time per call is summed by torch.profiler; GB/s counts the cache's K and V bytes once. Every way's output
+is compared with sdpa's.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from components.ops.attention import attention_reference
+from scan_kernel_bench import kernel_ms
+
+
+def grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+                             ) -> torch.Tensor:
+    """q (b, hq, 1, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), allowed (b, 1, 1, lk) -> (b, hq, 1, dv)."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    rows = q.reshape(b, hkv, hq // hkv, d)  # query head h reads key/value head h // (hq / hkv), as enable_gqa
+    scores = (rows @ k.transpose(-1, -2)).float() * d ** -0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs.to(v.dtype) @ v).reshape(b, hq, 1, v.shape[-1])
+
+
+def memory_efficient_sdpa(q, k, v, allowed):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from components.ops.attention import attention_reference
+
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return attention_reference(q, k, v, allowed)
+
+
+def flex_masked(allowed: torch.Tensor) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(allowed[b, 0, q_idx, kv_idx], score, -float("inf"))
+
+    def attend(q, k, v, _allowed):
+        return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True)
+    return attend
+
+
+WAYS = {"sdpa": lambda allowed: attention_reference, "sdpa_mem": lambda allowed: memory_efficient_sdpa,
+        "matmul": lambda allowed: grouped_matmul_attention, "flex": flex_masked}
+
+
+def cache_inputs(batch: int, slots: int, valid: torch.Tensor, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
+                 window, meta: int, query_pos: int) -> tuple:
+    from components.ops.attention import allowed_keys
+
+    g = torch.Generator(device="cuda").manual_seed(slots)
+    q = torch.randn(batch, 1, heads, qk_dim, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(batch, kv_heads, slots, qk_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, kv_heads, slots, v_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    positions = valid[None].expand(batch, -1).contiguous()
+    allowed = allowed_keys(torch.full((batch, 1), query_pos, device="cuda"), positions, window, meta)
+    return q, k, v, allowed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=32, help="the global cache holds context + new tokens")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--meta", type=int, default=128)
+    parser.add_argument("--ways", nargs="*", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    heads, kv_heads, qk_dim, v_dim, meta = 8, 2, 64, 128, args.meta
+    query_pos = meta + args.context  # the first new token's position (meta offset included)
+    ring = torch.arange(args.window, device="cuda")  # slot s holds the latest position = s (mod window)
+    ring_pos = meta + query_pos - meta - torch.remainder(query_pos - meta - ring, args.window)
+    local_valid = torch.cat([torch.arange(meta, device="cuda"), ring_pos])
+    slots = args.context + args.new_tokens
+    token_pos = torch.arange(meta, meta + slots, device="cuda")
+    global_valid = torch.cat([torch.arange(meta, device="cuda"), torch.where(token_pos <= query_pos, token_pos, -1)])
+    caches = {"local": cache_inputs(args.batch, meta + args.window, local_valid, heads, kv_heads, qk_dim, v_dim,
+                                    args.window, meta, query_pos),
+              "global": cache_inputs(args.batch, meta + slots, global_valid, heads, kv_heads, qk_dim, v_dim, None,
+                                     meta, query_pos)}
+    print(f"{torch.cuda.get_device_name()}: decode attention, batch {args.batch}, {heads}/{kv_heads} heads, keys "
+          f"{qk_dim}, values {v_dim}, bf16, torch {torch.__version__}")
+    print(f"{'cache':<8}{'keys':>7}{'way':>8}{'us':>9}{'GB/s':>8}{'max rel err':>13}")
+    for name, (q, k, v, allowed) in caches.items():
+        nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+        reference = None
+        for way in args.ways:
+            fn = WAYS[way](allowed)
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, dynamic=False)
+            with torch.no_grad():
+                out = compiled(q, k, v, allowed)
+                ms = kernel_ms(lambda: compiled(q, k, v, allowed), args.iters)[0]
+            reference = out if reference is None else reference
+            err = float((out.float() - reference.float()).norm() / reference.float().norm())
+            print(f"{name:<8}{k.shape[2]:>7}{way:>8}{ms * 1000:>9.1f}{nbytes / ms / 1e6:>8.0f}{err:>13.2e}")
+
+
+if __name__ == "__main__":
+    main()
