@@ -57,9 +57,12 @@ from torch import Tensor
 # backward must get the forward's, whose start states it reads (the custom op's is TRITON_SCAN_CHUNK).
 BLOCK_D = 32  # channels per program: 16 made the forward walks 1.5-1.8x slower, 64 the backward 1.5x
 NUM_WARPS = 1  # more warps share the tile across warps, and its reductions go through shared memory: 1.5x slower
-AHEAD = 8  # steps (segments in the combine) between a prefetch and its use; the backward's second walk: a chunk
-UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slower
-SEGMENT = 8  # chunks per program of the walks within segments: the combine takes one step per segment
+# Steps (segments in the combine) between a prefetch and its use; the backward's second walk: a chunk. With
+# SEGMENT = 16, all scan kernels took 1.367 ms at row E's shape against 1.391 with 8 and 8 (each change alone 1.38;
+# AHEAD = 16: 1.40; runs/2026-11-28-session19/scan_launch_call6.txt and _call7.txt).
+AHEAD = 4
+UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slower (all kernels 1.11x, 2026-11-28)
+SEGMENT = 16  # chunks per program of the walks within segments: the combine takes one step per segment
 # Registers per thread for the backward's segment walk (ptxas spills the rest). Uncapped it took 232 (Triton 3.6),
 # which leaves room for 8 one-warp programs per multiprocessor; at 168, 12 fit and it ran 1.09x faster (128: 0.90x;
 # measured with LANES_N = 8). Capping the other kernels made them slower.
