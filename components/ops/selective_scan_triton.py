@@ -1,6 +1,6 @@
 """The Mamba-1 selective scan (selective_scan.py has the recurrence) as Triton kernels, forward and backward.
 
-The lab's default training scan: at row E's training shape its kernels run 2.77x faster than mamba_ssm's
+The lab's default training scan: at row E's training shape its kernels run 2.86x faster than mamba_ssm's
 (experiments/performance/RESULTS.md). It also takes an initial state and the last state's gradient (mamba_ssm's
 takes neither, so prefill chunks after the first need this one), and inputs of any strides.
 
