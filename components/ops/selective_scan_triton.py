@@ -65,7 +65,8 @@ UNROLL = 1  # steps per iteration of the walks: 2 made the backward 10-14% slowe
 SEGMENT = 16  # chunks per program of the walks within segments: the combine takes one step per segment
 # Registers per thread for the backward's segment walk (ptxas spills the rest). Uncapped it took 232 (Triton 3.6),
 # which leaves room for 8 one-warp programs per multiprocessor; at 168, 12 fit and it ran 1.09x faster (128: 0.90x;
-# measured with LANES_N = 8). Capping the other kernels made them slower.
+# measured with LANES_N = 8; with 16, all scan kernels took 1.392 ms at 168 against 1.455-1.512 at 152-184 or
+# uncapped, 2026-11-28). Capping the other kernels made them slower.
 BWD_MAX_REGISTERS = 168
 
 
