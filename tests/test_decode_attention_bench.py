@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from components.kv_cache import GlobalKVCache, SlidingWindowKVCache
 from components.ops.attention import allowed_keys, attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "performance" / "decode_attention_bench.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from decode_attention_bench import grouped_matmul_attention  # noqa: E402
+from decode_attention_bench import cache_inputs, grouped_matmul_attention  # noqa: E402
 
 
 def test_grouped_matmul_way_matches_the_models_attention_over_a_ring():
@@ -29,6 +30,17 @@ def test_grouped_matmul_way_matches_the_models_attention_over_a_ring():
     assert not allowed[0, 0, 0, -1] and allowed[1, 0, 0, -1]
     torch.testing.assert_close(grouped_matmul_attention(q, k, v, allowed), attention_reference(q, k, v, allowed),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_bench_attends_over_the_labs_caches_after_they_take_the_token_at_the_context():
+    """A ring of 4 after 3 meta slots holds the last 4 tokens, all allowed; a global buffer of 14 slots holds 11
+    tokens (0..10) and masks the 3 not yet written."""
+    shared = dict(batch=2, n_kv=2, qk_dim=8, v_dim=16, num_meta=3, dtype=torch.float32, device="cpu")
+    q, k, v, allowed = cache_inputs(SlidingWindowKVCache(window=4, **shared), 2, 8, 10, 4, 3)
+    assert q.shape == (2, 8, 1, 8) and k.shape == (2, 2, 7, 8) and v.shape == (2, 2, 7, 16)
+    assert allowed.shape == (2, 1, 1, 7) and bool(allowed.all())
+    _, k, _, allowed = cache_inputs(GlobalKVCache(max_len=14, **shared), 2, 8, 10, None, 3)
+    assert k.shape[2] == 17 and allowed[0, 0, 0].tolist() == [True] * 14 + [False] * 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")

@@ -4,10 +4,10 @@
     python experiments/performance/decode_attention_bench.py --batch 64 --context 16384
 
 One query per sequence, 8 query heads over 2 key/value heads, keys of 64 and values of 128, bf16, against the
-two caches a decode step reads (components/kv_cache.py): a local layer's 128 meta slots + a ring of 1,024, and a
-global layer's 128 meta slots + every position up to the context plus the new tokens, with the mask the model
-builds from their key positions (components/ops/attention.py: allowed_keys). Ways, each compiled with
-torch.compile as the compiled decode step would be:
+two caches a decode step reads, the lab's own (components/kv_cache.py) after they take the token at --context: a
+local layer's 128 meta slots + a ring of 1,024, and a global layer's 128 meta slots + every position up to the
+context plus the new tokens, with the mask the model builds from their key positions (allowed_keys). Ways, each
+compiled with torch.compile as the compiled decode step would be:
   sdpa     the model's (attention_reference): SDPA with the boolean mask, GQA by enable_gqa (cuDNN's kernel on an
            H200 with torch 2.11)
   sdpa_mem the same held to SDPA's memory-efficient kernel
@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from components.ops.attention import attention_reference
+from components.kv_cache import GlobalKVCache, SlidingWindowKVCache, StepInfo
+from components.ops.attention import allowed_keys, attention_reference
 from scan_kernel_bench import kernel_ms
 
 
@@ -41,8 +42,6 @@ def grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def memory_efficient_sdpa(q, k, v, allowed):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from components.ops.attention import attention_reference
 
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         return attention_reference(q, k, v, allowed)
@@ -63,17 +62,21 @@ WAYS = {"sdpa": lambda allowed: attention_reference, "sdpa_mem": lambda allowed:
         "matmul": lambda allowed: grouped_matmul_attention, "flex": flex_masked}
 
 
-def cache_inputs(batch: int, slots: int, valid: torch.Tensor, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
-                 window, meta: int, query_pos: int) -> tuple:
-    from components.ops.attention import allowed_keys
-
-    g = torch.Generator(device="cuda").manual_seed(slots)
-    q = torch.randn(batch, 1, heads, qk_dim, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    k = torch.randn(batch, kv_heads, slots, qk_dim, generator=g, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(batch, kv_heads, slots, v_dim, generator=g, device="cuda", dtype=torch.bfloat16)
-    positions = valid[None].expand(batch, -1).contiguous()
-    allowed = allowed_keys(torch.full((batch, 1), query_pos, device="cuda"), positions, window, meta)
-    return q, k, v, allowed
+def cache_inputs(cache, batch: int, heads: int, context: int, window, meta: int) -> tuple:
+    """(q, k, v, mask) as a decode step's attention gets them: the lab's cache, filled with random K/V, takes the
+    token at `context` (after the meta tokens), and the mask comes from the key positions it reports."""
+    device = cache.k.device
+    g = torch.Generator(device=device).manual_seed(cache.k.shape[2])
+    for buffer in cache.tensors():
+        buffer.copy_(torch.randn(buffer.shape, generator=g, device=device, dtype=buffer.dtype))
+    kv_heads, qk_dim, v_dim = cache.k.shape[1], cache.k.shape[3], cache.v.shape[3]
+    step = StepInfo(positions=torch.full((batch, 1), meta + context, device=device),
+                    start=torch.tensor(context, device=device), pad=torch.zeros(batch, dtype=torch.long, device=device))
+    new = [torch.randn(batch, 1, kv_heads, d, generator=g, device=device, dtype=cache.k.dtype)
+           for d in (qk_dim, v_dim)]
+    view = cache.update(*new, step)
+    q = torch.randn(batch, 1, heads, qk_dim, generator=g, device=device, dtype=cache.k.dtype).transpose(1, 2)
+    return q, view.k, view.v, allowed_keys(step.positions, view.positions, window, meta)
 
 
 def main() -> None:
@@ -90,17 +93,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     heads, kv_heads, qk_dim, v_dim, meta = 8, 2, 64, 128, args.meta
-    query_pos = meta + args.context  # the first new token's position (meta offset included)
-    ring = torch.arange(args.window, device="cuda")  # slot s holds the latest position = s (mod window)
-    ring_pos = meta + query_pos - meta - torch.remainder(query_pos - meta - ring, args.window)
-    local_valid = torch.cat([torch.arange(meta, device="cuda"), ring_pos])
-    slots = args.context + args.new_tokens
-    token_pos = torch.arange(meta, meta + slots, device="cuda")
-    global_valid = torch.cat([torch.arange(meta, device="cuda"), torch.where(token_pos <= query_pos, token_pos, -1)])
-    caches = {"local": cache_inputs(args.batch, meta + args.window, local_valid, heads, kv_heads, qk_dim, v_dim,
-                                    args.window, meta, query_pos),
-              "global": cache_inputs(args.batch, meta + slots, global_valid, heads, kv_heads, qk_dim, v_dim, None,
-                                     meta, query_pos)}
+    shared = dict(batch=args.batch, n_kv=kv_heads, qk_dim=qk_dim, v_dim=v_dim, num_meta=meta, dtype=torch.bfloat16,
+                  device="cuda")
+    local = SlidingWindowKVCache(window=args.window, **shared)
+    full = GlobalKVCache(max_len=args.context + args.new_tokens, **shared)
+    caches = {"local": cache_inputs(local, args.batch, heads, args.context, args.window, meta),
+              "global": cache_inputs(full, args.batch, heads, args.context, None, meta)}
     print(f"{torch.cuda.get_device_name()}: decode attention, batch {args.batch}, {heads}/{kv_heads} heads, keys "
           f"{qk_dim}, values {v_dim}, bf16, torch {torch.__version__}")
     print(f"{'cache':<8}{'keys':>7}{'way':>8}{'us':>9}{'GB/s':>8}{'max rel err':>13}")
