@@ -23,7 +23,7 @@ from components.ops.ssd import discretization_step, segsum
 
 # The GPU kernels of selective_scan: mamba_ssm's CUDA kernel, or arch_lab's Triton one (selective_scan_triton.py).
 SCAN_KERNELS: tuple[str, ...] = ("mamba_ssm", "triton")
-DEFAULT_SCAN_KERNEL = "triton"  # 2.77x mamba_ssm's kernel speed at row E's training shape (selective_scan_triton.py)
+DEFAULT_SCAN_KERNEL = "triton"  # faster than mamba_ssm's kernel at row E's training shape (selective_scan_triton.py)
 
 
 def check_scan_kernel(kernel: str) -> None:
@@ -214,8 +214,8 @@ def selective_scan(
     torch.compile keeps in its graph: custom_ops.py):
     - "triton" (the default): arch_lab's Triton kernel (selective_scan_triton.py), with an initial
       state and gradients for it and from last_state, on inputs of any strides; deterministic (no
-      atomics). At row E's training shape its kernels run 2.77x faster than mamba_ssm's
-      (scan_kernel_bench.py; experiments/performance/RESULTS.md).
+      atomics). At row E's training shape its kernels run faster than mamba_ssm's (by how much:
+      scan_kernel_bench.py; experiments/performance/RESULTS.md).
     - "mamba_ssm": mamba_ssm's selective-scan CUDA kernel. It has no initial-state input, so calls
       with ``initial_state`` (prefill chunks after the first) run on the Triton kernel, or on the
       reference where triton is missing. As in mamba_ssm, its backward ignores gradients flowing
