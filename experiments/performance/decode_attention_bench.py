@@ -10,7 +10,8 @@ context plus the new tokens, with the mask the model builds from their key posit
 compiled with torch.compile as the compiled decode step would be:
   sdpa     the model's (attention_reference): SDPA with the boolean mask, GQA by enable_gqa (cuDNN's kernel on an
            H200 with torch 2.11)
-  sdpa_mem the same held to SDPA's memory-efficient kernel
+  sdpa_mem the same held to SDPA's memory-efficient kernel (torch 2.11 has none for GQA with a mask: it reports
+           the failure, as on the H200)
   matmul   the 4 query heads of a key/value head as the rows of one matmul against its keys, a float32 softmax
            with the mask, then one against its values: every key and value read once
   flex     FlexAttention with the mask as a score_mod (no block mask: a decode step's keys are nearly all allowed)
@@ -101,7 +102,7 @@ def main() -> None:
               "global": cache_inputs(full, args.batch, heads, args.context, None, meta)}
     print(f"{torch.cuda.get_device_name()}: decode attention, batch {args.batch}, {heads}/{kv_heads} heads, keys "
           f"{qk_dim}, values {v_dim}, bf16, torch {torch.__version__}")
-    print(f"{'cache':<8}{'keys':>7}{'way':>8}{'us':>9}{'GB/s':>8}{'max rel err':>13}")
+    print(f"{'cache':<8}{'keys':>7}{'way':>10}{'us':>9}{'GB/s':>8}{'max rel err':>13}")
     for name, (q, k, v, allowed) in caches.items():
         nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
         reference = None
@@ -114,12 +115,12 @@ def main() -> None:
                     out = compiled(q, k, v, allowed)
                     ms = kernel_ms(lambda: compiled(q, k, v, allowed), args.iters)[0]
             except Exception as error:  # e.g. no SDPA kernel for these inputs (sdpa_mem with GQA and a mask)
-                print(f"{name:<8}{k.shape[2]:>7}{way:>8}  failed: {type(error).__name__}: "
+                print(f"{name:<8}{k.shape[2]:>7}{way:>10}  failed: {type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1][:120]}")
                 continue
             reference = out if reference is None else reference
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
-            print(f"{name:<8}{k.shape[2]:>7}{way:>8}{ms * 1000:>9.1f}{nbytes / ms / 1e6:>8.0f}{err:>13.2e}")
+            print(f"{name:<8}{k.shape[2]:>7}{way:>10}{ms * 1000:>9.1f}{nbytes / ms / 1e6:>8.0f}{err:>13.2e}")
 
 
 if __name__ == "__main__":
