@@ -34,7 +34,9 @@
 # model.ssm_inner=1024 model.param_budget=null +tags.variant=mamba2" to measure the rows with Mamba-2 heads (value
 # heads of 128, within FlexAttention's limit). On a fresh machine mamba-ssm's SSD kernels first compile every Triton
 # autotune configuration (1-2 minutes): give such benches BENCH_TIMEOUT_S=450. TESTS_SELECT (a pytest -k
-# expression) runs part of the parity tests (the whole suite ran past 500 s on an H200: split it over two calls);
+# expression) runs part of the parity tests (the whole suite ran past 500 s on an H200: split it over two calls,
+# or over two GPUs with A as in RESULTS.md; the larger half, TESTS_SELECT="not ($A)", took 336-429 s); TESTS_TIMEOUT_S
+# (default 540) stops them;
 # DECODE_ROWS picks the decode phase's rows (keep transformer among them: ratios are taken within one call). SEEDS
 # defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others run one
 # after another. Each study run gets SIGTERM after RUN_TIMEOUT_S
@@ -71,7 +73,7 @@ bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10
   grep -vi warning "$log" | tail -22
 }
 run_tests() {
-  timeout -k 10 ${TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_ops_ssm_gpu_parity.py \
+  timeout -k 10 ${TESTS_TIMEOUT_S:-540} python3 -m pytest -m gpu tests/test_ops_ssm_gpu_parity.py \
     tests/test_model_gpu_parity.py -q -p no:cacheprovider -rA ${TESTS_SELECT:+-k "$TESTS_SELECT"} \
     >"$OUT/gpu_tests.txt" 2>&1
   tail -5 "$OUT/gpu_tests.txt"
