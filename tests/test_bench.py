@@ -131,8 +131,13 @@ def test_results_json_and_table_are_artifacts(bench_runs: dict[str, dict]):
     assert table.splitlines()[2].split() == ["measurement", "value", "unit"]
     assert table.strip() in info["stdout"]
     assert {"config.yaml", "layer_plan.txt"} <= {p.name for p in info["artifacts"].iterdir()}
-    # measure=[train_profile]: the profiled training step's operators, AdamW's update among them
+    # measure=[train_profile]: the profiled training step's operators, AdamW's update among them, and the step's
+    # top-level operators in order (one profiled step: one update, after the forward)
     assert "Optimizer.step#AdamW.step" in (info["artifacts"] / "train_profile.txt").read_text()
+    timeline = [line.split(maxsplit=2)[2] for line in
+                (info["artifacts"] / "train_profile_timeline.txt").read_text().splitlines()[1:]]
+    assert timeline.count("Optimizer.step#AdamW.step") == 1
+    assert timeline.index("aten::embedding") < timeline.index("Optimizer.step#AdamW.step")
 
 
 # ---------------------------------------------------------------------------- config validation
@@ -188,11 +193,19 @@ def test_decode_profile_covers_exactly_the_profiled_steps(compile):
     # each layer attends once per profiled step (eager), or each step enters the compiled graph once; the prefill
     # and the warm-up step (which compiles) are left out
     calls = {re.split(r"\s{2,}", line.strip())[0]: int(line.split()[-1]) for line in result.table.splitlines()[3:-3]}
+    # the timeline: the last step alone, its top-level operators in order, each with its CPU time
+    header, *rows = result.timeline.splitlines()
+    assert header.startswith("# the last of 3 profiled steps:")
+    names = [row.split(maxsplit=2)[2] for row in rows]
+    assert [int(row.split()[0]) for row in rows] == list(range(len(rows)))
+    assert all(float(row.split()[1]) >= 0 for row in rows)
     if compile:  # one compiled region (its frame number depends on what this process compiled before)
         regions = [n for name, n in calls.items() if name.startswith("Torch-Compiled Region")]
         assert regions == [3] and "aten::scaled_dot_product_attention" not in calls
+        assert sum(name.startswith("Torch-Compiled Region") for name in names) == 1
     else:
         assert calls["aten::scaled_dot_product_attention"] == layers * 3
+        assert names.count("aten::scaled_dot_product_attention") == layers
     assert (result.steps, result.kernels_per_step, result.kernel_ms_per_step) == (3, 0, 0)  # a CPU has no kernels
     assert result.wall_ms_per_step > 0
 

@@ -230,10 +230,12 @@ class _Bench:
         self._record(out)
 
     def _record_profile(self, what: str, artifact: str, result, batch: int) -> None:
-        """A StepProfile as bench/<what>_* metrics, with its table as an MLflow artifact."""
+        """A StepProfile as bench/<what>_* metrics, with its table and its last step's timeline as MLflow
+        artifacts (`<what>.txt`, `<what>_timeline.txt`)."""
         from .. import tracking
 
-        tracking.log_text_artifact(result.table, artifact)
+        tracking.log_text_artifact(result.table, f"{artifact}.txt")
+        tracking.log_text_artifact(result.timeline, f"{artifact}_timeline.txt")
         log.info("%s (batch %d, %d steps):\n%s", what, batch, result.steps, result.table)
         self._record({f"bench/{what}_batch": batch, f"bench/{what}_wall_ms_per_step": result.wall_ms_per_step,
                       f"bench/{what}_kernels_per_step": result.kernels_per_step,
@@ -249,7 +251,7 @@ class _Bench:
         result, batch = self._fit("profile", lambda b: profile_decode_steps(
             self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk,
             compile=s.compile_decode), batch)
-        self._record_profile("profile", "decode_profile.txt", result, batch)
+        self._record_profile("profile", "decode_profile", result, batch)
 
     def recompute(self) -> None:
         from .measure import measure_recompute_decode
@@ -313,7 +315,7 @@ class _Bench:
                       "bench/peak_tflops": peak, "bench/train_flops_per_token": flops,
                       "bench/train_mfu": model_flops_utilization(timing.tokens_per_s, flops, peak)})
         if timing.profile:
-            self._record_profile("train_profile", "train_profile.txt", timing.profile, batch)
+            self._record_profile("train_profile", "train_profile", timing.profile, batch)
 
 
 def _raise_keyboard_interrupt(signum, frame):

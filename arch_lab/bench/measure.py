@@ -131,6 +131,7 @@ class StepProfile:
     kernels_per_step: float     # GPU kernel launches per step (0 on a CPU)
     kernel_ms_per_step: float   # their summed run time per step (0 on a CPU)
     table: str                  # the profiler's operators and kernels, most expensive first
+    timeline: str               # the last profiled step's kernels (or, on a CPU, top-level operators) in order
 
 
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device) -> StepProfile:
@@ -152,7 +153,27 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
     table = averages.table(sort_by="self_device_time_total" if kernels else "cpu_time_total", row_limit=30)
     return StepProfile(steps, 1000 * wall / steps, sum(e.count for e in kernels) / steps,
-                       sum(e.self_device_time_total for e in kernels) / 1000 / steps, table)
+                       sum(e.self_device_time_total for e in kernels) / 1000 / steps, table,
+                       _last_step_timeline(prof.events(), steps, bool(kernels)))
+
+
+def _last_step_timeline(events, steps: int, on_gpu: bool) -> str:
+    """One line per kernel of the last profiled step, in launch order, with its run time: where the table sums a
+    kernel over every layer, this tells the layers apart (a global layer's attention from a local one's). Every
+    profiled step launches the same kernels, so the last step is the last 1/steps of them. On a CPU: the top-level
+    operators and their CPU time."""
+    from torch.autograd import DeviceType
+
+    if on_gpu:
+        rows = [e for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        rows = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    rows.sort(key=lambda e: e.time_range.start)
+    rows = rows[len(rows) - len(rows) // steps:]
+    what = "kernels, device time" if on_gpu else "top-level operators, CPU time"
+    lines = [f"# the last of {steps} profiled steps: {len(rows)} {what} in us, in launch order"]
+    lines += [f"{i:5d} {e.time_range.elapsed_us():10.1f}  {e.name}" for i, e in enumerate(rows)]
+    return "\n".join(lines) + "\n"
 
 
 # Decode steps before the profiled ones: lazy initialisation and, with compile, the compilation.
