@@ -42,8 +42,9 @@
 # after another. Each study run gets SIGTERM after RUN_TIMEOUT_S
 # (default 500) and ends KILLED, so the stores come back whole even when MQAR_STEPS / TEXT_STEPS ask for more than a
 # device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
-# Results go to $OUT: bench_logs/ (one full log per bench), bench.db (MLflow bench runs), stores.tar.gz (the study's
-# MLflow stores and artifacts).
+# Results go to $OUT: bench_logs/ (one full log per bench, and the profile phases' step timelines beside it:
+# <log>_decode_profile_timeline.txt, <log>_train_profile_timeline.txt), bench.db (MLflow bench runs), stores.tar.gz
+# (the study's MLflow stores and artifacts).
 # On two GPUs (kind nvidia-h200-x2) two sessions run side by side, one per GPU, each with its own $OUT and settings:
 #   source experiments/device_env.sh      # installs once, for both
 #   CUDA_VISIBLE_DEVICES=0 OUT=$OUT/gpu0 TESTS_SELECT=... bash experiments/performance/gpu_session.sh tests &
@@ -66,11 +67,17 @@ bench() {  # one bench run, into $OUT/bench.db; stop before the device call's 10
   # Output goes to a file, not a pipe: torch.compile's worker processes outlive a timed-out bench and would hold
   # a pipe open until the device call's own limit.
   mkdir -p "$OUT/bench_logs"
-  local log=$OUT/bench_logs/$(date +%H%M%S)_$RANDOM.log
+  local log=$OUT/bench_logs/$(date +%H%M%S)_$RANDOM.log started=$(mktemp)
   timeout -k 10 $limit python3 -m arch_lab.bench logger.tracking_uri="sqlite:///$OUT/bench.db" \
     hydra.run.dir="/tmp/bench_runs/$RANDOM" "$@" ${BENCH_OVERRIDES:-} >"$log" 2>&1 \
     || echo "bench exited with $? (timeout: 124): $*"
   grep -vi warning "$log" | tail -22
+  # The profiled step's timelines are MLflow artifacts under ./mlruns, which does not come back from the device:
+  # keep this bench's beside its log.
+  find mlruns -name '*_timeline.txt' -newer "$started" 2>/dev/null | while read -r timeline; do
+    cp "$timeline" "${log%.log}_$(basename "$timeline")"
+  done
+  rm -f "$started"
 }
 run_tests() {
   timeout -k 10 ${TESTS_TIMEOUT_S:-540} python3 -m pytest -m gpu tests/test_ops_ssm_gpu_parity.py \
