@@ -29,19 +29,27 @@ class CacheBreakdown:
         return self.global_kv + self.local_kv + self.ssm_state + self.conv_state
 
 
+def kv_bytes(model, spec, attn, length: int, dtype_bytes: int = 2, *, include_meta: bool = True,
+             full_ring: bool = True) -> int:
+    """K/V bytes per row that one attention layer's keys span at `length` tokens: its own cache if it owns one, its
+    producer's if it is a KV consumer (the same scope, so the same size)."""
+    meta = model.cfg.n_meta_tokens if include_meta else 0
+    window = model.cfg.window
+    slots = length if spec.scope == "global" else (window if full_ring else min(window, length))
+    return (meta + slots) * attn.n_kv_heads * (attn.qk_dim + attn.v_dim) * dtype_bytes
+
+
 def cache_bytes(model, length: int, batch: int = 1, dtype_bytes: int = 2, *, include_meta: bool = True,
                 ssm_state_dtype_bytes: Optional[int] = 4, full_ring: bool = True) -> CacheBreakdown:
-    cfg = model.cfg
-    meta = cfg.n_meta_tokens if include_meta else 0
     glob = local = scan = conv = 0
     for spec, layer in zip(model.plan, model.layers):
         attn, heads = layer.mixer.attn, layer.mixer.ssm
         if attn is not None and attn.owns_kv:
-            per_token = attn.n_kv_heads * (attn.qk_dim + attn.v_dim) * dtype_bytes
+            kv = kv_bytes(model, spec, attn, length, dtype_bytes, include_meta=include_meta, full_ring=full_ring)
             if spec.scope == "global":
-                glob += (meta + length) * per_token
+                glob += kv
             else:
-                local += (meta + (cfg.window if full_ring else min(cfg.window, length))) * per_token
+                local += kv
         if heads is not None:
             (_, c, hist), ssm_shape = heads.state_shapes(1)
             n = 1

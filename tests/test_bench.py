@@ -334,7 +334,7 @@ def test_decode_bound_counts_a_kv_consumers_read_of_its_producers_ring():
     unshared = build_on_meta(ModelConfig(**shared))
     ring = (3 + 6) * 1 * (4 + 4) * 2  # (meta + window) x KV heads x (k + v) x bf16, per row
     batch = 5
-    assert kv_consumer_bytes(model, batch, 2) == batch * ring and kv_consumer_bytes(unshared, batch, 2) == 0
+    assert kv_consumer_bytes(model, batch, 11, 2) == batch * ring and kv_consumer_bytes(unshared, batch, 11, 2) == 0
     # The consumer owns no K/V projection and no cache; it reads its producer's ring as the owner of its own would.
     assert decode_bytes_per_step(unshared, batch, 11, 2) - decode_bytes_per_step(model, batch, 11, 2) == (
         weight_bytes(unshared, 2) - weight_bytes(model, 2))

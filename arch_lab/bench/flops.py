@@ -31,9 +31,10 @@ Decode bytes per step (the memory-bandwidth bound of cached decoding, batch b, c
   K/V of global layers up to the current length L (+ meta tokens), the full ring (+ meta) of every
   sliding-window KV owner, and each SSM layer's scan and conv state.
 - kv_consumer_bytes: a KV-consumer layer (cross-layer KV sharing) owns no cache but reads its producer's ring
-  (+ meta) again in its own attention. Its queries exist only once the layers before it have run, so the two
-  reads cannot be one, and at the measured sizes a ring is larger than the GPU's L2 (row E at batch 128: 113 MB
-  a ring, against the H200's 50 MB), so the second read comes from memory too. Before 2026-11-28 (nineteenth
+  (+ meta; a global producer's buffer, were one shared) again in its own attention. Its queries exist only once
+  the layers before it have run, so the two reads cannot be one, and at the measured sizes a ring is larger than
+  the GPU's L2 (row E at batch 128: 113 MB a ring, against the H200's 50 MB), so the second read comes from
+  memory too. Before 2026-11-28 (nineteenth
   session) these reads were left out, which put rows D's and E's bounds 1.23x and 1.25x too high (300M, 8k
   context, batch 128).
 - Over a decode of n tokens after a `context`-token prefill, step t (0-based) reads L = context + t + 1 keys;
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.cache_accounting import cache_bytes
+from components.cache_accounting import cache_bytes, kv_bytes
 
 SCAN_FLOPS_PER_STATE_ELEMENT = {"mamba1": 9, "mamba2": 6}
 
@@ -95,20 +96,17 @@ def weight_bytes(model, dtype_bytes: int) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype_bytes
 
 
-def kv_consumer_bytes(model, batch: int, dtype_bytes: int) -> int:
-    """Bytes the KV-consumer layers of one decode step read from their producers' rings (module docstring)."""
-    total = 0
-    for layer in model.layers:
-        attn = layer.mixer.attn
-        if attn is not None and not attn.owns_kv:  # only sliding-window layers share (LayerPlan)
-            total += (model.cfg.n_meta_tokens + model.cfg.window) * attn.n_kv_heads * (attn.qk_dim + attn.v_dim)
-    return total * batch * dtype_bytes
+def kv_consumer_bytes(model, batch: int, length: int, dtype_bytes: int) -> int:
+    """Bytes the KV-consumer layers of one decode step read from their producers' caches (module docstring)."""
+    return batch * sum(kv_bytes(model, spec, layer.mixer.attn, length, dtype_bytes)
+                       for spec, layer in zip(model.plan, model.layers)
+                       if layer.mixer.attn is not None and not layer.mixer.attn.owns_kv)
 
 
 def decode_bytes_per_step(model, batch: int, length: int, dtype_bytes: int) -> int:
     """Bytes one decode step must read with `length` tokens in the cache (module docstring)."""
     return (weight_bytes(model, dtype_bytes) + cache_bytes(model, length, batch, dtype_bytes).total
-            + kv_consumer_bytes(model, batch, dtype_bytes))
+            + kv_consumer_bytes(model, batch, length, dtype_bytes))
 
 
 def decode_bandwidth_bound_tok_s(model, batch: int, context: int, new_tokens: int, dtype_bytes: int,
