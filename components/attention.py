@@ -13,7 +13,7 @@ from torch import nn
 
 from .kv_cache import KVView, StepInfo
 from .layer_plan import LayerSpec
-from .ops.attention import allowed_keys, attention_reference, sequence_attention
+from .ops.attention import additive_mask, allowed_keys, attention_reference, sequence_attention
 from .rope import apply_rope, rope_angles
 
 
@@ -35,6 +35,18 @@ class AttentionHeads(nn.Module):
         self.out_width = n_heads * v_dim
 
     def forward(self, proj: torch.Tensor, step: StepInfo, cache=None) -> torch.Tensor:
+        q, view = self.queries_and_keys(proj, step, cache)
+        if self.captured_maps is not None:
+            self.captured_maps.append(self._probabilities(q, view, step))
+        if view.positions is step.positions:  # keys are this very sequence: training / full forward
+            y = sequence_attention(q, view.k, view.v, step.positions, self.window, self.num_meta, self.backend)
+        else:
+            y = attention_reference(q, view.k, view.v, self.cached_mask(step, view))
+        return self.merge_heads(y)
+
+    def queries_and_keys(self, proj: torch.Tensor, step: StepInfo, cache=None) -> tuple[torch.Tensor, KVView]:
+        """Post-RoPE queries (b, heads, l, qk_dim) and the keys/values they attend to: a KV owner's own (written to
+        its cache when it has one, and published for its consumers), or a consumer's producer's."""
         b, l, _ = proj.shape
         q_width = self.n_heads * self.qk_dim
         q = proj[..., :q_width].view(b, l, self.n_heads, self.qk_dim)
@@ -52,16 +64,23 @@ class AttentionHeads(nn.Module):
             step.kv_bus[self.layer_index] = view
         else:
             view = step.kv_bus[self.kv_owner]
-        q = q.transpose(1, 2)
-        if self.captured_maps is not None:
-            self.captured_maps.append(self._probabilities(q, view, step))
-        if view.positions is step.positions:  # keys are this very sequence: training / full forward
-            y = sequence_attention(q, view.k, view.v, step.positions, self.window, self.num_meta, self.backend)
-        else:  # cached: every layer of this scope attends over the same key positions this step
-            allowed = step.once(("allowed keys", self.window, view.positions.shape[1]),
-                                lambda: allowed_keys(step.positions, view.positions, self.window, self.num_meta))
-            y = attention_reference(q, view.k, view.v, allowed)
-        return y.transpose(1, 2).reshape(b, l, self.out_width)
+        return q.transpose(1, 2), view
+
+    def cached_mask(self, step: StepInfo, view: KVView) -> torch.Tensor:
+        """Which cached keys each query may attend to; every layer of this scope attends over the same key
+        positions in a step, so it is built once per step and scope."""
+        return step.once(("allowed keys", self.window, view.positions.shape[1]),
+                         lambda: allowed_keys(step.positions, view.positions, self.window, self.num_meta))
+
+    def cached_bias(self, step: StepInfo, view: KVView, dtype: torch.dtype) -> torch.Tensor:
+        """cached_mask as an additive mask in `dtype`, also built once per step and scope: attention called outside
+        a compiled graph would otherwise convert the boolean mask in every layer (three kernels)."""
+        return step.once(("attention bias", self.window, view.positions.shape[1], dtype),
+                         lambda: additive_mask(self.cached_mask(step, view), dtype))
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(b, heads, l, v_dim) -> (b, l, heads * v_dim), the out_proj's input."""
+        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], self.out_width)
 
     def _probabilities(self, q: torch.Tensor, view: KVView, step: StepInfo) -> torch.Tensor:
         """Attention probabilities (b, hq, lq, lk), spelled out for analysis (Fig. 8/9 of the paper)."""

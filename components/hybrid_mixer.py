@@ -6,6 +6,9 @@
 A layer with only one branch is a plain attention layer (Llama) or a plain Mamba layer: no branch norm, and
 out_proj is that layer's own output projection. Sequential hybrids (Table 1 row A) are layer plans that
 alternate single-branch layers.
+
+In a GPU decode step with Mamba-1 heads the two branches run side by side on two CUDA streams
+(ops/concurrent_branches.py); `decode_branches = "sequential"` runs them one after the other, as everywhere else.
 """
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ from .config import ModelConfig
 from .kv_cache import StepInfo
 from .layer_plan import LayerSpec
 from .norms import RMSNorm
+from .ops.concurrent_branches import attention_beside_mamba1_step
 from .ssm_heads import Mamba1Heads, Mamba2Heads
+
+DECODE_BRANCHES = ("concurrent", "sequential")
 
 
 def build_ssm_heads(cfg: ModelConfig) -> nn.Module:
@@ -51,19 +57,32 @@ class HybridHeadMixer(nn.Module):
         else:
             out_in = branches[0].out_width
         self.out_proj = nn.Linear(out_in, cfg.d_model, bias=False)
+        self.decode_branches = "concurrent"  # one of DECODE_BRANCHES (HybridLM.set_backend)
 
     def forward(self, h: torch.Tensor, step: StepInfo, kv_cache=None, ssm_state=None) -> torch.Tensor:
         parts = self.in_proj(h).split(self.split, dim=-1)
-        outputs = []
-        if self.attn is not None:
-            outputs.append(self.attn(parts[0], step, kv_cache))
-        if self.ssm is not None:
-            outputs.append(self.ssm(parts[-1], step, ssm_state))
+        if self._branches_run_concurrently(parts[-1], step, ssm_state):
+            q, view = self.attn.queries_and_keys(parts[0], step, kv_cache)
+            y_attn, y_ssm = attention_beside_mamba1_step(q, view.k, view.v, self.attn.cached_bias(step, view, q.dtype),
+                                                         *self.ssm.decode_step_inputs(parts[-1], ssm_state))
+            outputs = [self.attn.merge_heads(y_attn), y_ssm[:, None, :]]
+        else:
+            outputs = []
+            if self.attn is not None:
+                outputs.append(self.attn(parts[0], step, kv_cache))
+            if self.ssm is not None:
+                outputs.append(self.ssm(parts[-1], step, ssm_state))
         if not self.fused:
             return self.out_proj(outputs[0])
         y_attn, y_ssm = self.attn_norm(outputs[0]), self.ssm_norm(outputs[1])
         fused = (y_attn + y_ssm) / 2 if self.fusion == "mean" else torch.cat([y_attn, y_ssm], dim=-1)
         return self.out_proj(fused)
+
+    def _branches_run_concurrently(self, ssm_proj: torch.Tensor, step: StepInfo, ssm_state) -> bool:
+        """A decode step of both branches whose SSM heads take the fused Triton step (so the GPU kernels are there),
+        with nothing recording attention maps (they are read from the attention heads' own forward)."""
+        return (self.fused and self.decode_branches == "concurrent" and isinstance(self.ssm, Mamba1Heads)
+                and self.attn.captured_maps is None and self.ssm.runs_fused_step(ssm_proj, step, ssm_state))
 
     def branch_param_counts(self) -> dict[str, float]:
         """Parameters per branch; the shared projections are split by the widths each branch uses.

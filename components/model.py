@@ -13,13 +13,13 @@ from torch import nn
 
 from .config import ModelConfig
 from .ffn import SwiGLU
-from .hybrid_mixer import HybridHeadMixer
+from .hybrid_mixer import DECODE_BRANCHES, HybridHeadMixer
 from .inference_state import InferenceState
 from .kv_cache import StepInfo
 from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
 from .meta_tokens import MetaTokens
 from .norms import RMSNorm
-from .ops.backend import describe_backends
+from .ops.backend import BackendError, describe_backends
 from .ops.selective_scan import DEFAULT_SCAN_KERNEL, check_scan_kernel
 
 
@@ -61,15 +61,21 @@ class HybridLM(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def set_backend(self, backend: str, scan_kernel: str = DEFAULT_SCAN_KERNEL) -> None:
-        """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op, and the
-        Mamba-1 selective scan's kernel ("mamba_ssm" or "triton": ops/selective_scan.py)."""
+    def set_backend(self, backend: str, scan_kernel: str = DEFAULT_SCAN_KERNEL,
+                    decode_branches: str = "concurrent") -> None:
+        """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op, the
+        Mamba-1 selective scan's kernel ("mamba_ssm" or "triton": ops/selective_scan.py), and whether a hybrid
+        layer's branches decode side by side on the GPU ("concurrent") or one after the other ("sequential")."""
         check_scan_kernel(scan_kernel)
+        if decode_branches not in DECODE_BRANCHES:
+            raise BackendError(f"decode_branches must be one of {list(DECODE_BRANCHES)}, got {decode_branches!r}")
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend
             if hasattr(module, "scan_kernel"):
                 module.scan_kernel = scan_kernel
+            if hasattr(module, "decode_branches"):
+                module.decode_branches = decode_branches
 
     def compile(self, *args, **kwargs) -> None:
         """nn.Module.compile (in place: parameter names and checkpoints stay as they are), with the kernel packages

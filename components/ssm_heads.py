@@ -105,13 +105,22 @@ class Mamba1Heads(nn.Module):
         return (x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, *norms)
 
+    def runs_fused_step(self, proj: torch.Tensor, step: StepInfo, state: Optional[SSMState]) -> bool:
+        """Whether this call is a decode step (one token, no padding) run by the fused Triton step. Only with the
+        Triton scan chosen: scan_kernel=mamba_ssm keeps mamba_ssm's and causal_conv1d's step kernels (the chain in
+        forward), so the two can be compared."""
+        return (state is not None and proj.shape[1] == 1 and step.token_mask is None and self.scan_kernel == "triton"
+                and resolve_backend(self.backend, proj, "mamba1_step") == "kernel")
+
+    def decode_step_inputs(self, proj: torch.Tensor, state: SSMState) -> tuple:
+        """fused_step_inputs for a decode step's (b, 1, proj_width) slice of the input projection."""
+        return self.fused_step_inputs(proj[:, 0, :self.d_inner], proj[:, 0, self.d_inner:], state)
+
     def forward(self, proj: torch.Tensor, step: StepInfo, state: Optional[SSMState] = None) -> torch.Tensor:
+        if self.runs_fused_step(proj, step, state):
+            return mamba1_step_kernel(*self.decode_step_inputs(proj, state))[:, None, :]
         x, z = proj.transpose(1, 2).split([self.d_inner, self.d_inner], dim=1)  # (b, d, l) each
         one_step = state is not None and x.shape[-1] == 1 and step.token_mask is None
-        # With the Triton scan chosen, a decode step runs fused; scan_kernel=mamba_ssm keeps mamba_ssm's and
-        # causal_conv1d's step kernels (the chain below), so the two can be compared.
-        if one_step and self.scan_kernel == "triton" and resolve_backend(self.backend, x, "mamba1_step") == "kernel":
-            return mamba1_step_kernel(*self.fused_step_inputs(x[..., 0], z[..., 0], state))[:, None, :]
         A = -torch.exp(self.A_log.float())
         weight = self.conv1d.weight.squeeze(1)
         if state is None:

@@ -15,8 +15,8 @@ import torch
 from components.attention import AttentionHeads
 from components.kv_cache import StepInfo
 from components.layer_plan import LayerSpec
-from components.ops.attention import (HOPPER_FLEX_OPTIONS, _flex_options, allowed_keys, attention_reference,
-                                     kernel_sequence_attention, sequence_attention)
+from components.ops.attention import (HOPPER_FLEX_OPTIONS, _flex_options, additive_mask, allowed_keys,
+                                     attention_reference, kernel_sequence_attention, sequence_attention)
 from model_factories import one_cpu_thread, rope_by_hand  # noqa: F401
 
 BATCH, SEQ = 2, 11
@@ -80,6 +80,16 @@ def test_empty_or_padded_key_slots_are_never_visible():
     k_pos = torch.tensor([[0, -1, 2, 3, -1]])
     got = allowed_keys(torch.tensor([[4]]), k_pos, None, 0)
     assert got[0, 0, 0].tolist() == [True, False, True, True, False]
+
+
+def test_additive_mask_is_zero_where_allowed_and_gives_the_boolean_masks_attention():
+    allowed = allowed_keys(positions(), positions(), 3, 1)
+    bias = additive_mask(allowed, torch.float64)
+    assert bias.dtype == torch.float64 and bias.shape == allowed.shape
+    assert (bias[allowed] == 0).all() and (bias[~allowed] == float("-inf")).all()
+    q, k, v = qkv(*CASES["gqa_window_meta"][:4])
+    torch.testing.assert_close(attention_reference(q, k, v, bias), attention_reference(q, k, v, allowed),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))

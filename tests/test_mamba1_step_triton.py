@@ -42,13 +42,8 @@ def decode_step_info() -> StepInfo:
     return StepInfo(positions=torch.zeros(BATCH, 1, dtype=torch.long))
 
 
-def step_inputs(module: Mamba1Heads, proj: torch.Tensor, state: SSMState) -> tuple:
-    # x and z as strided views of the projection, as the model passes them
-    return module.fused_step_inputs(proj[:, 0, :D_INNER], proj[:, 0, D_INNER:], state)
-
-
 def fused(module: Mamba1Heads, proj: torch.Tensor, state: SSMState, blocks: kernels.StepBlocks) -> torch.Tensor:
-    return kernels.mamba1_step(*step_inputs(module, proj, state), blocks=blocks)
+    return kernels.mamba1_step(*module.decode_step_inputs(proj, state), blocks=blocks)
 
 
 @pytest.mark.parametrize("norm,d_conv", [(True, D_CONV), (False, D_CONV), (True, 3)],
@@ -99,7 +94,7 @@ def test_fused_step_custom_op_passes_opcheck_on_cpu() -> None:
 
     module = heads(True)
     proj, state = step_case()
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in step_inputs(module, proj, state))
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in module.decode_step_inputs(proj, state))
     with torch.library._scoped_library("arch_lab", "IMPL") as lib:
         lib.impl("mamba1_step", custom_ops.mamba1_step_kernel._init_fn, "CPU")
         torch.library.opcheck(custom_ops.mamba1_step_kernel, args,

@@ -146,6 +146,34 @@ def test_compiled_cuda_graph_decoding_matches_eager(name):
         assert rel_err(c, e) < 1e-3
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_decode_branches_on_two_streams_match_one_stream(compile, monkeypatch):
+    """Row E's hybrid layers with attention and the fused Mamba-1 step on two CUDA streams (the default on GPUs)
+    give, inside the CUDA graph, the tokens and logits of the same decode with the branches one after the other."""
+    import components.hybrid_mixer as mixer_module
+
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args))
+        return op(*args)
+
+    op = mixer_module.attention_beside_mamba1_step
+    monkeypatch.setattr(mixer_module, "attention_beside_mamba1_step", counted)
+    torch.manual_seed(0)
+    model = gpu_model("roadmap_e", window=32).eval()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (40, 25, 7)]
+    runs = {}
+    for mode in ("sequential", "concurrent"):
+        torch._dynamo.reset()
+        model.set_backend("auto", "triton", mode)
+        runs[mode] = Generator(model, cuda_graph=True, compile=compile).generate(prompts, 24, keep_logits=True)
+        assert bool(calls) == (mode == "concurrent")  # traced once when compiled, else every step's layers
+    assert runs["concurrent"].tokens == runs["sequential"].tokens
+    for c, s in zip(runs["concurrent"].step_logits, runs["sequential"].step_logits):
+        assert rel_err(c, s) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "roadmap_e"])
 def test_compiled_decode_step_has_no_graph_breaks(name):
     """With the decode kernels (conv update, state update) as custom ops, one decode step is one graph."""

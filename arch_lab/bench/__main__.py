@@ -301,7 +301,7 @@ class _Bench:
         s = self.s
         torch.manual_seed(self.cfg.seed)
         model = HybridLM(self.model.cfg).to(self.device)  # float32 master weights, as mixed-precision training
-        model.set_backend(self.cfg.backend, self.cfg.scan_kernel)
+        model.set_backend(self.cfg.backend, self.cfg.scan_kernel, self.cfg.decode_branches)
         autocast = None if self.dtype == torch.float32 else self.dtype
         profile = s.profile_steps if "train_profile" in s.measure else 0
         timing, batch = self._fit("train", lambda b: measure_train_throughput(
@@ -342,7 +342,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     device_name = describe_device(device)
     torch.manual_seed(cfg.seed)
     model = HybridLM(model_cfg).to(device=device, dtype=getattr(torch, settings.dtype)).eval()
-    model.set_backend(cfg.backend, cfg.scan_kernel)
+    model.set_backend(cfg.backend, cfg.scan_kernel, cfg.decode_branches)
     bench = _Bench(cfg, settings, model, device_name)
     run_name = cfg.run_name or f"bench-{model.cfg.name}-ctx{settings.context}-b{settings.batch}"
     tags = {"bench": "true", "model": model.cfg.name, "device": device_name, "dtype": settings.dtype,

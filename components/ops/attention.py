@@ -28,8 +28,14 @@ def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int]
     return allowed[:, None]
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask as the scores' bias: 0 where allowed, -inf elsewhere (what SDPA makes of a boolean mask)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """q (b, hq, lq, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), allowed (b, 1, lq, lk) -> (b, hq, lq, dv)."""
+    """q (b, hq, lq, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), allowed (b, 1, lq, lk) -> (b, hq, lq, dv);
+    `allowed` is boolean or an additive_mask."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -178,8 +178,10 @@ def _pad(width: int) -> int:
 def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                 conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor,
                 A_log: Tensor, D: Tensor, dt_norm_weight: Optional[Tensor], B_norm_weight: Optional[Tensor],
-                C_norm_weight: Optional[Tensor], eps: float, *, blocks: StepBlocks = StepBlocks()) -> Tensor:
-    """y (b, d) in x's dtype; conv_state (b, d, width - 1) and ssm_state (b, d, n) are updated in place.
+                C_norm_weight: Optional[Tensor], eps: float, *, blocks: StepBlocks = StepBlocks(),
+                out: Optional[Tensor] = None) -> Tensor:
+    """y (b, d) in x's dtype, written to `out` when given (contiguous); conv_state (b, d, width - 1) and ssm_state
+    (b, d, n) are updated in place.
 
     x, z: (b, d) conv input and gate, any row stride; conv_weight (d, width); x_proj_weight (rank + 2n, d);
     dt_proj_weight (d, rank); dt_bias, D (d,); A_log (d, n) contiguous (A = -exp(A_log)); the RMSNorm weights of
@@ -196,7 +198,7 @@ def mamba1_step(x: Tensor, z: Tensor, conv_state: Tensor, ssm_state: Tensor, con
     nproj_pad, nsplit = _pad(nproj), triton.cdiv(dim, blocks.conv_channels)
     xc = x.new_empty(batch, dim, dtype=torch.float32)
     part = x.new_empty(nsplit, batch, nproj_pad, dtype=torch.float32)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _conv_xproj_kernel[(triton.cdiv(batch, blocks.conv_rows), nsplit)](
         x, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
         batch, dim, nproj, x.stride(0), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),

@@ -69,7 +69,7 @@ def ssm_step_times(row: str, iters: int, repeats: int, variants: list[str]) -> d
             heads.scan_kernel = kernel
             out[f"{kernel}_us"] = graph_time_us(lambda: heads(proj, step, state), iters, repeats)
         out["speedup"] = out["mamba_ssm_us"] / out["triton_us"]
-        inputs = heads.fused_step_inputs(proj[:, 0, :heads.d_inner], proj[:, 0, heads.d_inner:], state)
+        inputs = heads.decode_step_inputs(proj, state)
         for variant in variants:  # the fused step's launcher with other blocks
             blocks = StepBlocks.from_string(variant)
             out[f"triton {blocks}_us"] = graph_time_us(lambda: mamba1_step(*inputs, blocks=blocks), iters, repeats)

@@ -27,7 +27,8 @@
 # Mamba-1 scan kernels their SSM rows run with, one bench each (default "triton"), DECODE_COMPILE the
 # decode phase's (compile_decode; default "false"; each row runs its modes back to back, HF generate with the first),
 # DECODE_SCAN_KERNELS the scan kernels of the decode phase's SSM rows (default "triton": the fused decode step;
-# "mamba_ssm": mamba_ssm's and causal_conv1d's step kernels), one bench each.
+# "mamba_ssm": mamba_ssm's and causal_conv1d's step kernels), one bench each, DECODE_BRANCHES how the hybrid rows
+# (B-E) run a layer's two branches in a decode step (default "concurrent": two CUDA streams; "sequential"), one each.
 # Each bench stops after BENCH_TIMEOUT_S (default 150) or when BUDGET_S (default 540) seconds of the call are spent,
 # whichever comes first.
 # BENCH_OVERRIDES (space-separated Hydra overrides) go last on every bench's command line, e.g. "model.ssm=mamba2
@@ -113,10 +114,12 @@ for phase in "$@"; do
     for row in ${DECODE_ROWS:-transformer mamba roadmap_a roadmap_b roadmap_c roadmap_d roadmap_e}; do
       for compile in "${modes[@]}"; do
         for scan in $([[ $row == transformer ]] && echo triton || echo ${DECODE_SCAN_KERNELS:-triton}); do
-          extra=(); [[ $row == transformer && $compile == "${modes[0]}" ]] && extra=(measure=[decode,hf])
-          bench model=${row}_300m "${protocol[@]}" "${extra[@]}" compile_decode=$compile scan_kernel=$scan \
-            +tags.row=$row +tags.study=performance +tags.compiled_decode=$compile +tags.scan_kernel=$scan \
-            | tee -a "$OUT/bench_decode.txt"
+          for branches in $([[ $row =~ ^roadmap_[b-e]$ ]] && echo ${DECODE_BRANCHES:-concurrent} || echo concurrent); do
+            extra=(); [[ $row == transformer && $compile == "${modes[0]}" ]] && extra=(measure=[decode,hf])
+            bench model=${row}_300m "${protocol[@]}" "${extra[@]}" compile_decode=$compile scan_kernel=$scan \
+              decode_branches=$branches +tags.row=$row +tags.study=performance +tags.compiled_decode=$compile \
+              +tags.scan_kernel=$scan +tags.decode_branches=$branches | tee -a "$OUT/bench_decode.txt"
+          done
         done
       done
     done ;;
