@@ -174,6 +174,24 @@ def test_decode_branches_on_two_streams_match_one_stream(compile, monkeypatch):
         assert rel_err(c, s) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["mamba", "roadmap_e"])
+def test_programmatic_dependent_launch_decodes_as_without(name):
+    """pdl=true (the compiled decode step's kernels start while the kernel before them drains, inside the CUDA
+    graph) gives the tokens and logits of pdl=false."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
+    torch.manual_seed(0)
+    model = gpu_model(name, window=32).eval()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (40, 25, 7)]
+    runs = {}
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        runs[pdl] = Generator(model, cuda_graph=True, compile=True, pdl=pdl).generate(prompts, 24, keep_logits=True)
+    assert runs[True].tokens == runs[False].tokens
+    for with_pdl, without in zip(runs[True].step_logits, runs[False].step_logits):
+        assert rel_err(with_pdl, without) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "roadmap_e"])
 def test_compiled_decode_step_has_no_graph_breaks(name):
     """With the decode kernels (conv update, state update) as custom ops, one decode step is one graph."""

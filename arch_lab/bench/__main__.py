@@ -80,6 +80,7 @@ class BenchSettings:
     cache_lengths: tuple[int, ...]
     compile: bool
     compile_decode: bool
+    decode_pdl: bool
     cuda_graph: Optional[bool]
     profile_steps: int
 
@@ -99,6 +100,8 @@ class BenchSettings:
             _positive_int(cfg, "prefill_chunk")
         if cfg.cuda_graph not in ("auto", True, False):
             raise BenchConfigError(f"cuda_graph must be auto, true or false; got {cfg.cuda_graph!r}")
+        if not isinstance(cfg.decode_pdl, bool):
+            raise BenchConfigError(f"decode_pdl must be true or false; got {cfg.decode_pdl!r}")
         lengths = tuple(cfg.cache_lengths)
         if any(not isinstance(n, int) or n < 1 for n in lengths):
             raise BenchConfigError(f"cache_lengths must be a list of positive token counts, got {list(lengths)}")
@@ -112,6 +115,7 @@ class BenchSettings:
             train_warmup_steps=_positive_int(cfg, "train_warmup_steps", 0),
             peak_tflops=_auto_or_positive(cfg, "peak_tflops"), bandwidth_gbs=_auto_or_positive(cfg, "bandwidth_gbs"),
             cache_lengths=lengths, compile=bool(cfg.compile), compile_decode=bool(cfg.compile_decode),
+            decode_pdl=cfg.decode_pdl,
             cuda_graph=None if cfg.cuda_graph == "auto" else cfg.cuda_graph,
             profile_steps=_positive_int(cfg, "profile_steps"),
         )
@@ -214,7 +218,7 @@ class _Bench:
         s = self.s
         timing, batch = self._fit("decode", lambda b: measure_cached_decode(
             self.model, b, s.context, s.new_tokens,
-            Generator(self.model, cuda_graph=s.cuda_graph, compile=s.compile_decode),
+            Generator(self.model, cuda_graph=s.cuda_graph, compile=s.compile_decode, pdl=s.decode_pdl),
             warmup_steps=s.warmup_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk), s.batch)
         out = {"bench/state_bytes": timing.state_bytes, "bench/decode_batch": batch}
         if "prefill" in s.measure:
@@ -250,7 +254,7 @@ class _Bench:
         batch = int(self.metrics.get("bench/decode_batch", s.batch))
         result, batch = self._fit("profile", lambda b: profile_decode_steps(
             self.model, b, s.context, s.profile_steps, seed=self.cfg.seed, prefill_chunk=s.prefill_chunk,
-            compile=s.compile_decode), batch)
+            compile=s.compile_decode, pdl=s.decode_pdl), batch)
         self._record_profile("profile", "decode_profile", result, batch)
 
     def recompute(self) -> None:

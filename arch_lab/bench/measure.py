@@ -182,12 +182,12 @@ PROFILE_WARMUP_STEPS = 1
 
 @torch.no_grad()
 def profile_decode_steps(model, batch: int, context: int, steps: int, seed: int = 0,
-                         prefill_chunk: Optional[int] = None, compile: bool = False) -> StepProfile:
+                         prefill_chunk: Optional[int] = None, compile: bool = False, pdl: bool = True) -> StepProfile:
     """Profile `steps` cached decode steps after a `context`-token prefill. The steps run outside a CUDA graph,
-    because a replay shows up as one opaque launch (`compile`: through torch.compile, as the timed decode with
-    compile_decode=true); set against the bandwidth bound, the summed kernel time says whether a step is limited
-    by its bytes or by the count and size of its kernels."""
-    gen = Generator(model, cuda_graph=False, compile=compile)
+    because a replay shows up as one opaque launch (`compile`, `pdl`: through torch.compile, as the timed decode
+    with compile_decode=true and its decode_pdl); set against the bandwidth bound, the summed kernel time says
+    whether a step is limited by its bytes or by the count and size of its kernels."""
+    gen = Generator(model, cuda_graph=False, compile=compile, pdl=pdl)
     ids = _random_ids(model.cfg.vocab_size, (batch, context), gen.device, seed)
     state = gen.new_state(batch, context + steps + PROFILE_WARMUP_STEPS)
     decode = gen.decoder(state)
