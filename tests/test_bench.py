@@ -152,6 +152,7 @@ def test_defaults_resolve_per_device():
     assert (cpu.device, cpu.dtype, gpu.device, gpu.dtype) == ("cpu", "float32", "cuda", "bfloat16")
     assert cpu.measure == ("decode", "prefill", "train", "recompute", "hf")
     assert cpu.peak_tflops is None and _settings("peak_tflops=989").peak_tflops == 989.0
+    assert cpu.decode_pdl is True and _settings("decode_pdl=false").decode_pdl is False
 
 
 @pytest.mark.parametrize("override, message", [
@@ -165,6 +166,7 @@ def test_defaults_resolve_per_device():
     ("bandwidth_gbs=-3", "bandwidth_gbs must be 'auto' or a positive number, got -3"),
     ("new_tokens=1", "new_tokens must be >= 2 when measure includes hf"),
     ("cuda_graph=sometimes", "cuda_graph must be auto, true or false; got 'sometimes'"),
+    ("decode_pdl=yes", "decode_pdl must be true or false; got 'yes'"),
 ])
 def test_bad_bench_keys_are_named(override: str, message: str):
     with pytest.raises(BenchConfigError) as error:

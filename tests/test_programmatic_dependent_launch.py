@@ -1,15 +1,11 @@
-"""Programmatic dependent launch for the compiled decode step (Generator's `pdl`, the bench's decode_pdl): the option
-must reach torch.compile, and a bad value is named. On a GPU, decoding with it gives what decoding without it gives
-(test_model_gpu_parity.py)."""
+"""Programmatic dependent launch for the compiled decode step (Generator's `pdl`): the option must reach
+torch.compile. The bench's decode_pdl key is checked with the other bench keys (test_bench.py); on a GPU, decoding
+with it gives what decoding without it gives (test_model_gpu_parity.py)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from arch_lab.bench.__main__ import BenchConfigError, BenchSettings
 from components.generation import Generator
 from components.model import HybridLM
 from model_factories import cpu_config
@@ -38,18 +34,3 @@ def test_generator_uses_pdl_by_default(compile_calls) -> None:
     Generator(HybridLM(cpu_config("roadmap_e")), cuda_graph=False, compile=True)
     assert compile_calls == [{"triton.enable_pdl": True}]
 
-
-def bench_cfg(**overrides):
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "bench.yaml")
-    cfg.merge_with(overrides)
-    return cfg
-
-
-def test_bench_reads_decode_pdl() -> None:
-    assert BenchSettings.from_cfg(bench_cfg(), cuda_available=False).decode_pdl is True
-    assert BenchSettings.from_cfg(bench_cfg(decode_pdl=False), cuda_available=False).decode_pdl is False
-
-
-def test_bench_names_a_bad_decode_pdl() -> None:
-    with pytest.raises(BenchConfigError, match=r"decode_pdl must be true or false; got 'yes'"):
-        BenchSettings.from_cfg(bench_cfg(decode_pdl="yes"), cuda_available=False)

@@ -34,9 +34,8 @@ Decode bytes per step (the memory-bandwidth bound of cached decoding, batch b, c
   (+ meta; a global producer's buffer, were one shared) again in its own attention. Its queries exist only once
   the layers before it have run, so the two reads cannot be one, and at the measured sizes a ring is larger than
   the GPU's L2 (row E at batch 128: 113 MB a ring, against the H200's 50 MB), so the second read comes from
-  memory too. Before 2026-11-28 (nineteenth
-  session) these reads were left out, which put rows D's and E's bounds 1.23x and 1.25x too high (300M, 8k
-  context, batch 128).
+  memory too. Before 2026-11-28 (nineteenth session) these reads were left out, which put rows D's and E's bounds
+  1.23x and 1.25x too high (300M, 8k context, batch 128).
 - Over a decode of n tokens after a `context`-token prefill, step t (0-based) reads L = context + t + 1 keys;
   the bound divides the n steps' summed bytes by the bandwidth.
 This is the minimum any implementation must read: it counts state once (reads, not the writes back), and our
