@@ -83,8 +83,9 @@ class Generator:
     With `pdl` (and compile) each of the compiled step's Triton kernels is launched with programmatic dependent
     launch on GPUs that have it (Hopper on; Inductor's triton.enable_pdl, off by default there): it starts while the
     kernel before it drains and waits inside for what it reads, which hides part of each of a step's hundreds of
-    launches. On an H200 it made the 300M rows' decode steps 1.7-6.7% faster. Compiled training does not use it:
-    E's ran 3.8x slower with it (experiments/performance/RESULTS.md, twenty-second session).
+    launches. On an H200 it made the 300M rows' decode steps 1.7-6.7% faster. Compiled training keeps Inductor's
+    defaults: with PDL passed the same way, row E's once ran 3.8x slower (experiments/performance/RESULTS.md,
+    twenty-second and twenty-third sessions).
     """
 
     def __init__(self, model, dtype: Optional[torch.dtype] = None, cuda_graph: Optional[bool] = None,
