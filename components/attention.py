@@ -41,7 +41,7 @@ class AttentionHeads(nn.Module):
         if view.positions is step.positions:  # keys are this very sequence: training / full forward
             y = sequence_attention(q, view.k, view.v, step.positions, self.window, self.num_meta, self.backend)
         else:
-            y = attention_reference(q, view.k, view.v, self.cached_mask(step, view))
+            y = attention_reference(q, view.k, view.v, self.cached_bias(step, view, q.dtype))
         return self.merge_heads(y)
 
     def queries_and_keys(self, proj: torch.Tensor, step: StepInfo, cache=None) -> tuple[torch.Tensor, KVView]:
@@ -66,17 +66,13 @@ class AttentionHeads(nn.Module):
             view = step.kv_bus[self.kv_owner]
         return q.transpose(1, 2), view
 
-    def cached_mask(self, step: StepInfo, view: KVView) -> torch.Tensor:
-        """Which cached keys each query may attend to; every layer of this scope attends over the same key
-        positions in a step, so it is built once per step and scope."""
-        return step.once(("allowed keys", self.window, view.positions.shape[1]),
-                         lambda: allowed_keys(step.positions, view.positions, self.window, self.num_meta))
-
     def cached_bias(self, step: StepInfo, view: KVView, dtype: torch.dtype) -> torch.Tensor:
-        """cached_mask as an additive mask in `dtype`, also built once per step and scope: attention called outside
-        a compiled graph would otherwise convert the boolean mask in every layer (three kernels)."""
+        """Which cached keys each query may attend to, as an additive mask in `dtype` (0 or -inf). Every layer of this
+        scope attends over the same key positions in a step, so it is built once per step and scope; SDPA would
+        convert a boolean mask in every layer (three kernels each outside a compiled graph)."""
         return step.once(("attention bias", self.window, view.positions.shape[1], dtype),
-                         lambda: additive_mask(self.cached_mask(step, view), dtype))
+                         lambda: additive_mask(allowed_keys(step.positions, view.positions, self.window,
+                                                            self.num_meta), dtype))
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """(b, heads, l, v_dim) -> (b, l, heads * v_dim), the out_proj's input."""
