@@ -55,6 +55,11 @@ def _chunk_padding(step: StepInfo, length: int) -> Optional[torch.Tensor]:
     return None if step.token_mask is None else (step.pad - step.start).clamp(0, length)
 
 
+def _is_decode_step(step: StepInfo, state: Optional[SSMState], length: int) -> bool:
+    """One new token a sequence, no padding, and a state to update: what the single-step kernels take."""
+    return state is not None and length == 1 and step.token_mask is None
+
+
 def _dt_bias_init(d: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
     # Mamba's init: dt log-uniform in [dt_min, dt_max], stored through the inverse softplus.
     dt = torch.exp(torch.rand(d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
@@ -109,7 +114,7 @@ class Mamba1Heads(nn.Module):
         """Whether this call is a decode step (one token, no padding) run by the fused Triton step. Only with the
         Triton scan chosen: scan_kernel=mamba_ssm keeps mamba_ssm's and causal_conv1d's step kernels (the chain in
         forward), so the two can be compared."""
-        return (state is not None and proj.shape[1] == 1 and step.token_mask is None and self.scan_kernel == "triton"
+        return (_is_decode_step(step, state, proj.shape[1]) and self.scan_kernel == "triton"
                 and resolve_backend(self.backend, proj, "mamba1_step") == "kernel")
 
     def decode_step_inputs(self, proj: torch.Tensor, state: SSMState) -> tuple:
@@ -120,7 +125,6 @@ class Mamba1Heads(nn.Module):
         if self.runs_fused_step(proj, step, state):
             return mamba1_step_kernel(*self.decode_step_inputs(proj, state))[:, None, :]
         x, z = proj.transpose(1, 2).split([self.d_inner, self.d_inner], dim=1)  # (b, d, l) each
-        one_step = state is not None and x.shape[-1] == 1 and step.token_mask is None
         A = -torch.exp(self.A_log.float())
         weight = self.conv1d.weight.squeeze(1)
         if state is None:
@@ -131,7 +135,7 @@ class Mamba1Heads(nn.Module):
             y = selective_scan(xc, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                                delta_softplus=True, backend=self.backend, kernel=self.scan_kernel)
             return y.transpose(1, 2)
-        if one_step:
+        if _is_decode_step(step, state, x.shape[-1]):
             xc = causal_conv1d_step(x[..., 0], state.conv, weight, self.conv1d.bias, activation="silu",
                                     backend=self.backend)[..., None]
             dt, B, C = self._dt_b_c(xc)
@@ -207,7 +211,7 @@ class Mamba2Heads(nn.Module):
             y = ssd_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(),
                          dt_softplus=True, backend=self.backend)
             return self._gated_out(y.reshape(b, l, self.d_inner), z)
-        if l == 1 and step.token_mask is None:
+        if _is_decode_step(step, state, l):
             xc = causal_conv1d_step(xbc[:, 0], state.conv, weight, self.conv1d.bias, activation="silu",
                                     backend=self.backend)
             x, B, C = self._split_xbc(xc[:, None])
