@@ -6,61 +6,72 @@
 One query per sequence, 8 query heads over 2 key/value heads, keys of 64 and values of 128, bf16, against the
 two caches a decode step reads, the lab's own (components/kv_cache.py) after they take the token at --context: a
 local layer's 128 meta slots + a ring of 1,024, and a global layer's 128 meta slots + every position up to the
-context plus the new tokens, with the mask the model builds from their key positions (allowed_keys). Ways, each
-compiled with torch.compile as the compiled decode step would be:
-  sdpa     the model's (attention_reference): SDPA with the boolean mask, GQA by enable_gqa (cuDNN's kernel on an
-           H200 with torch 2.11)
+context plus the new tokens, with the mask the model builds from their key positions (allowed_keys), as the
+additive bias the model attends with (additive_mask). Ways, each but triton compiled with torch.compile as the
+compiled decode step would be:
+  sdpa     the reference (attention_reference): SDPA with the bias, GQA by enable_gqa (cuDNN's kernel on an H200
+           with torch 2.11)
   sdpa_mem the same held to SDPA's memory-efficient kernel (torch 2.11 has none for GQA with a mask: it reports
            the failure, as on the H200)
   matmul   the 4 query heads of a key/value head as the rows of one matmul against its keys, a float32 softmax
-           with the mask, then one against its values: every key and value read once
-  flex     FlexAttention with the mask as a score_mod (no block mask: a decode step's keys are nearly all allowed)
-Device time per call is summed by torch.profiler; GB/s counts the cache's K and V bytes once. Every way's output
-is compared with sdpa's.
+           with the bias, then one against its values: every key and value read once
+  flex     FlexAttention with the bias as a score_mod (no block mask: a decode step's keys are nearly all allowed)
+  triton   a split-KV Triton kernel (split_kv_attention.py), launched as it is, once for each
+           of --triton-blocks (keys per split x keys per block x warps x stages)
+Device time per call is summed by torch.profiler over calls that take turns over --copies copies of the cache;
+GB/s counts the cache's K and V bytes once. Every way's output is compared with sdpa's.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 from typing import Callable
 
 import torch
 
 from components.kv_cache import GlobalKVCache, SlidingWindowKVCache, StepInfo
-from components.ops.attention import allowed_keys, attention_reference
+from components.ops.attention import additive_mask, allowed_keys, attention_reference
 from scan_kernel_bench import kernel_ms
 
 
-def grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+def grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
                              ) -> torch.Tensor:
-    """q (b, hq, 1, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), allowed (b, 1, 1, lk) -> (b, hq, 1, dv)."""
+    """q (b, hq, 1, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), bias (b, 1, 1, lk) -> (b, hq, 1, dv)."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     rows = q.reshape(b, hkv, hq // hkv, d)  # query head h reads key/value head h // (hq / hkv), as enable_gqa
     scores = (rows @ k.transpose(-1, -2)).float() * d ** -0.5
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    probs = (scores + bias).softmax(-1)
     return (probs.to(v.dtype) @ v).reshape(b, hq, 1, v.shape[-1])
 
 
-def memory_efficient_sdpa(q, k, v, allowed):
+def memory_efficient_sdpa(q, k, v, bias):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        return attention_reference(q, k, v, allowed)
+        return attention_reference(q, k, v, bias)
 
 
-def flex_masked(allowed: torch.Tensor) -> Callable:
+def flex_biased(bias: torch.Tensor) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(allowed[b, 0, q_idx, kv_idx], score, -float("inf"))
+        return score + bias[b, 0, q_idx, kv_idx]
 
-    def attend(q, k, v, _allowed):
+    def attend(q, k, v, _bias):
         return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True)
     return attend
 
 
-WAYS = {"sdpa": lambda allowed: attention_reference, "sdpa_mem": lambda allowed: memory_efficient_sdpa,
-        "matmul": lambda allowed: grouped_matmul_attention, "flex": flex_masked}
+def triton_split_kv(blocks: str) -> Callable:
+    from split_kv_attention import DecodeAttentionBlocks, decode_attention
+
+    launch = DecodeAttentionBlocks.from_string(blocks)
+    return lambda q, k, v, bias: decode_attention(q, k, v, bias, launch)
+
+
+COMPILED_WAYS = {"sdpa": lambda bias: attention_reference, "sdpa_mem": lambda bias: memory_efficient_sdpa,
+                 "matmul": lambda bias: grouped_matmul_attention, "flex": flex_biased}
 
 
 def cache_inputs(cache, batch: int, heads: int, context: int, window, meta: int) -> tuple:
@@ -77,7 +88,7 @@ def cache_inputs(cache, batch: int, heads: int, context: int, window, meta: int)
            for d in (qk_dim, v_dim)]
     view = cache.update(*new, step)
     q = torch.randn(batch, 1, heads, qk_dim, generator=g, device=device, dtype=cache.k.dtype).transpose(1, 2)
-    return q, view.k, view.v, allowed_keys(step.positions, view.positions, window, meta)
+    return q, view.k, view.v, additive_mask(allowed_keys(step.positions, view.positions, window, meta), q.dtype)
 
 
 def main() -> None:
@@ -88,8 +99,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="the global cache holds context + new tokens")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--meta", type=int, default=128)
-    parser.add_argument("--ways", nargs="*", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--ways", nargs="*", default=[*COMPILED_WAYS, "triton"], choices=[*COMPILED_WAYS, "triton"])
+    parser.add_argument("--triton-blocks", nargs="*", default=["1152x64x4x3", "384x64x4x3"],
+                        help="launches of the triton way: keys per split x keys per block x warps x stages")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--copies", type=int, default=8,
+                        help="timed calls take turns over this many copies of each cache, so that what they read "
+                             "comes from memory, as in a decode step, where each layer reads its own cache; with one, "
+                             "repeated calls find part of it in L2 (50-60 MB)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -102,25 +119,29 @@ def main() -> None:
               "global": cache_inputs(full, args.batch, heads, args.context, None, meta)}
     print(f"{torch.cuda.get_device_name()}: decode attention, batch {args.batch}, {heads}/{kv_heads} heads, keys "
           f"{qk_dim}, values {v_dim}, bf16, torch {torch.__version__}")
-    print(f"{'cache':<8}{'keys':>7}{'way':>10}{'us':>9}{'GB/s':>8}{'max rel err':>13}")
-    for name, (q, k, v, allowed) in caches.items():
+    print(f"{'cache':<8}{'keys':>7}{'way':>22}{'us':>9}{'GB/s':>8}{'rel err':>10}")
+    ways = [(way, None) for way in args.ways if way != "triton"]
+    ways += [(f"triton {blocks}", triton_split_kv(blocks)) for blocks in args.triton_blocks if "triton" in args.ways]
+    for name, (q, k, v, bias) in caches.items():
         nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+        copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(args.copies - 1)]
+        turns = itertools.cycle(copies)
         reference = None
-        for way in args.ways:
-            fn = WAYS[way](allowed)
-            torch._dynamo.reset()
-            compiled = torch.compile(fn, dynamic=False)
+        for way, launch in ways:
+            if launch is None:
+                torch._dynamo.reset()
+                launch = torch.compile(COMPILED_WAYS[way](bias), dynamic=False)
             try:
                 with torch.no_grad():
-                    out = compiled(q, k, v, allowed)
-                    ms = kernel_ms(lambda: compiled(q, k, v, allowed), args.iters)[0]
+                    out = launch(q, k, v, bias)
+                    ms = kernel_ms(lambda: launch(q, *next(turns), bias), args.iters)[0]
             except Exception as error:  # e.g. no SDPA kernel for these inputs (sdpa_mem with GQA and a mask)
-                print(f"{name:<8}{k.shape[2]:>7}{way:>10}  failed: {type(error).__name__}: "
+                print(f"{name:<8}{k.shape[2]:>7}{way:>22}  failed: {type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1][:120]}")
                 continue
             reference = out if reference is None else reference
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
-            print(f"{name:<8}{k.shape[2]:>7}{way:>10}{ms * 1000:>9.1f}{nbytes / ms / 1e6:>8.0f}{err:>13.2e}")
+            print(f"{name:<8}{k.shape[2]:>7}{way:>22}{ms * 1000:>9.1f}{nbytes / ms / 1e6:>8.0f}{err:>10.2e}")
 
 
 if __name__ == "__main__":
