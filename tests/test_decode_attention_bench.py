@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "performance" / "decode_attention_bench.py"
 sys.path.insert(0, str(SCRIPT.parent))
 from decode_attention_bench import cache_inputs, grouped_matmul_attention  # noqa: E402
-from split_kv_attention import DecodeAttentionBlocks, decode_attention  # noqa: E402
+from split_kv_attention import decode_attention, parse_launch  # noqa: E402
 
 
 def test_grouped_matmul_way_matches_the_models_attention_over_a_ring():
@@ -48,16 +48,17 @@ def test_split_kv_kernel_matches_sdpa_with_masked_keys_and_whole_masked_splits(b
         allowed[0, ..., 32:64] = False
         allowed[..., -1] = True
         bias = additive_mask(allowed, q.dtype)
-        out = decode_attention(q, k, v, bias, DecodeAttentionBlocks.from_string(blocks))
+        out = decode_attention(q, k, v, bias, **parse_launch(blocks))
         torch.testing.assert_close(out, attention_reference(q, k, v, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_split_kv_launch_strings_are_checked():
-    assert str(DecodeAttentionBlocks.from_string("512x64x4x3")) == "512x64x4x3"
+    assert parse_launch("512x64x4x3") == dict(split_keys=512, block_keys=64, warps=4, stages=3)
     with pytest.raises(ValueError, match="multiple of block keys"):
-        DecodeAttentionBlocks.from_string("100x64x4x3")
-    with pytest.raises(ValueError, match="four positive integers"):
-        DecodeAttentionBlocks.from_string("512x64x4")
+        parse_launch("100x64x4x3")
+    for bad in ("512x64x4", "512x64x0x3", "512x64xfourx3"):
+        with pytest.raises(ValueError, match="four positive integers"):
+            parse_launch(bad)
 
 
 def test_the_bench_attends_over_the_labs_caches_after_they_take_the_token_at_the_context():

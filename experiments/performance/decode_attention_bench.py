@@ -64,10 +64,10 @@ def flex_biased(bias: torch.Tensor) -> Callable:
 
 
 def triton_split_kv(blocks: str) -> Callable:
-    from split_kv_attention import DecodeAttentionBlocks, decode_attention
+    from split_kv_attention import decode_attention, parse_launch
 
-    launch = DecodeAttentionBlocks.from_string(blocks)
-    return lambda q, k, v, bias: decode_attention(q, k, v, bias, launch)
+    launch = parse_launch(blocks)
+    return lambda q, k, v, bias: decode_attention(q, k, v, bias, **launch)
 
 
 COMPILED_WAYS = {"sdpa": lambda bias: attention_reference, "sdpa_mem": lambda bias: memory_efficient_sdpa,

@@ -10,8 +10,6 @@ Measured on an H200 it did not beat cuDNN (RESULTS.md, twenty-fifth session), so
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -20,29 +18,19 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 
 
-@dataclass(frozen=True)
-class DecodeAttentionBlocks:
-    """How the kernels are launched: keys per split (one program per split and key/value head of a row), keys per
-    block of the walk, warps and pipeline stages. `from_string("512x64x4x3")` reads them in that order."""
-    split_keys: int = 512
-    block_keys: int = 64
-    warps: int = 4
-    stages: int = 3
+LAUNCH_FIELDS = ("split_keys", "block_keys", "warps", "stages")
 
-    @classmethod
-    def from_string(cls, text: str) -> "DecodeAttentionBlocks":
-        fields = text.split("x")
-        if len(fields) != 4 or not all(f.isdigit() and int(f) > 0 for f in fields):
-            raise ValueError(f"DecodeAttentionBlocks: expected four positive integers joined by 'x' (split keys x "
-                             f"block keys x warps x stages, e.g. 512x64x4x3), got {text!r}")
-        blocks = cls(*(int(f) for f in fields))
-        if blocks.split_keys % blocks.block_keys:
-            raise ValueError(f"DecodeAttentionBlocks: split keys ({blocks.split_keys}) must be a multiple of block "
-                             f"keys ({blocks.block_keys}), got {text!r}")
-        return blocks
 
-    def __str__(self) -> str:
-        return "x".join(str(v) for v in vars(self).values())
+def parse_launch(text: str) -> dict[str, int]:
+    """"512x64x4x3" -> decode_attention's launch keywords: keys per split (one program per split and key/value head
+    of a row), keys per block of the walk, warps, pipeline stages."""
+    values = [int(f) if f.isdigit() else 0 for f in text.split("x")]
+    if len(values) != len(LAUNCH_FIELDS) or min(values) <= 0:
+        raise ValueError(f"split-KV launch: expected four positive integers joined by 'x' (split keys x block keys x "
+                         f"warps x stages, e.g. 512x64x4x3), got {text!r}")
+    if values[0] % values[1]:
+        raise ValueError(f"split-KV launch: split keys must be a multiple of block keys, got {text!r}")
+    return dict(zip(LAUNCH_FIELDS, values))
 
 
 @triton.jit
@@ -106,8 +94,8 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, n_kv, group, n_splits, so_b, s
     tl.store(out_ptr + b * so_b + head * so_h + dv, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
-                     blocks: DecodeAttentionBlocks = DecodeAttentionBlocks()) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, split_keys: int = 1152, block_keys: int = 64,
+                     warps: int = 4, stages: int = 3) -> Tensor:
     """q (b, hq, 1, d), k (b, hkv, lk, d), v (b, hkv, lk, dv), bias (b, 1, 1, lk) additive (0 or -inf) ->
     (b, hq, 1, dv) in q's dtype: SDPA's result with the default scale 1/sqrt(d), GQA as enable_gqa (query head h
     reads key/value head h // (hq / hkv)). Head widths must be powers of 2 (tile widths); the last dims of q, k, v
@@ -125,15 +113,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
         raise ValueError("decode_attention: q, k and v need adjacent elements in their last dim (stride 1)")
     group = n_heads // n_kv
     rows = max(16, triton.next_power_of_2(group))
-    n_splits = triton.cdiv(keys, blocks.split_keys)
+    n_splits = triton.cdiv(keys, split_keys)
     acc = q.new_empty(batch * n_kv, n_splits, rows, v_dim, dtype=torch.float32)
     m = q.new_empty(batch * n_kv, n_splits, rows, dtype=torch.float32)
     l = torch.empty_like(m)
     _split_kernel[(batch * n_kv, n_splits)](
         q, k, v, bias, acc, m, l, n_kv, keys, group, qk_dim ** -0.5 * LOG2E,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], bias.stride(0), bias.stride(3),
-        QK_DIM=qk_dim, V_DIM=v_dim, ROWS=rows, SPLIT_KEYS=blocks.split_keys, BLOCK_KEYS=blocks.block_keys,
-        num_warps=blocks.warps, num_stages=blocks.stages,
+        QK_DIM=qk_dim, V_DIM=v_dim, ROWS=rows, SPLIT_KEYS=split_keys, BLOCK_KEYS=block_keys,
+        num_warps=warps, num_stages=stages,
     )
     out = q.new_empty(batch, n_heads, 1, v_dim)
     _merge_kernel[(batch * n_heads,)](
