@@ -15,15 +15,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
-
-
+LOG2E = tl.constexpr(1.4426950408889634)  # scores in log2 units, so each softmax weight is one exp2
 LAUNCH_FIELDS = ("split_keys", "block_keys", "warps", "stages")
 
 
 def parse_launch(text: str) -> dict[str, int]:
-    """"512x64x4x3" -> decode_attention's launch keywords: keys per split (one program per split and key/value head
-    of a row), keys per block of the walk, warps, pipeline stages."""
+    """decode_attention's launch keywords from e.g. "512x64x4x3": keys per split (one program per split and key/value
+    head of a row), keys per block of the walk, warps, pipeline stages."""
     values = [int(f) if f.isdigit() else 0 for f in text.split("x")]
     if len(values) != len(LAUNCH_FIELDS) or min(values) <= 0:
         raise ValueError(f"split-KV launch: expected four positive integers joined by 'x' (split keys x block keys x "
@@ -60,7 +58,7 @@ def _split_kernel(
         k = tl.load(k_base + idx[:, None] * sk_n + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_base + idx[:, None] * sv_n + dv[None, :], mask=valid[:, None], other=0.0)
         bias = tl.load(bias_ptr + b * sbias_b + idx * sbias_n, mask=valid, other=float("-inf")).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2 + (bias * 1.4426950408889634)[None, :]  # log2 units, for exp2
+        s = tl.dot(q, tl.trans(k)) * scale_log2 + (bias * LOG2E)[None, :]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay at zero weight
         alpha = tl.exp2(m_i - m_use)
@@ -118,7 +116,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, split_keys: 
     m = q.new_empty(batch * n_kv, n_splits, rows, dtype=torch.float32)
     l = torch.empty_like(m)
     _split_kernel[(batch * n_kv, n_splits)](
-        q, k, v, bias, acc, m, l, n_kv, keys, group, qk_dim ** -0.5 * LOG2E,
+        q, k, v, bias, acc, m, l, n_kv, keys, group, qk_dim ** -0.5 * LOG2E.value,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], bias.stride(0), bias.stride(3),
         QK_DIM=qk_dim, V_DIM=v_dim, ROWS=rows, SPLIT_KEYS=split_keys, BLOCK_KEYS=block_keys,
         num_warps=warps, num_stages=stages,
