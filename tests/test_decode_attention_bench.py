@@ -16,7 +16,7 @@ from components.ops.attention import additive_mask, allowed_keys, attention_refe
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "performance" / "decode_attention_bench.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from decode_attention_bench import cache_inputs, grouped_matmul_attention  # noqa: E402
+from decode_attention_bench import cache_inputs, failure_reason, grouped_matmul_attention  # noqa: E402
 from split_kv_attention import decode_attention, parse_launch  # noqa: E402
 
 
@@ -70,6 +70,18 @@ def test_the_bench_attends_over_the_labs_caches_after_they_take_the_token_at_the
     assert bias.shape == (2, 1, 1, 7) and bool((bias == 0).all())
     _, k, _, bias = cache_inputs(GlobalKVCache(max_len=14, **shared), 2, 8, 10, None, 3)
     assert k.shape[2] == 17 and (bias[0, 0, 0] == 0).tolist() == [True] * 14 + [False] * 3
+
+
+def test_a_failed_way_reports_the_uncompiled_calls_error_or_else_the_compiled_ones():
+    """Dynamo's error names its graph node and arguments; the uncompiled call's says why (as SDPA's 'No available
+    kernel' for its memory-efficient kernel with GQA and a mask)."""
+    def no_kernel(*_):
+        raise RuntimeError("No available kernel. Aborting execution.\nmore detail")
+
+    compiled_error = ValueError("Dynamo failed to run FX node with fake tensors: ...\nSet TORCHDYNAMO_VERBOSE=1")
+    assert failure_reason(no_kernel, (1,), compiled_error) == "RuntimeError: No available kernel. Aborting execution."
+    assert failure_reason(lambda *_: None, (1,), compiled_error) == (
+        "ValueError: Dynamo failed to run FX node with fake tensors: ...")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")

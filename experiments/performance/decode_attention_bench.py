@@ -91,6 +91,18 @@ def cache_inputs(cache, batch: int, heads: int, context: int, window, meta: int)
     return q, view.k, view.v, additive_mask(allowed_keys(step.positions, view.positions, window, meta), q.dtype)
 
 
+def failure_reason(fn: Callable, inputs: tuple, error: Exception) -> str:
+    """The error of the uncompiled call where it fails too: a compiled call's names Dynamo's graph node and its
+    arguments, and puts the reason at the end of a long first line."""
+    try:
+        with torch.no_grad():
+            fn(*inputs)
+    except Exception as eager_error:  # noqa: BLE001 - whatever it is, it is the reason to report
+        error = eager_error
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:120]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,17 +139,18 @@ def main() -> None:
         copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(args.copies - 1)]
         turns = itertools.cycle(copies)
         reference = None
-        for way, launch in ways:
-            if launch is None:
+        for way, fn in ways:
+            launch = fn
+            if fn is None:
+                fn = COMPILED_WAYS[way](bias)
                 torch._dynamo.reset()
-                launch = torch.compile(COMPILED_WAYS[way](bias), dynamic=False)
+                launch = torch.compile(fn, dynamic=False)
             try:
                 with torch.no_grad():
                     out = launch(q, k, v, bias)
                     ms = kernel_ms(lambda: launch(q, *next(turns), bias), args.iters)[0]
             except Exception as error:  # e.g. no SDPA kernel for these inputs (sdpa_mem with GQA and a mask)
-                print(f"{name:<8}{k.shape[2]:>7}{way:>22}  failed: {type(error).__name__}: "
-                      f"{str(error).strip().splitlines()[-1][:120]}")
+                print(f"{name:<8}{k.shape[2]:>7}{way:>22}  failed: {failure_reason(fn, (q, k, v, bias), error)}")
                 continue
             reference = out if reference is None else reference
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
