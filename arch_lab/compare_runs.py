@@ -3,7 +3,8 @@
 A RUN is a run id, or `tag=value` naming the one run of the experiment with that tag (e.g. `case=ddp`). Prints the
 metric (`--key`, default train/loss) of every run at every step any of them logged it, the largest absolute
 difference of each later run from the first over the steps both logged, and for each run its first and last value,
-training throughput and peak GPU memory. With `--tolerance T` the exit status is 1 when a difference exceeds T (or no step is shared).
+training throughput and peak GPU memory. With `--tolerance T` the exit status is 1 when a difference exceeds T (or
+no step is shared).
 
     python -m arch_lab.compare_runs sqlite:///ddp.db case=single case=ddp --tolerance 0.05
 """
@@ -13,6 +14,8 @@ import argparse
 import math
 import sys
 from typing import Optional, Sequence
+
+from .tracking import existing_store
 
 SUMMARY_KEYS = ("train/tokens_per_s", "train/peak_gpu_mem_gb")
 
@@ -75,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--every", type=int, default=1, help="print every n-th step (the last always)")
     parser.add_argument("--tolerance", type=float, default=None)
     args = parser.parse_args(argv)
-    diffs = compare(args.tracking_uri, args.runs, args.key, args.experiment, args.every)
+    diffs = compare(existing_store(args.tracking_uri, "tracking_uri"), args.runs, args.key, args.experiment,
+                    args.every)
     if args.tolerance is None:
         return 0
     ok = all(d is not None and not math.isnan(d) and d <= args.tolerance for d in diffs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
                         help="run each decode step through torch.compile (fuses its small kernels; compiling takes "
                              "tens of seconds, so it pays off for long generations on a GPU)")
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"checkpoint: no such file {args.checkpoint} (give the path of a .ckpt that `python -m arch_lab` "
+                     "wrote, e.g. outputs/<date>/<time>/checkpoints/last.ckpt)")
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     if args.prompt and tokenizer is None:
         parser.error("this checkpoint was trained on token ids (no text tokenizer): use --ids")

@@ -16,6 +16,8 @@ import argparse
 import tempfile
 from typing import Sequence
 
+from .tracking import existing_store
+
 SOURCE_TAG = "arch_lab.source_run"
 PARENT_TAG = "mlflow.parentRunId"
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--to", dest="destination", required=True, help="destination tracking URI")
     parser.add_argument("--experiment", default="roadmap", help="the experiment to copy (default: roadmap)")
     args = parser.parse_args(argv)
-    copied = merge_stores(args.sources, args.destination, args.experiment)
+    copied = merge_stores([existing_store(uri, "--from") for uri in args.sources], args.destination, args.experiment)
     print(f"copied {copied} run(s) of experiment {args.experiment!r} into {args.destination}")
     return 0
 

@@ -26,6 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .tracking import existing_store  # noqa: E402
+
 # DESIGN.md §5 / paper Table 1 (300M, 100B tokens, A100; cache at 16k fp16).
 PAPER_TABLE1 = {
     "transformer": ("Transformer (Llama)", 44.08, 39.98, 721.1, 829.4),
@@ -49,6 +51,9 @@ def _runs(tracking_uris: list[str], experiment: str):
     frames = []
     for uri in tracking_uris:
         mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            names = sorted(e.name for e in mlflow.search_experiments())
+            raise SystemExit(f"{uri}: no experiment {experiment!r} in this store (it holds {names})")
         frame = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
         frames.append(frame.assign(store=uri))  # where each run's metric history lives
     frames = [f for f in frames if not f.empty]
@@ -401,6 +406,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bench-experiment", default="arch_lab")
     parser.add_argument("--out", default="roadmap_report")
     args = parser.parse_args(argv)
+    for flag, uris in (("--tracking-uri", args.tracking_uri), ("--bench-uri", args.bench_uri or [])):
+        for uri in uris:
+            existing_store(uri, flag)
     runs = _runs(args.tracking_uri, args.experiment)
     bench, ratio_bench = _split_bench(_runs(args.bench_uri, args.bench_experiment) if args.bench_uri else None)
     out = Path(args.out)

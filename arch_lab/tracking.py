@@ -47,6 +47,24 @@ def hide_absolute_path(text: str) -> str:
     return text
 
 
+def existing_store(uri: str, flag: str) -> str:
+    """`uri`, once it is known to name an MLflow store that exists: MLflow creates a SQLite file or a store directory
+    on first use, so a mistyped path given to a tool that only reads (report, merge_stores --from, compare_runs)
+    would make an empty store and report nothing. Servers and database URLs are left to MLflow."""
+    scheme, sep, rest = uri.partition(":///")
+    if sep and scheme == "sqlite":
+        path = rest  # sqlite:///rel.db or sqlite:////abs.db
+    elif sep and scheme == "file":
+        path = "/" + rest
+    elif "://" not in uri:
+        path = uri  # a plain directory: MLflow's file store
+    else:
+        return uri
+    if not Path(path).exists():
+        raise SystemExit(f"{flag} {uri}: no MLflow store there ({path} does not exist)")
+    return uri
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

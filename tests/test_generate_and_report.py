@@ -50,6 +50,13 @@ def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_check
     assert run.returncode == 2 and "give at least one --prompt or --ids" in run.stderr
 
 
+def test_generate_cli_names_a_missing_checkpoint(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "arch_lab.generate", str(tmp_path / "last.ckpt"), "--ids", "3,5"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and f"checkpoint: no such file {tmp_path / 'last.ckpt'}" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_checkpoint_loads_with_weights_only(text_checkpoint):
     ckpt = torch.load(text_checkpoint, weights_only=True)
     assert ckpt["hyper_parameters"]["tokenizer"] == {"kind": "byte", "path": None}
@@ -161,3 +168,9 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     # runs that differ in learning rate (a probe) are named with it in the learning-curve table
     assert "| Mamba s0 lr 0.001 | 10.0 |" in lines and "| Mamba s1 lr 0.0005 | 30.0 |" in lines
     assert two_heads.startswith("| 2 | 1:1.18 | 55.0 ± 5.0 | 5.0 ± 1.0 | 2 | 2500 | 200.000 | 1:8.48 |")
+    # a mistyped store or experiment is named, and no empty store is left behind
+    with pytest.raises(SystemExit, match=r"^--bench-uri sqlite:///.*typo\.db: no MLflow store there"):
+        report.main(["--tracking-uri", *stores, "--bench-uri", f"sqlite:///{tmp_path}/typo.db"])
+    assert not (tmp_path / "typo.db").exists()
+    with pytest.raises(SystemExit, match=r"bench\.db: no experiment 'roadmap' in this store \(it holds \["):
+        report.main(["--tracking-uri", bench, "--out", str(out)])

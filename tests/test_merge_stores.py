@@ -79,3 +79,24 @@ def test_merging_again_copies_nothing_twice(tmp_path, sources, capsys):
 def test_a_store_without_the_experiment_is_named(tmp_path, sources):
     with pytest.raises(SystemExit, match=r"^--from .*a\.db: no MLflow experiment 'study' in this store$"):
         main(["--from", sources["a"], "--to", _store(tmp_path, "study.db"), "--experiment", "study"])
+
+
+def test_a_missing_store_is_named_and_nothing_is_created(tmp_path):
+    """A mistyped --from path: MLflow would create an empty store there (and the destination) and copy nothing."""
+    with pytest.raises(SystemExit, match=r"^--from sqlite:///.*typo\.db: no MLflow store there \(.*typo\.db does "
+                                         r"not exist\)$"):
+        main(["--from", _store(tmp_path, "typo.db"), "--to", _store(tmp_path, "study.db")])
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_store_reads_sqlite_file_and_directory_uris(tmp_path):
+    from arch_lab.tracking import existing_store
+
+    (tmp_path / "a.db").touch()
+    (tmp_path / "mlruns").mkdir()
+    for uri in (f"sqlite:///{tmp_path / 'a.db'}", f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
+                "http://127.0.0.1:5000"):  # a server: left to MLflow
+        assert existing_store(uri, "--from") == uri
+    for uri in (f"sqlite:///{tmp_path / 'b.db'}", f"file://{tmp_path / 'runs'}", str(tmp_path / "runs")):
+        with pytest.raises(SystemExit, match="no MLflow store there"):
+            existing_store(uri, "--from")

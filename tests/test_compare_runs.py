@@ -1,0 +1,45 @@
+"""`python -m arch_lab.compare_runs`: two runs' loss curves side by side (experiments/performance/ddp_check.sh compares
+1 and 2 GPUs with it), their largest difference against a tolerance, and runs named by a tag."""
+from __future__ import annotations
+
+import pytest
+
+from arch_lab.compare_runs import main
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """Runs case=single and case=ddp: losses 3, 2, 1.5 and 3.01, 2.05 (step 2 not logged), and a case=ddp twin
+    in another experiment, which the default experiment does not see."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'ddp.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("arch_lab")
+    for case, losses in (("single", (3.0, 2.0, 1.5)), ("ddp", (3.01, 2.05))):
+        with mlflow.start_run(tags={"case": case}):
+            for step, loss in enumerate(losses):
+                mlflow.log_metric("train/loss", loss, step=step)
+            mlflow.log_metric("train/tokens_per_s", 1000.0)
+    mlflow.set_experiment("other")
+    with mlflow.start_run(tags={"case": "ddp"}):
+        mlflow.log_metric("train/loss", 9.0, step=0)
+    return uri
+
+
+def test_runs_within_the_tolerance_pass_and_beyond_it_fail(store, capsys):
+    assert main([store, "case=single", "case=ddp", "--tolerance", "0.06"]) == 0
+    out = capsys.readouterr().out
+    assert "max |case=ddp - case=single| over shared steps: 0.05" in out and "PASS" in out
+    assert "train/loss 3.0000 (step 0) -> 1.5000 (step 2)" in out and "train/tokens_per_s=1000" in out
+    assert main([store, "case=single", "case=ddp", "--tolerance", "0.04"]) == 1
+    assert "FAIL: curves within 0.04 of case=single" in capsys.readouterr().out
+
+
+def test_a_tag_must_name_one_run_and_the_store_must_exist(store, tmp_path):
+    with pytest.raises(SystemExit, match=r"^case=none: expected one run with that tag, found 0$"):
+        main([store, "case=single", "case=none"])
+    with pytest.raises(SystemExit, match=r"^tracking_uri sqlite:///.*typo\.db: no MLflow store there"):
+        main([f"sqlite:///{tmp_path / 'typo.db'}", "case=single", "case=ddp"])
+    assert not (tmp_path / "typo.db").exists()
