@@ -25,6 +25,7 @@ from optuna.trial import FixedTrial, TrialState
 
 from arch_lab.sweep import current_trial
 from arch_lab.sweep.optuna_sweeper import Objectives, SamplerConf, make_sampler
+from arch_lab.sweep.pareto import Objective, describe_trial
 from arch_lab.sweep.search_space import (
     CategoricalParam,
     FloatParam,
@@ -267,6 +268,12 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(workdir: Path) -> Non
     assert children[5].data.tags["trial.state"] == "PRUNED" and children[5].info.status == "FINISHED"
     assert children[study.best_trial.number].data.tags["sweep.best"] == "true"
     assert parent.data.metrics["best/loss"] == pytest.approx(study.best_value)
+    # the console ends with the front and the counts
+    console = result.stdout + result.stderr
+    assert f"single: FINISHED; 2 complete, 1 pruned, 3 failed of 3; MLflow parent run {parent.info.run_id}" in console
+    best = describe_trial(study.best_trial, [Objective("loss", "minimize")])
+    assert "single: 1 of the 2 complete trials on the Pareto front:" in console and f"\t{best}" in console
+    assert best.startswith(f"#{study.best_trial.number} ") and f": loss={study.best_value:.4g}" in best
 
 
 @pytest.mark.slow

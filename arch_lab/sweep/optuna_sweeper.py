@@ -34,7 +34,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from arch_lab.sweep.pareto import Objective, log_front
+from arch_lab.sweep.pareto import Objective, describe_trial, log_front
 from arch_lab.tracking import hide_absolute_path
 from arch_lab.sweep.search_space import (
     PARAMS_KEY,
@@ -472,12 +472,19 @@ class OptunaSweeper(Sweeper):
                 }
                 tracker.tag_best(complete_runs, {t.number for t in front})
                 tags["sweep.best_trials"] = ",".join(str(t.number) for t in front)
+                log.info("%s: %d of the %d complete trials on the Pareto front:", self.study_name, len(front),
+                         counts[TrialState.COMPLETE])
+                for trial in front:
+                    log.info("\t%s", describe_trial(trial, objectives.items))
                 if len(objectives.items) == 1:
                     tracker.log_best_values(parent_run_id, {objectives.names[0]: study.best_value})
         except BaseException:
             tracker.finish_parent(parent_run_id, "FAILED", tags)
             raise
         tracker.finish_parent(parent_run_id, status, tags)
+        log.info("%s: %s; %d complete, %d pruned, %d failed of %d; MLflow parent run %s", self.study_name, status,
+                 counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL], target,
+                 parent_run_id)
 
 
 # ---------------------------------------------------------------------- samplers

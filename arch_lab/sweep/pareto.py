@@ -48,6 +48,13 @@ def front_table(
     return table
 
 
+def describe_trial(trial: FrozenTrial, objectives: Sequence[Objective]) -> str:
+    """One line for the console: "#3 model.n_heads=4: recall/mqar_acc=0.41, cache/mb_16k=9.45"."""
+    params = ", ".join(f"{name}={value}" for name, value in sorted(trial.params.items()))
+    values = ", ".join(f"{o.name}={value:.4g}" for o, value in zip(objectives, trial.values))
+    return f"#{trial.number} {params or '(no params)'}: {values}"
+
+
 def write_csv(table: Mapping[str, Sequence[Any]], path: Path) -> None:
     columns = list(table)
     rows = zip(*(table[column] for column in columns))
