@@ -37,7 +37,9 @@ def plot_training_curves(run_id: str, path: Path) -> Path:
 
 def plot_bars(values: dict[str, float], title: str, xlabel: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(values), list(values.values()), color="tab:blue")
+    # Bars at positions with the keys as tick labels: string x values (e.g. "1", "2") made matplotlib log that it
+    # took them as categories at every run.
+    ax.bar(range(len(values)), list(values.values()), color="tab:blue", tick_label=list(values))
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_xlabel(xlabel)

@@ -23,6 +23,21 @@ class GPURequiredError(RuntimeError):
     pass
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")  # Lightning's, at every fit
+
+
+def _lightning_logs_once() -> None:
+    """Lightning's `lightning` package gives its logger a console handler of its own ("INFO: ...") and passes every
+    record up to the root logger as well, where Hydra prints it again (and keeps it in the job's log file): with a
+    root handler, Lightning's own goes. Its advertisements for its cloud products are dropped."""
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().hasHandlers():
+        for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
+            lightning_logger.removeHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # once: same function
+
+
 def _check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab: int) -> None:
     if vocab > model_cfg["vocab_size"]:
         raise ValueError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size={model_cfg['vocab_size']}; "
@@ -116,6 +131,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
+
+    _lightning_logs_once()
 
     from .checkpoints import AtomicCheckpointIO
     from .interrupts import graceful_stop

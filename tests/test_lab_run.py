@@ -197,6 +197,16 @@ def test_default_run_logs_plots(default_run):
 
 
 @pytest.mark.slow
+def test_default_run_prints_each_lightning_message_once_and_no_noise(default_run):
+    """Lightning's own console handler printed its messages a second time beside Hydra's ("INFO: GPU available"),
+    with an advertisement; the MQAR bars made matplotlib log its categorical units."""
+    workdir, _ = default_run
+    log = (workdir / "lab.log").read_text()
+    assert log.count("GPU available:") == 1 and "INFO: GPU available" not in log
+    assert "Tip:" not in log and "categorical units" not in log
+
+
+@pytest.mark.slow
 def test_default_run_tags_row_and_commit(default_run):
     workdir, run = default_run
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
