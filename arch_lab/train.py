@@ -132,14 +132,14 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
-    _lightning_logs_once()
-
     from .checkpoints import AtomicCheckpointIO
     from .interrupts import graceful_stop
     from .lit_module import LitHybridLM, TrainingThroughput
     from .reporting import log_run_plots
     from .sweep import current_trial, start_run_for_job
     from .sweep_callbacks import TrialPruningCallback
+
+    _lightning_logs_once()
 
     if cfg.get("gpu_only") and not torch.cuda.is_available():
         raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
