@@ -47,20 +47,29 @@ def hide_absolute_path(text: str) -> str:
     return text
 
 
+def sqlite_path(url: str) -> Optional[Path]:
+    """The database file of a SQLite URL (relative as written); None for other URLs and in-memory databases."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def existing_store(uri: str, flag: str) -> str:
     """`uri`, once it is known to name an MLflow store that exists: MLflow creates a SQLite file or a store directory
     on first use, so a mistyped path given to a tool that only reads (report, merge_stores --from, compare_runs)
     would make an empty store and report nothing. Servers and database URLs are left to MLflow."""
-    scheme, sep, rest = uri.partition(":///")
-    if sep and scheme == "sqlite":
-        path = rest  # sqlite:///rel.db or sqlite:////abs.db
-    elif sep and scheme == "file":
-        path = "/" + rest
-    elif "://" not in uri:
-        path = uri  # a plain directory: MLflow's file store
+    if "://" not in uri:
+        path = Path(uri)  # a plain directory: MLflow's file store
+    elif uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+    elif uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
     else:
         return uri
-    if not Path(path).exists():
+    if path is not None and not path.exists():
         raise SystemExit(f"{flag} {uri}: no MLflow store there ({path} does not exist)")
     return uri
 

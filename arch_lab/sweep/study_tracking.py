@@ -27,6 +27,7 @@ import optuna
 from sqlalchemy.engine import make_url
 
 from arch_lab.sweep.search_space import SweepConfigError
+from arch_lab.tracking import sqlite_path
 
 if TYPE_CHECKING:
     import mlflow
@@ -89,9 +90,9 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_perio
     is not safe when two processes create the same file at once (UNIQUE constraint failed:
     alembic_version.version_num).
     """
-    sqlite_path = _sqlite_path(url)
-    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite_path else {"pool_pre_ping": True}
-    with warnings.catch_warnings(), _file_lock(sqlite_path):
+    database = sqlite_path(url)
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if database else {"pool_pre_ping": True}
+    with warnings.catch_warnings(), _file_lock(database):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental" since 2.9
         heartbeat: dict[str, Any] = {}
         if heartbeat_interval is not None:
@@ -103,27 +104,20 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_perio
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 
 
-def _sqlite_path(url: str) -> Optional[Path]:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
 def _anchor_sqlite_url(url: str, base_dir: Path) -> str:
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is None or path.is_absolute():
         return url
     return make_url(url).set(database=str((base_dir / path).resolve())).render_as_string(hide_password=False)
 
 
 @contextmanager
-def _file_lock(sqlite_path: Optional[Path]) -> Iterator[None]:
-    if sqlite_path is None:
+def _file_lock(database: Optional[Path]) -> Iterator[None]:
+    if database is None:
         yield
         return
-    sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{sqlite_path}.lock", "a") as handle:
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS even if this process dies
         try:
             yield
@@ -362,7 +356,7 @@ class SweepTracker:
         self.tracking_uri = tracking_uri
         # MlflowClient creates the schema of a fresh SQLite store with alembic right away, which
         # fails when two workers start together (like Optuna's): serialise it the same way.
-        with _file_lock(_sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None):
+        with _file_lock(sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None):
             self.client = MlflowClient(tracking_uri)
 
     def experiment_id(self, experiment_name: Optional[str]) -> str:
