@@ -23,21 +23,6 @@ class GPURequiredError(RuntimeError):
     pass
 
 
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")  # Lightning's, at every fit
-
-
-def _lightning_logs_once() -> None:
-    """Lightning's `lightning` package gives its logger a console handler of its own ("INFO: ...") and passes every
-    record up to the root logger as well, where Hydra prints it again (and keeps it in the job's log file): with a
-    root handler, Lightning's own goes. Its advertisements for its cloud products are dropped."""
-    lightning_logger = logging.getLogger("lightning")
-    if logging.getLogger().hasHandlers():
-        for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
-            lightning_logger.removeHandler(handler)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # once: same function
-
-
 def _check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab: int) -> None:
     if vocab > model_cfg["vocab_size"]:
         raise ValueError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size={model_cfg['vocab_size']}; "
@@ -133,13 +118,14 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     from lightning.pytorch.loggers import MLFlowLogger
 
     from .checkpoints import AtomicCheckpointIO
+    from .console import progress_bar, quiet_lightning_console
     from .interrupts import graceful_stop
     from .lit_module import LitHybridLM, TrainingThroughput
     from .reporting import log_run_plots
     from .sweep import current_trial, start_run_for_job
     from .sweep_callbacks import TrialPruningCallback
 
-    _lightning_logs_once()
+    quiet_lightning_console()
 
     if cfg.get("gpu_only") and not torch.cuda.is_available():
         raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
@@ -169,7 +155,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             _run_name(cfg, trial), experiment_name=cfg.logger.experiment_name, tags=tags)
         with run_context as run:
             if not worker:
-                _log_setup(cfg, model)
+                _log_setup(cfg, model, data_cfg["seq_len"])
             logger = False if worker else MLFlowLogger(experiment_name=cfg.logger.experiment_name,
                                                        tracking_uri=cfg.logger.tracking_uri, run_id=run.info.run_id)
             trainer_cfg = _trainer_kwargs(cfg)
@@ -179,6 +165,9 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             callbacks = [checkpoint, stopper, throughput]
             if trial and cfg.prune_metric:
                 callbacks.append(TrialPruningCallback(trial, cfg.prune_metric))
+            bar = progress_bar(trainer_cfg.get("enable_progress_bar", True))
+            if bar:
+                callbacks.append(bar)
             trainer = L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
                                 plugins=[AtomicCheckpointIO()], max_epochs=-1, use_distributed_sampler=False)
             if trial and trainer.world_size > 1:
@@ -204,22 +193,28 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             return metrics
 
 
-def _log_setup(cfg: DictConfig, model) -> None:
+def _log_setup(cfg: DictConfig, model, seq_len: int) -> None:
     import mlflow
 
     from components.param_count import counts_of
+
+    from .bench.flops import train_flops_per_token
 
     mlflow.log_params(tracking.loggable_params(cfg))
     tracking.log_text_artifact(OmegaConf.to_yaml(cfg, resolve=False), "config.yaml")
     tracking.log_text_artifact(model.plan.to_table(), "layer_plan.txt")
     mlflow.log_dict({"layers": model.plan.as_records()}, "layer_plan.json")
     counts = counts_of(model)
-    mlflow.log_metrics(counts.as_metrics())
+    flops = train_flops_per_token(model, seq_len)
+    mlflow.log_metrics({**counts.as_metrics(), "train/flops_per_token": flops})
     mlflow.set_tags({"params.attn_to_ssm": counts.attn_to_ssm,
                      "backends": tracking.backends_tag()})
     mlflow.log_metrics(evaluate.cache_metrics(model, list(cfg.eval.cache_lengths)))
     log.info("layer plan:\n%s", model.plan.to_table())
-    log.info("parameters: %d total, Attn:SSM %s", counts.total, counts.attn_to_ssm)
+    log.info("parameters: %s total (attention %s, SSM %s, FFN %s, embedding %s, other %s), Attn:SSM %s; "
+             "%s FLOPs a training token at length %d (forward + backward: 6N + attention + scan)",
+             f"{counts.total:,}", f"{round(counts.attention):,}", f"{round(counts.ssm):,}", f"{counts.ffn:,}",
+             f"{counts.embedding:,}", f"{counts.other:,}", counts.attn_to_ssm, f"{flops:.3g}", seq_len)
 
 
 def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str, Any]) -> dict[str, float]:

@@ -15,7 +15,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from arch_lab.bench.flops import train_flops_per_token
 from components.layer_plan import resolve_layer_plan
+from components.model import HybridLM
 from components.param_count import count_parameters
 from components.presets import preset, preset_values_to_config
 from lab_helpers import (CONF_DIR, DATA_ROOT, EXPERIMENT_NAME, REPO, TINY_TEXT, artifact_paths, client, last_logged,
@@ -132,6 +134,8 @@ def test_default_run_logs_size_cache_speed_and_analysis(default_run):
     assert m["throughput/decode_tok_s"] > 0
     assert 0 < m["analysis/erf"] <= 64  # analysis.seq_len
     assert run.data.metrics["val/loss"] > 0
+    model = HybridLM(preset_values_to_config("roadmap_e", "tiny"))
+    assert m["train/flops_per_token"] == pytest.approx(train_flops_per_token(model, 32))  # data.seq_len
 
 
 @pytest.mark.slow
@@ -204,6 +208,9 @@ def test_default_run_prints_each_lightning_message_once_and_no_noise(default_run
     log = (workdir / "lab.log").read_text()
     assert log.count("GPU available:") == 1 and "INFO: GPU available" not in log
     assert "Tip:" not in log and "categorical units" not in log
+    # torch 2.13's warning about Lightning's LeafSpec; Lightning's summary (FLOPs 0); its bar's "Epoch 0/-2"
+    assert "LeafSpec" not in log and "Total FLOPs" not in log and "/-2" not in log
+    assert "FLOPs a training token at length 32" in log
 
 
 @pytest.mark.slow
