@@ -299,6 +299,18 @@ def test_two_workers_sharing_one_storage_split_the_trials(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_a_config_that_drops_an_objective_stops_the_sweep_after_one_trial(workdir: Path) -> None:
+    # Without a completed trial, a missing objective is the config's doing (the lab's eval.decode.enabled=false
+    # drops throughput/decode_tok_s): the other trials would train in full and fail alike.
+    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.n_trials=3", "knobs.drop_metric_if_trial=0")
+    assert result.returncode != 0
+    assert "SweepFailedError: trial 0 returned no loss and no trial of the study has completed" in result.stderr
+    study = load_study(workdir, "single")
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert parent_run(mlflow_client(workdir), "single").info.status == "FAILED"
+
+
+@pytest.mark.slow
 def test_malformed_search_space_names_the_key_before_any_trial(workdir: Path) -> None:
     result = run_app(workdir, "hparams_search=single", "hydra.sweeper.params.x.high=null")
     assert result.returncode != 0

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import optuna
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -136,6 +136,10 @@ class Objectives:
     @property
     def directions(self) -> list[str]:
         return [objective.direction for objective in self.items]
+
+    def missing_from(self, returned: Any) -> list[str]:
+        """The objectives a mapping the task returned does not hold."""
+        return [name for name in self.names if isinstance(returned, Mapping) and name not in returned]
 
     def values_from(self, returned: Any) -> tuple[Optional[list[float]], Optional[str]]:
         """(objective values, None), or (None, why the trial fails)."""
@@ -398,12 +402,16 @@ class OptunaSweeper(Sweeper):
             # error raises out of launch() just the same, which ends the sweep FAILED.
             overrides = [job_overrides for _, job_overrides in batch]
             results = self.launcher.launch(overrides, initial_job_idx=batch[0][0].number)
+            never_returned = None
             for (trial, _), result in zip(batch, results):
                 state, values, reason = _outcome(trial, result, objectives)
                 self._tell(study, tracker, parent_run_id, trial, state, values, reason, launched=True)
                 if state == TrialState.FAIL:
                     failures.append(reason or "")
+                    never_returned = never_returned or _never_returned(study, trial, result, objectives)
             returns.append(results)
+            if never_returned:
+                return never_returned
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         with warnings.catch_warnings():
@@ -582,6 +590,21 @@ def _outcome(
         return TrialState.FAIL, None, f"{type(error).__name__}: {error}"
     values, reason = objectives.values_from(returned)
     return (TrialState.COMPLETE, values, None) if reason is None else (TrialState.FAIL, None, reason)
+
+
+def _never_returned(study: optuna.Study, trial: optuna.Trial, result: JobReturn, objectives: Objectives
+                    ) -> Optional[str]:
+    """Why the sweep stops now, when a trial's run returned without an objective and no trial of the study ever
+    completed: a run's config decides which metrics it returns (eval.decode.enabled=false drops
+    throughput/decode_tok_s), so every later trial would train in full and fail alike."""
+    if result.status != JobStatus.COMPLETED or study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None  # it raised, or the config has produced every objective before: this trial's own failure
+    missing = objectives.missing_from(result.return_value)
+    if not missing:
+        return None
+    return (f"trial {trial.number} returned no {', '.join(missing)} and no trial of the study has completed, so "
+            f"every trial would fail alike: make the runs' config produce each metric of hydra.sweeper.directions "
+            f"(it returned {sorted(map(str, result.return_value))})")
 
 
 def _duplicate_of(study: optuna.Study, trial: optuna.Trial, values: Mapping[str, Any]) -> str:
