@@ -31,16 +31,38 @@ def load_checkpoint(path: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
+def token_ids(text: str) -> list[int]:
+    """--ids: comma-separated non-negative token ids."""
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids, e.g. 3,17,5") from None
+    if min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a negative token id")
+    return ids
+
+
+def positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message for a value it cannot convert
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arch_lab.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a Lightning checkpoint written by `python -m arch_lab`")
     parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
-    parser.add_argument("--ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--ids", action="append", default=[], type=token_ids,
+                        help="comma-separated token ids (repeatable)")
+    parser.add_argument("--max-new-tokens", type=positive(int), default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--temperature", type=positive(float), default=1.0)
+    parser.add_argument("--top-k", type=positive(int), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
@@ -53,15 +75,20 @@ def main(argv=None) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     if args.prompt and tokenizer is None:
         parser.error("this checkpoint was trained on token ids (no text tokenizer): use --ids")
-    prompts = [tokenizer.encode(p) for p in args.prompt]
-    prompts += [[int(t) for t in ids.split(",")] for ids in args.ids]
+    vocab = model.cfg.vocab_size
+    outside = [i for ids in args.ids for i in ids if i >= vocab]
+    if outside:
+        parser.error(f"--ids: token id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    if args.top_k is not None and args.top_k > vocab:
+        parser.error(f"--top-k {args.top_k} is larger than the model's vocabulary ({vocab} ids)")
+    prompts = [tokenizer.encode(p) for p in args.prompt] + args.ids
     if not prompts:
         parser.error("give at least one --prompt or --ids")
     out = Generator(model, compile=args.compile).generate(prompts, args.max_new_tokens, greedy=not args.sample,
                                     temperature=args.temperature, top_k=args.top_k,
                                     eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed,
                                     vocab_limit=tokenizer.vocab_size if tokenizer else None)
-    for prompt, tokens in zip(args.prompt + args.ids, out.tokens):
+    for prompt, tokens in zip(args.prompt + [",".join(map(str, ids)) for ids in args.ids], out.tokens):
         text = tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens))
         print(f"=== {prompt}\n{text}")
     return 0

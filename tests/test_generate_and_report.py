@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arch_lab.generate import load_checkpoint
+from arch_lab.generate import load_checkpoint, main as generate_main
 from components.generation import Generator
 from lab_helpers import DATA_ROOT as DATA
 
@@ -48,6 +48,22 @@ def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_check
     run = subprocess.run([sys.executable, "-m", "arch_lab.generate", str(text_checkpoint)], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "give at least one --prompt or --ids" in run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ids", "3,a"], "argument --ids: '3,a' is not a comma-separated list of token ids"),
+    (["--ids", "-3"], "argument --ids: '-3' holds a negative token id"),
+    (["--ids", "3,99999"], "--ids: token id 99999 is outside the model's vocabulary (0..{last})"),
+    (["--ids", "3", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
+    (["--ids", "3", "--sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+    (["--ids", "3", "--top-k", "99999"], "--top-k 99999 is larger than the model's vocabulary ({vocab} ids)"),
+])
+def test_generate_cli_names_a_bad_argument(text_checkpoint, capsys, args, message):
+    vocab = load_checkpoint(str(text_checkpoint), "cpu")[0].cfg.vocab_size
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error, not a traceback from the embedding
+        generate_main([str(text_checkpoint), "--device", "cpu", *args])
+    assert stop.value.code == 2
+    assert message.format(last=vocab - 1, vocab=vocab) in capsys.readouterr().err
 
 
 def test_generate_cli_names_a_missing_checkpoint(tmp_path):
