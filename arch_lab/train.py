@@ -15,38 +15,13 @@ from components.config import ModelConfig
 
 from . import evaluate, tracking
 from .data_factory import build_datamodule, build_tokenizer, data_vocab_size, tokenizer_spec
+from .run_checks import check_compatible, check_inputs_exist, check_values
 
 log = logging.getLogger(__name__)
 
 
 class GPURequiredError(RuntimeError):
     pass
-
-
-def _check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab: int) -> None:
-    if vocab > model_cfg["vocab_size"]:
-        raise ValueError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size={model_cfg['vocab_size']}; "
-                         f"raise model.vocab_size or lower data.vocab_size")
-    if data_cfg["seq_len"] > model_cfg["max_seq_len"]:
-        raise ValueError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
-                         f"(model.max_seq_len={model_cfg['max_seq_len']})")
-
-
-def _check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
-    """Files read only after training must exist before it starts, so a typo cannot waste a run."""
-    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
-    passkey = cfg.eval.passkey
-    if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
-        raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
-    if data_cfg["kind"] == "text" and cfg.eval.commonsense.enabled:
-        from .evaluation.commonsense import COMMONSENSE_TASKS
-
-        unknown = [t for t in cfg.eval.commonsense.tasks if t not in COMMONSENSE_TASKS]
-        if unknown:
-            raise ValueError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
-        if not Path(cfg.eval.commonsense.data_dir).is_dir():
-            raise FileNotFoundError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")
 
 
 def _run_name(cfg: DictConfig, trial) -> str:
@@ -133,11 +108,12 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ModelConfig.from_dict(model_cfg).validate()
+    check_values(cfg)
     out = Path(output_dir or tempfile.mkdtemp(prefix="arch_lab_"))
     spec = tokenizer_spec(data_cfg, out)
     tokenizer = build_tokenizer(data_cfg, spec)
-    _check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
-    _check_inputs_exist(cfg, data_cfg)
+    check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
+    check_inputs_exist(cfg, data_cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,

@@ -15,7 +15,8 @@ FUSIONS = ("mean", "concat")
 
 
 class ConfigError(ValueError):
-    """An impossible model config; the message names the key (as `model.<key>`) and what is allowed."""
+    """An impossible config value; the message names its key (`model.<key>`, or the run's, as `optim.lr`) and what is
+    allowed."""
 
 
 @dataclass

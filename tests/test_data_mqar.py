@@ -203,7 +203,7 @@ def test_datamodule_refuses_a_test_set_that_leaks_into_training():
         vocab_size=8, seq_len=8, train_examples=300, test_examples=50, num_kv_pairs_train=[2],
         num_kv_pairs_test=[2], random_non_queries=False,
     )
-    with pytest.raises(ValueError, match=r"MQAR val examples also occur in the training set; raise data\.mqar\.vocab_size"):
+    with pytest.raises(ValueError, match=r"MQAR val examples also occur in the training set; raise data\.vocab_size"):
         dm.setup("fit")
 
 
@@ -212,31 +212,33 @@ def test_datamodule_refuses_a_test_set_that_leaks_into_training():
     [
         (
             dict(seq_len=32, num_kv_pairs=9),
-            "data.mqar.num_kv_pairs=9 needs seq_len >= 4 * num_kv_pairs = 36 (room for the pairs and their queries); "
-            "seq_len=32 allows at most 8",
+            "data.num_kv_pairs_train: 9 pairs need data.seq_len >= 4 * 9 = 36 (room for the pairs and their "
+            "queries); data.seq_len=32 allows at most 8",
         ),
         (
             dict(seq_len=64, num_kv_pairs=[4, 20]),
-            "data.mqar.num_kv_pairs=20 needs seq_len >= 4 * num_kv_pairs = 80",
+            "data.num_kv_pairs_train: 20 pairs need data.seq_len >= 4 * 20 = 80",
         ),
         (
             dict(vocab_size=16, num_kv_pairs=8),
-            "data.mqar.vocab_size must be >= 18 to hold 8 distinct keys and values in each half of the vocabulary, got 16",
+            "data.vocab_size must be >= 18 to hold 8 distinct keys and values in each half of the vocabulary, got 16",
         ),
-        (dict(num_kv_pairs=[]), "data.mqar.num_kv_pairs must be a positive int or a non-empty list of them, got []"),
+        (dict(num_kv_pairs=[]), "data.num_kv_pairs_train must be a positive int or a non-empty list of them, got []"),
         (dict(num_kv_pairs=[2, 4, 8], num_examples=2),
-         "data.mqar.num_examples must give every num_kv_pairs slice (3) at least one example, got 2"),
+         "data.train_examples must give every data.num_kv_pairs_train slice (3) at least one example, got 2"),
         (dict(num_kv_pairs=[2, 4], num_examples=5, slice_weights=[9, 1]),
-         "data.mqar.num_examples must give every num_kv_pairs slice (2) at least one example, got 5"),
+         "data.train_examples must give every data.num_kv_pairs_train slice (2) at least one example, got 5"),
         (dict(num_kv_pairs=[2, 4], slice_seq_lens=[16]),
          "data.train_slice_seq_lens needs one entry per num_kv_pairs_train slice (2), got [16]"),
         (dict(num_kv_pairs=[2, 4], slice_weights=[1, 0]), "data.train_slice_weights must all be > 0, got [1, 0]"),
         (dict(num_kv_pairs=[2, 4], slice_seq_lens=[16, 128]),
          "data.train_slice_seq_lens must each be <= data.seq_len=64, got [16, 128]"),
         (dict(num_kv_pairs=[2, 8], slice_seq_lens=[16, 16]),
-         "data.mqar.num_kv_pairs=8 needs seq_len >= 4 * num_kv_pairs = 32 (room for the pairs and their queries); "
-         "seq_len=16 allows at most 4"),
-        (dict(power_a=0.0), "data.mqar.power_a must be > 0 (1.0 = uniform gaps), got 0.0"),
+         "data.num_kv_pairs_train: 8 pairs need data.train_slice_seq_lens >= 4 * 8 = 32 (room for the pairs and "
+         "their queries); data.train_slice_seq_lens=16 allows at most 4"),
+        (dict(num_kv_pairs=[2, 4], num_examples=1, config_keys="test"),  # the val and test sets' keys
+         "data.test_examples must give every data.num_kv_pairs_test slice (2) at least one example, got 1"),
+        (dict(power_a=0.0), "data.power_a must be > 0 (1.0 = uniform gaps), got 0.0"),
     ],
 )
 def test_bad_config_errors_name_the_key(kwargs, message):

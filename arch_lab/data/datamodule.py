@@ -104,7 +104,8 @@ class MQARDataModule(L.LightningDataModule):
             power_a=power_a,
             random_non_queries=random_non_queries,
         )
-        held_out = partial(split, num_kv_pairs=list(num_kv_pairs_test), num_examples=test_examples)
+        held_out = partial(split, num_kv_pairs=list(num_kv_pairs_test), num_examples=test_examples,
+                           config_keys="test")
         # Build the configs here so that bad settings fail at construction, not inside fit().
         self.configs = {
             "train": split(num_kv_pairs=list(num_kv_pairs_train), num_examples=train_examples, seed=seed,
@@ -131,8 +132,8 @@ class MQARDataModule(L.LightningDataModule):
             shared = count_shared_examples(data["train"]["input_ids"], data[held_out]["input_ids"])
             if shared:
                 raise ValueError(
-                    f"{shared} MQAR {held_out} examples also occur in the training set; raise data.mqar.vocab_size "
-                    "or data.mqar.seq_len (or set random_non_queries) so examples stay distinct"
+                    f"{shared} MQAR {held_out} examples also occur in the training set; raise data.vocab_size "
+                    "or data.seq_len (or set data.random_non_queries) so examples stay distinct"
                 )
         self.datasets = {name: TensorDictDataset(tensors) for name, tensors in data.items()}
 

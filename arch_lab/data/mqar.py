@@ -49,6 +49,7 @@ class MQARConfig:
     random_non_queries: bool = True
     slice_seq_lens: list[int] | None = None
     slice_weights: list[float] | None = None
+    config_keys: str = "train"  # the data.* keys its errors name: "train", or "test" (the val and test sets)
 
     @property
     def slices(self) -> list[int]:
@@ -68,11 +69,10 @@ class MQARConfig:
         return rows
 
     def __post_init__(self) -> None:
-        slices = self.slices
+        slices, pairs_key = self.slices, f"data.num_kv_pairs_{self.config_keys}"
         if not slices or any(not isinstance(k, int) or k < 1 for k in slices):
             raise ValueError(
-                "data.mqar.num_kv_pairs must be a positive int or a non-empty list of them, "
-                f"got {self.num_kv_pairs!r}"
+                f"{pairs_key} must be a positive int or a non-empty list of them, got {self.num_kv_pairs!r}"
             )
         # Only the training mixture takes per-slice lengths and weights, so errors name the data.train_* keys.
         for key, values in (("seq_lens", self.slice_seq_lens), ("weights", self.slice_weights)):
@@ -87,26 +87,27 @@ class MQARConfig:
             raise ValueError(
                 f"data.train_slice_seq_lens must each be <= data.seq_len={self.seq_len}, got {self.lengths!r}"
             )
+        length_key = "data.train_slice_seq_lens" if self.slice_seq_lens is not None else "data.seq_len"
         for k, length in zip(slices, self.lengths):
             if length < 4 * k:
                 raise ValueError(
-                    f"data.mqar.num_kv_pairs={k} needs seq_len >= 4 * num_kv_pairs = {4 * k} "
-                    f"(room for the pairs and their queries); seq_len={length} allows at most {length // 4}"
+                    f"{pairs_key}: {k} pairs need {length_key} >= 4 * {k} = {4 * k} (room for the pairs and "
+                    f"their queries); {length_key}={length} allows at most {length // 4}"
                 )
         most = max(slices)
         min_vocab = 2 * most + 2  # keys come from [1, vocab//2), values from [vocab//2, vocab)
         if self.vocab_size < min_vocab:
             raise ValueError(
-                f"data.mqar.vocab_size must be >= {min_vocab} to hold {most} distinct keys and values "
+                f"data.vocab_size must be >= {min_vocab} to hold {most} distinct keys and values "
                 f"in each half of the vocabulary, got {self.vocab_size}"
             )
         if self.num_examples < len(slices) or min(self.slice_rows()) < 1:
             raise ValueError(
-                f"data.mqar.num_examples must give every num_kv_pairs slice ({len(slices)}) at least one "
-                f"example, got {self.num_examples}"
+                f"data.{self.config_keys}_examples must give every {pairs_key} slice ({len(slices)}) at least "
+                f"one example, got {self.num_examples}"
             )
         if self.power_a <= 0:
-            raise ValueError(f"data.mqar.power_a must be > 0 (1.0 = uniform gaps), got {self.power_a}")
+            raise ValueError(f"data.power_a must be > 0 (1.0 = uniform gaps), got {self.power_a}")
 
 
 def _has_duplicate(rows: torch.Tensor) -> torch.Tensor:

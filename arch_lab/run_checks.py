@@ -1,0 +1,86 @@
+"""A run's config checked before anything trains: each bad value fails with one message naming its key and what
+is allowed, where torch or Lightning would otherwise fail later with words of their own ("Invalid learning rate",
+"integer modulo by zero"). The model's keys are checked by components.config.ModelConfig.validate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from components.config import ConfigError
+
+from .optim import SCHEDULES
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fraction(v: Any) -> bool:
+    return _number(v) and 0 <= v <= 1
+
+
+def _betas(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v)
+
+
+def _val_interval(v: Any) -> bool:
+    return (_integer(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1)
+
+
+Rule = tuple[str, Callable[[Any], bool], str]
+RULES: list[Rule] = [
+    ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("optim.lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optim.min_lr_ratio", _fraction, "a number in [0, 1]"),
+    ("optim.betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.95]"),
+    ("optim.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("optim.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    ("optim.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("optim.decay_fraction", _fraction, "a number in [0, 1]"),
+    ("trainer.val_check_interval", _val_interval, "steps as an integer >= 1, or a fraction of an epoch in (0, 1]"),
+]
+DECODE_RULES: list[Rule] = [(f"eval.decode.{key}", lambda v: _integer(v) and v >= 1, "an integer >= 1")
+                            for key in ("batch", "context", "new_tokens")]
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every RULES key (and eval.decode's when it is enabled) holds an allowed value."""
+    rules = RULES + (DECODE_RULES if OmegaConf.select(cfg, "eval.decode.enabled") else [])
+    for key, allowed, description in rules:
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if not allowed(value):
+            raise ConfigError(f"{key} must be {description}, got {value!r}")
+
+
+def check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab: int) -> None:
+    if vocab > model_cfg["vocab_size"]:
+        raise ValueError(f"the data vocabulary ({vocab} ids) is larger than "
+                         f"model.vocab_size={model_cfg['vocab_size']}; raise model.vocab_size or lower data.vocab_size")
+    if data_cfg["seq_len"] > model_cfg["max_seq_len"]:
+        raise ValueError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
+                         f"(model.max_seq_len={model_cfg['max_seq_len']})")
+
+
+def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
+    """Files read only after training must exist before it starts, so a typo cannot waste a run."""
+    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+    passkey = cfg.eval.passkey
+    if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
+        raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
+    if data_cfg["kind"] == "text" and cfg.eval.commonsense.enabled:
+        from .evaluation.commonsense import COMMONSENSE_TASKS
+
+        unknown = [t for t in cfg.eval.commonsense.tasks if t not in COMMONSENSE_TASKS]
+        if unknown:
+            raise ValueError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
+        if not Path(cfg.eval.commonsense.data_dir).is_dir():
+            raise FileNotFoundError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")

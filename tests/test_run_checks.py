@@ -1,0 +1,47 @@
+"""A run's config values are checked before anything trains, each error naming its key and what is allowed
+(arch_lab/run_checks.py); torch and Lightning failed later with their own words ("Invalid learning rate: -1")."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from arch_lab.run_checks import check_values
+from components.config import ConfigError
+from lab_helpers import CONF_DIR
+
+
+def _composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_every_shipped_experiment_passes():
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        check_values(_composed(f"experiment={path.stem}"))
+    check_values(_composed("trainer=gpu", "trainer.val_check_interval=0.5"))  # a fraction of an epoch is allowed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+    ("data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+    ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be a number in [0, 1], got 2"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got [0.9]"),
+    ("optim.betas=[0.9,1.0]", "optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got [0.9, 1.0]"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0, got -0.1"),
+    ("optim.schedule=linear", "optim.schedule must be one of wsd, cosine, constant, got 'linear'"),
+    ("optim.warmup_steps=1.5", "optim.warmup_steps must be an integer >= 0, got 1.5"),
+    ("optim.decay_fraction=-1", "optim.decay_fraction must be a number in [0, 1], got -1"),
+    ("trainer.val_check_interval=0",
+     "trainer.val_check_interval must be steps as an integer >= 1, or a fraction of an epoch in (0, 1], got 0"),
+    ("eval.decode.batch=0", "eval.decode.batch must be an integer >= 1, got 0"),
+])
+def test_a_bad_value_names_its_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        check_values(_composed(override))
+
+
+def test_decode_settings_are_only_checked_when_decode_runs():
+    check_values(_composed("eval.decode.enabled=false", "eval.decode.batch=0"))
