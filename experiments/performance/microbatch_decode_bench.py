@@ -12,6 +12,7 @@ price: every weight is read k times and every kernel launched k times.
 Each split is one CUDA graph holding the k steps (fork, k steps, join), replayed --steps times after a prefill of
 --context random tokens; the time per replay is the step time of the whole batch. The logits of the first replay
 are compared with split 1's (the same prompts). Rows are built at 300M in bf16 with random weights, as the bench's.
+The timed replays' Unix start and end times are printed too, to line them up with a clock and power log.
 """
 from __future__ import annotations
 
@@ -67,13 +68,16 @@ def measure(model, split: int, batch: int, context: int, steps: int, chunk: int,
     graph.replay()
     first = torch.cat([l[:, -1].float() for l in logits])
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    wall = [time.time()]
     start.record()
     for _ in range(steps - 1):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
+    wall.append(time.time())  # Unix times of the timed replays, to find them among nvidia-smi's samples
     return {"split": split, "ms_per_step": start.elapsed_time(end) / (steps - 1), "compile_s": compile_s,
-            "first_logits": first}
+            "replays_wall_s": wall, "first_logits": first}
 
 
 def main() -> None:
