@@ -18,7 +18,8 @@ compiled decode step would be:
   flex     FlexAttention with the bias as a score_mod (no block mask: a decode step's keys are nearly all allowed)
   triton   a split-KV Triton kernel (split_kv_attention.py), launched as it is, once for each of --triton-blocks
            (keys per split x keys per block x warps x stages)
-Device time per call is summed by torch.profiler over calls that take turns over --copies copies of the cache;
+Device time per call is summed by torch.profiler over calls that take turns over --copies copies of the cache
+(with --between-mb, each after a matmul streaming that many MB of weights, whose kernels are left out of the sum);
 GB/s counts the cache's K and V bytes once. Every way's output is compared with sdpa's.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from components.kv_cache import GlobalKVCache, SlidingWindowKVCache, StepInfo
 from components.ops.attention import additive_mask, allowed_keys, attention_reference
-from scan_kernel_bench import kernel_ms
+from scan_kernel_bench import kernel_times
 
 
 def grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
@@ -91,6 +92,16 @@ def cache_inputs(cache, batch: int, heads: int, context: int, window, meta: int)
     return q, view.k, view.v, additive_mask(allowed_keys(step.positions, view.positions, window, meta), q.dtype)
 
 
+def weight_stream(batch: int, megabytes: float, pool: int = 8) -> Callable[[], torch.Tensor]:
+    """A decode step's projection: (batch, 1024) activations by a (1024, n) bf16 weight of `megabytes`, taking turns
+    over `pool` such weights so that each call streams its weight from memory, as a layer's in_proj before its
+    attention does."""
+    columns = max(64, round(megabytes * 1e6 / (1024 * 2) / 64) * 64)  # a multiple of 64, as a model's widths
+    x = torch.randn(batch, 1024, device="cuda", dtype=torch.bfloat16)
+    weights = itertools.cycle([torch.randn(1024, columns, device="cuda", dtype=torch.bfloat16) for _ in range(pool)])
+    return lambda: x @ next(weights)
+
+
 def failure_reason(fn: Callable, inputs: tuple, error: Exception) -> str:
     """The error of the uncompiled call where it fails too: a compiled call's names Dynamo's graph node and its
     arguments, and puts the reason at the end of a long first line."""
@@ -119,6 +130,10 @@ def main() -> None:
                         help="timed calls take turns over this many copies of each cache, so that none finds in L2 "
                              "what the call before read, as in a decode step, where each layer reads its own cache "
                              "(on an H200, 1 and 8 copies timed the same)")
+    parser.add_argument("--between-mb", type=float, default=0,
+                        help="before each timed call, a decode-step matmul streaming this many MB of weights "
+                             "(weight_stream), as in a decode step, where a layer's in_proj runs just before its "
+                             "attention; the time is then the attention's kernels alone (0: none)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -132,6 +147,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: decode attention, batch {args.batch}, {heads}/{kv_heads} heads, keys "
           f"{qk_dim}, values {v_dim}, bf16, torch {torch.__version__}")
     print(f"{'cache':<8}{'keys':>7}{'way':>22}{'us':>9}{'GB/s':>8}{'rel err':>10}")
+    between = weight_stream(args.batch, args.between_mb) if args.between_mb else None
+    between_kernels = set(kernel_times(between, 2)) if between else set()  # to leave out of the attention's time
     ways = [(way, None) for way in args.ways if way != "triton"]
     ways += [(f"triton {blocks}", triton_split_kv(blocks)) for blocks in args.triton_blocks if "triton" in args.ways]
     for name, (q, k, v, bias) in caches.items():
@@ -148,7 +165,8 @@ def main() -> None:
             try:
                 with torch.no_grad():
                     out = launch(q, k, v, bias)
-                    ms = kernel_ms(lambda: launch(q, *next(turns), bias), args.iters)[0]
+                    times = kernel_times(lambda: (between and between(), launch(q, *next(turns), bias)), args.iters)
+                    ms = sum(t for kernel, t in times.items() if kernel not in between_kernels)
             except Exception as error:  # e.g. no SDPA kernel for these inputs (sdpa_mem with GQA and a mask)
                 print(f"{name:<8}{k.shape[2]:>7}{way:>22}  failed: {failure_reason(fn, (q, k, v, bias), error)}")
                 continue

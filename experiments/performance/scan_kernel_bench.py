@@ -66,9 +66,9 @@ def cuda_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float, dict[str, float]]:
-    """(all kernels, the scan kernels alone, each scan kernel by name) in device ms per call, summed by
-    torch.profiler: the GPU's time without the host's gaps between launches, as a compiled training step sees them."""
+def kernel_times(fn: Callable[[], object], iters: int) -> dict[str, float]:
+    """Each kernel's device ms per call of `fn`, by kernel name, summed by torch.profiler: the GPU's time without
+    the host's gaps between launches, as a compiled training step sees them."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -78,10 +78,15 @@ def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float, dict[
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in kernels)
-    scan = {e.key[:40]: e.self_device_time_total / 1000 / iters for e in kernels if "scan" in e.key.lower()}
-    return total / 1000 / iters, sum(scan.values()), scan
+    return {e.key: e.self_device_time_total / 1000 / iters for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA}
+
+
+def kernel_ms(fn: Callable[[], object], iters: int) -> tuple[float, float, dict[str, float]]:
+    """(all kernels, the scan kernels alone, each scan kernel by name) in device ms per call (kernel_times)."""
+    times = kernel_times(fn, iters)
+    scan = {name[:40]: ms for name, ms in times.items() if "scan" in name.lower()}
+    return sum(times.values()), sum(scan.values()), scan
 
 
 def timed(forward: Callable[[], object], forward_backward: Callable[[], object], warmup: int, iters: int) -> dict:
