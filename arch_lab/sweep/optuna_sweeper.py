@@ -148,13 +148,14 @@ class Objectives:
                 f"the task returned {type(returned).__name__}, not a mapping of metric name → value "
                 f"holding {self.names} (hydra.sweeper.directions)"
             )
+        missing = self.missing_from(returned)
+        if missing:
+            return None, (
+                f"metric '{missing[0]}' (hydra.sweeper.directions) is missing from the task's return value; "
+                f"it returned {sorted(map(str, returned))}"
+            )
         values = []
         for name in self.names:
-            if name not in returned:
-                return None, (
-                    f"metric '{name}' (hydra.sweeper.directions) is missing from the task's return value; "
-                    f"it returned {sorted(map(str, returned))}"
-                )
             try:
                 value = float(returned[name])
             except (TypeError, ValueError):
