@@ -7,9 +7,9 @@ Counted per row of the batch:
 - a KV-consumer layer: nothing;
 - SSM heads: scan state (float32, as the kernels keep it) + conv state of d_conv - 1 inputs.
 
-`include_meta=False, ssm_state_dtype_bytes=None` gives the paper's accounting (Table 1 / Table 9 "Cache (MB)"):
-meta tokens are not counted, a window holds min(window, length) tokens, and every element, SSM state included,
-has the cache dtype's size (fp16). MB means 10^6 bytes.
+`include_meta=False, ssm_state_dtype_bytes=None, full_ring=False` (`paper_cache_mb`) gives the paper's accounting
+(Table 1 / Table 9 "Cache (MB)"): meta tokens are not counted, a window holds min(window, length) tokens, and every
+element, SSM state included, has the cache dtype's size (fp16). MB means 10^6 bytes.
 """
 from __future__ import annotations
 

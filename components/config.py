@@ -124,6 +124,8 @@ class ModelConfig:
         uses_attn = any(k in ("hybrid", "attention") for k in kinds)
         uses_ssm = any(k in ("hybrid", "ssm") for k in kinds)
         need(self.n_heads >= 0, "n_heads", f"must be >= 0, got {self.n_heads}")
+        need(self.v_head_dim is None or (_is_int(self.v_head_dim) and self.v_head_dim >= 1), "v_head_dim",
+             f"must be an int >= 1 or null (derived from the fusion), got {self.v_head_dim!r}")
         if "attention" in kinds:
             need(self.n_heads > 0, "n_heads", "attention layers need n_heads >= 1")
         if uses_attn and self.n_heads > 0:
@@ -149,6 +151,9 @@ class ModelConfig:
             need(self.dt_rank == "auto" or (isinstance(self.dt_rank, int) and self.dt_rank > 0), "dt_rank",
                  f"must be 'auto' or a positive int, got {self.dt_rank!r}")
             if self.ssm == "mamba2":
+                for key in ("ssm_head_dim", "ssm_groups", "ssm_chunk_size"):
+                    need(_is_int(getattr(self, key)) and getattr(self, key) >= 1, key,
+                         f"must be an int >= 1, got {getattr(self, key)!r}")
                 need(self.resolved_ssm_inner % self.ssm_head_dim == 0, "ssm_head_dim",
                      f"must divide ssm_inner={self.resolved_ssm_inner}, got {self.ssm_head_dim}")
                 need(self.ssm_n_heads % self.ssm_groups == 0, "ssm_groups",
@@ -158,8 +163,16 @@ class ModelConfig:
         need(self.ffn_dim >= 0, "ffn_dim", f"must be >= 0 (0: no FFN), got {self.ffn_dim}")
         need(self.max_seq_len > 0, "max_seq_len", f"must be > 0, got {self.max_seq_len}")
         if self.window is not None:
-            need(isinstance(self.window, int) and self.window >= 1, "window",
+            need(_is_int(self.window) and self.window >= 1, "window",
                  f"must be an int >= 1 or null (all global), got {self.window!r}")
+        if self.kv_share is not None:
+            need(self.window is not None, "kv_share",
+                 "KV is shared between sliding-window layers only, and model.window is null (every layer global); "
+                 "set model.window or model.kv_share=null")
+            need(_is_int(self.kv_share) or (isinstance(self.kv_share, (list, tuple))
+                                            and all(isinstance(g, (list, tuple)) for g in self.kv_share)),
+                 "kv_share", f"must be a group size (int) or a list of layer groups like [[1, 2], [3, 4]], "
+                             f"got {self.kv_share!r}")
         if isinstance(self.global_layers, str):
             need(self.global_layers in GLOBAL_RULES, "global_layers",
                  f"unknown rule {self.global_layers!r}; allowed: {', '.join(GLOBAL_RULES)} or a list of layer indices")
@@ -169,6 +182,6 @@ class ModelConfig:
         return self
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(ModelConfig)]
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true/false are not sizes
 

@@ -12,8 +12,6 @@ In a GPU decode step with Mamba-1 heads the two branches run side by side on two
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 

@@ -1,8 +1,9 @@
 """Attention K/V caches for inference: a full buffer for global layers, meta slots + a ring for local ones.
 
-Both keep the meta-token K/V in their first `num_meta` slots (the learned cache initialization, copied in at
-prefill). Slots are indexed by *padded* position: with left padding, row r's first `pad[r]` positions are
-padding, and a slot's RoPE position is `num_meta + padded_index - pad[r]` (or -1 when empty or padding).
+Both keep the meta-token K/V in their first `num_meta` slots (the learned cache initialization, copied in when
+`HybridLM.new_inference_state` allocates the state). Slots are indexed by *padded* position: with left padding,
+row r's first `pad[r]` positions are padding, and a slot's RoPE position is `num_meta + padded_index - pad[r]` (or -1
+when empty or padding).
 KV-consumer layers own no cache: they read their producer's `KVView` for the current step.
 """
 from __future__ import annotations

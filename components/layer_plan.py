@@ -103,7 +103,9 @@ def _kv_groups(cfg: ModelConfig, local_layers: list[int], global_layers: set[int
     if isinstance(share, int):
         if share < 1:
             raise ConfigError(f"model.kv_share: group size must be >= 1, got {share}")
-        # Rule: split each run of consecutive local layers into groups of `share` (the release pairs them).
+        # Rule: split each run of consecutive local layers into groups of `share`; a run's leftover layer keeps
+        # its own KV. (The release pairs its layers too but puts an odd run's extra layer in a triple, [16, 17,
+        # 18]: presets.HYMBA_1_5B_KV_GROUPS lists its groups.)
         groups, run = [], []
         for i in local_layers + [None]:
             if run and (i is None or i != run[-1] + 1):
@@ -141,6 +143,11 @@ def resolve_layer_plan(cfg: ModelConfig) -> LayerPlan:
     local_layers = [i for i in attn_layers if i not in global_set]
     owner = {i: i for i in attn_layers}
     for g in _kv_groups(cfg, local_layers, global_set):
+        widths = {i: cfg.resolved_v_head_dim(kinds[i]) for i in g}
+        if len(set(widths.values())) > 1:
+            raise ConfigError(f"model.kv_share: group {g} mixes value head widths {widths} (layer: width); a consumer "
+                              f"reads its producer's V, so put layers of one kind in a group (all hybrid or all "
+                              f"attention) or set model.v_head_dim")
         for i in g:
             owner[i] = g[0]
     specs = []

@@ -105,14 +105,17 @@ class HybridLM(nn.Module):
         logits = (self.lm_head_weight @ self.final_norm(h).flatten(0, 1).T).T.view(*h.shape[:-1], -1)
         return logits.contiguous() if h.shape[1] == 1 else logits
 
-    def _check_length(self, length: int) -> None:
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length) token ids, got shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
         if length > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {length} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}; "
                              f"raise model.max_seq_len or shorten data.seq_len")
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full forward (training): (b, L) -> (b, m + L, d) final hidden states, meta positions included."""
-        self._check_length(input_ids.shape[1])
+        self._check_ids(input_ids)
         h = self.meta.prepend(self.embed(input_ids))
         positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         step = StepInfo(positions=positions)
@@ -162,6 +165,9 @@ class HybridLM(nn.Module):
         `layers_and_logits` in its place (a compiled version of it: it reads no per-step Python value, so one
         compilation serves every step).
         """
+        if input_ids.dim() != 2 or input_ids.shape[0] != state.batch:
+            raise ValueError(f"input_ids must be (batch, length) token ids for the inference state's batch of "
+                             f"{state.batch}, got shape {tuple(input_ids.shape)}")
         b, l = input_ids.shape
         start = state.seq_len
         if start + l > state.max_len:

@@ -55,7 +55,10 @@ def counts_of(model) -> ParamCounts:
         if layer.ffn is not None:
             ffn += sum(p.numel() for p in layer.ffn.parameters())
     embedding = model.embed.weight.numel() + (model.lm_head.weight.numel() if model.lm_head is not None else 0)
-    other = total - int(round(attention + ssm)) - ffn - embedding
+    # counted from the modules themselves (not as the remainder), so a branch split that loses or double-counts
+    # mixer parameters shows as a breakdown that no longer adds up to the total
+    other = sum(p.numel() for name, p in model.named_parameters()
+                if not name.startswith(("embed.", "lm_head.")) and ".mixer." not in name and ".ffn." not in name)
     return ParamCounts(total, attention, ssm, ffn, embedding, other)
 
 

@@ -167,6 +167,17 @@ def test_state_rejects_more_tokens_than_max_len():
             model.forward_cached(random_tokens(model.cfg.vocab_size, 1, 2), state)
 
 
+def test_ids_of_the_wrong_shape_are_refused_with_the_shape_expected():
+    model = build_model(cpu_config("roadmap_e"))
+    state = model.new_inference_state(2, 8, torch.float64, "cpu")
+    ids = random_tokens(model.cfg.vocab_size, 1, 3)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"^input_ids must be \(batch, length\) token ids, got shape \(3,\)$"):
+            model(ids[0])  # an embedding of 1-D ids would fail later, deep in a layer
+        with pytest.raises(ValueError, match=r"for the inference state's batch of 2, got shape \(1, 3\)$"):
+            model.forward_cached(ids, state)
+
+
 # ---- learned cache initialization (paper §2.4) ---------------------------------------------------------------
 @pytest.mark.parametrize("name,overrides", [("roadmap_e", {}), ("hymba_1_5b", {}),
                                             ("hymba_1_5b", dict(ssm="mamba2", ssm_head_dim=8, n_meta_tokens=2))])

@@ -48,6 +48,14 @@ def test_config_error_is_a_value_error():
     (dict(ssm="s4"), ["model.ssm", "'s4'", "allowed: mamba1, mamba2"]),
     (dict(fusion="sum"), ["model.fusion", "'sum'", "allowed: mean, concat"]),
     (dict(n_meta_tokens=-1), ["model.n_meta_tokens", "must be >= 0"]),
+    (dict(window=True), ["model.window", "int >= 1 or null", "got True"]),  # YAML's true would be a window of 1
+    (dict(v_head_dim=0), ["model.v_head_dim", "int >= 1 or null", "got 0"]),
+    (dict(v_head_dim=-4), ["model.v_head_dim", "int >= 1 or null", "got -4"]),
+    (dict(ssm="mamba2", ssm_head_dim=0), ["model.ssm_head_dim", "int >= 1", "got 0"]),
+    (dict(ssm="mamba2", ssm_groups=0), ["model.ssm_groups", "int >= 1", "got 0"]),
+    (dict(ssm="mamba2", ssm_chunk_size=0), ["model.ssm_chunk_size", "int >= 1", "got 0"]),
+    (dict(kv_share=[1, 2]), ["model.kv_share", "a list of layer groups like [[1, 2], [3, 4]]", "got [1, 2]"]),
+    (dict(kv_share=2, window=None), ["model.kv_share", "model.window is null", "model.kv_share=null"]),
 ])
 def test_invalid_values_are_rejected_by_validate(changes, expected):
     with pytest.raises(ConfigError) as error:
@@ -95,6 +103,15 @@ def test_kv_group_with_a_layer_without_attention():
                                 kv_share=[[1, 2]]))
     assert message == ("model.kv_share: group [1, 2] has layers without attention heads; "
                        "allowed: local attention layers [1, 3, 4]")
+
+
+def test_kv_group_mixing_value_widths():
+    # mean fusion gives hybrid layers V heads of ssm_inner / n_heads = 16, attention layers qk_head_dim = 8
+    message = plan_error(config(layers=["hybrid", "hybrid", "attention", "hybrid", "hybrid", "hybrid"],
+                                kv_share=[[1, 2]]))
+    assert message.startswith("model.kv_share: group [1, 2] mixes value head widths {1: 16, 2: 8}")
+    resolve_layer_plan(config(layers=["hybrid", "hybrid", "attention", "hybrid", "hybrid", "hybrid"],
+                              kv_share=[[1, 2]], v_head_dim=16))  # one width for both kinds: allowed
 
 
 def test_head_ratio_that_leaves_no_ssm_width_under_the_budget():

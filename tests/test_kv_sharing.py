@@ -8,7 +8,7 @@ import components.attention as attention_module
 from components.kv_cache import StepInfo
 from components.layer_plan import resolve_layer_plan
 from components.param_count import build_on_meta
-from components.presets import HYMBA_1_5B_KV_GROUPS, SIZES, preset
+from components.presets import HYMBA_1_5B_KV_GROUPS, preset
 from model_factories import build_model, cpu_config, one_cpu_thread, random_tokens, rope_by_hand  # noqa: F401
 
 PRODUCER, CONSUMER = 1, 2  # the shrunk Hymba-1.5B shares KV in group [1, 2]

@@ -26,8 +26,9 @@ PRESET_SIZES = [(n, s) for n in STRUCTURES for s in SIZES] + [(n, "tiny") for n 
 @pytest.mark.parametrize("name,size", PRESET_SIZES)
 def test_every_preset_counts_on_meta_and_its_breakdown_adds_up(name, size):
     counts = meta_counts(name, size)
+    # `other` (norms, meta tokens) is counted from its modules: the sum checks the mixers' branch split
     assert counts.attention + counts.ssm + counts.ffn + counts.embedding + counts.other == pytest.approx(counts.total)
-    assert counts.other >= 0 and counts.ffn >= 0
+    assert counts.other > 0 and counts.ffn >= 0
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
@@ -102,8 +103,6 @@ def test_ratio_knob_holds_the_budget_while_attention_heads_grow():
         counts = counts_of(model)
         assert cfg.ssm == "mamba1" and cfg.param_budget == budget
         assert counts.total == pytest.approx(budget, rel=0.01), n_heads
-        expected = "0:1" if n_heads == 0 else f"1:{counts.ssm / counts.attention:.2f}"
-        assert counts.attn_to_ssm == expected
         widths.append(model.cfg.resolved_ssm_inner)
         shares.append(counts.attention / (counts.attention + counts.ssm))
     # ssm_inner is re-solved for every head count (neighbours may round to the same kernel-friendly width)
