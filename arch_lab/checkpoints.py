@@ -34,9 +34,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def hybrid_lm_state(module_state: dict) -> dict:
     """The HybridLM's own state dict out of the LightningModule's (its `model.` entries)."""
     return {k.removeprefix("model."): v for k, v in module_state.items() if k.startswith("model.")}
-
-
-def load_model_weights(path: str, map_location: str = "cpu") -> tuple[dict, dict]:
-    """(model config dict, state dict of the HybridLM) from a lab checkpoint, loaded with weights_only=True."""
-    ckpt = AtomicCheckpointIO().load_checkpoint(path, map_location)
-    return ckpt["hyper_parameters"]["model_cfg"], hybrid_lm_state(ckpt["state_dict"])

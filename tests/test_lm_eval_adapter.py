@@ -20,9 +20,8 @@ from arch_lab.evaluation.commonsense import (
     load_lambada_openai,
     load_piqa,
     load_winogrande,
-    score_continuations,
-    score_multiple_choice,
 )
+from commonsense_scoring import score_continuations, score_multiple_choice
 from lab_helpers import DATA_ROOT
 
 DATA_DIR = DATA_ROOT / "commonsense"
