@@ -62,8 +62,10 @@ def workdir(tmp_path: Path, mlflow_template: Path) -> Path:
     return tmp_path
 
 
-def _env(workdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCH_LAB_SWEEP_", "MLFLOW_"))}
+def _env(workdir: Path, sleep_if_trial: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCH_LAB_SWEEP_", "MLFLOW_", "SWEEP_APP_"))}
+    if sleep_if_trial is not None:
+        env["SWEEP_APP_SLEEP_IF_TRIAL"] = str(sleep_if_trial)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlruns.db'}"
     return env
@@ -79,9 +81,10 @@ def run_app(workdir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def start_app(workdir: Path, *overrides: str) -> subprocess.Popen[str]:
+def start_app(workdir: Path, *overrides: str, sleep_if_trial: int | None = None) -> subprocess.Popen[str]:
+    """The app in the background; trial `sleep_if_trial` sleeps for two minutes, long enough to be interrupted."""
     return subprocess.Popen(
-        _command(*overrides), cwd=workdir, env=_env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _command(*overrides), cwd=workdir, env=_env(workdir, sleep_if_trial), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -180,7 +183,7 @@ def test_interrupted_then_killed_sweep_resumes_to_n_trials_without_repeating_tri
     ]
 
     # 1. SIGTERM while trial 2 runs: the sweep stops cleanly.
-    worker = start_app(workdir, *overrides, "knobs.sleep_if_trial=2", "knobs.sleep_s=120")
+    worker = start_app(workdir, *overrides, sleep_if_trial=2)
     wait_for(lambda: _reported_all_steps(workdir, "single", 2), 120, "trial 2 to start sleeping")
     worker.send_signal(signal.SIGTERM)
     _, stderr = worker.communicate(timeout=60)
@@ -195,7 +198,7 @@ def test_interrupted_then_killed_sweep_resumes_to_n_trials_without_repeating_tri
     finished_before = {t.number: t.params for t in study.trials if t.state == TrialState.COMPLETE}
 
     # 2. The resumed sweep is SIGKILLed while trial 3 runs: nothing cleans up, trial 3 stays RUNNING.
-    worker = start_app(workdir, *overrides, "knobs.sleep_if_trial=3", "knobs.sleep_s=120")
+    worker = start_app(workdir, *overrides, sleep_if_trial=3)
     wait_for(lambda: _reported_all_steps(workdir, "single", 3), 120, "trial 3 to start sleeping")
     worker.kill()
     worker.communicate(timeout=60)
@@ -272,7 +275,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(workdir: Path) -> Non
     console = result.stdout + result.stderr
     assert f"single: FINISHED; 2 complete, 1 pruned, 3 failed of 3; MLflow parent run {parent.info.run_id}" in console
     best = describe_trial(study.best_trial, [Objective("loss", "minimize")])
-    assert "single: 1 of the 2 complete trials on the Pareto front:" in console and f"\t{best}" in console
+    assert "single: the best of the 2 complete trials:" in console and f"\t{best}" in console
     assert best.startswith(f"#{study.best_trial.number} ") and f": loss={study.best_value:.4g}" in best
 
 
@@ -316,6 +319,44 @@ def test_malformed_search_space_names_the_key_before_any_trial(workdir: Path) ->
     assert result.returncode != 0
     assert "hydra.sweeper.params.x.high must be a finite number, got None" in result.stderr
     assert not (workdir / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_study_resumed_with_other_overrides_or_an_unknown_search_key_is_refused(workdir: Path) -> None:
+    assert_ok(run_app(workdir, "hparams_search=single", "hydra.sweeper.n_trials=1", "steps=2"))
+    # another fixed override under the same study name would mix its trials with the study's
+    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.n_trials=2", "steps=1")
+    assert result.returncode != 0
+    assert ("study 'single' in its storage ran its trials with the overrides ['hparams_search=single', 'steps=2'], "
+            "this sweep has ['hparams_search=single', 'steps=1']") in result.stderr
+    assert len(load_study(workdir, "single").trials) == 1
+    # a search key the config lacks: refused before any study exists
+    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.study_name=typo", "model.n_headz=choice(1,2)")
+    assert result.returncode != 0
+    assert "a trial's config does not compose from the sweep's overrides" in result.stderr
+    assert "model.n_headz" in result.stderr
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")] == ["single"]
+
+
+def test_a_grid_point_whose_trial_was_interrupted_is_sampled_again() -> None:
+    space = build_search_space({"model.n_heads": {"type": "categorical", "choices": [0, 4, 8]}}, [], [], set())
+    study = optuna.create_study(sampler=make_sampler(SamplerConf(kind="grid", seed=0), space))
+
+    def run(state: TrialState, **user_attrs: Any) -> int:
+        trial = study.ask()
+        for key, value in user_attrs.items():
+            trial.set_user_attr(key, value)
+        n_heads = trial.suggest_categorical("model.n_heads", [0, 4, 8])
+        study.tell(trial, state=state, values=[1.0] if state == TrialState.COMPLETE else None)
+        return n_heads
+
+    interrupted = run(TrialState.FAIL, fail_reason="interrupted by KeyboardInterrupt: ", interrupted=True)
+    failed = run(TrialState.FAIL, fail_reason="RuntimeError: out of memory")  # its values' doing: stays visited
+    last = run(TrialState.COMPLETE)
+    assert sorted([interrupted, failed, last]) == [0, 4, 8]
+    assert not study.sampler.is_exhausted(study)
+    assert run(TrialState.COMPLETE) == interrupted
+    assert study.sampler.is_exhausted(study)
 
 
 # ---------------------------------------------------------------------------- search space

@@ -63,6 +63,8 @@ SAMPLER_KINDS = ("tpe", "nsgaii", "random", "grid")
 DIRECTIONS = ("maximize", "minimize")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 FAIL_REASON_ATTR = "fail_reason"
+INTERRUPTED_ATTR = "interrupted"  # a FAIL trial stopped with its sweep (Ctrl-C, SIGTERM), not by its values
+FIXED_OVERRIDES_ATTR = "fixed_overrides"  # the overrides every trial of the study runs with
 RUN_ID_ATTR = "mlflow_run_id"
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 _PARENT_WAIT_S = 120.0
@@ -228,6 +230,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         space, fixed_arguments = self._search_space(arguments)
+        self._check_composes(space, fixed_arguments)
         objectives = Objectives.parse(self.directions)
         if self.pruner_conf.kind != "none" and len(objectives.items) > 1:
             raise SweepConfigError(
@@ -249,7 +252,7 @@ class OptunaSweeper(Sweeper):
 
         storage_url = resolve_storage_url(self.storage, Path.cwd())
         storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period)
-        study, created = self._open_study(storage, sampler, pruner, objectives)
+        study, created = self._open_study(storage, sampler, pruner, objectives, fixed_arguments)
         tracker = SweepTracker(resolve_tracking_uri(self.tracking_uri, Path.cwd()))
         parent_run_id = self._parent_run(study, created, tracker, storage_url, space, objectives, target)
         log.info(
@@ -272,8 +275,10 @@ class OptunaSweeper(Sweeper):
                 )
                 status, loop_done = ("FINISHED" if stop_reason is None else "FAILED"), True
             except BaseException as error:
-                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-                self._fail_in_flight(study, tracker, parent_run_id, f"interrupted by {type(error).__name__}: {error}")
+                interrupted = isinstance(error, KeyboardInterrupt)
+                status = "KILLED" if interrupted else "FAILED"
+                reason = f"{'interrupted by' if interrupted else 'the sweep failed:'} {type(error).__name__}: {error}"
+                self._fail_in_flight(study, tracker, parent_run_id, reason, interrupted)
                 raise
             finally:
                 self._close(study, tracker, parent_run_id, objectives, target, status, summarize=loop_done)
@@ -295,10 +300,24 @@ class OptunaSweeper(Sweeper):
         space.check_names(self.config)
         return space, [text for text, _ in fixed]
 
+    def _check_composes(self, space: SearchSpace, fixed_arguments: list[str]) -> None:
+        """Compose one trial's config (each parameter at its first value) before the study exists, so a key that
+        the config lacks fails the sweep at once instead of its first trial."""
+        assert self.hydra_context is not None and self.config is not None
+        overrides = [*fixed_arguments, *space.first_overrides()]
+        try:
+            self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except Exception as error:
+            raise SweepConfigError(f"a trial's config does not compose from the sweep's overrides: {error}") from None
+
     def _open_study(
-        self, storage: Any, sampler: BaseSampler, pruner: optuna.pruners.BasePruner, objectives: Objectives
+        self, storage: Any, sampler: BaseSampler, pruner: optuna.pruners.BasePruner, objectives: Objectives,
+        fixed_arguments: list[str],
     ) -> tuple[optuna.Study, bool]:
-        """Create the study, or join it; `created` is True for exactly one of racing workers."""
+        """Create the study, or join it; `created` is True for exactly one of racing workers. A study joined
+        must have been run with the same objectives and the same fixed overrides: resuming head_ratio for
+        another experiment or data set would otherwise mix its trials with the old ones."""
+        fixed = sorted(fixed_arguments)
         try:
             study = optuna.create_study(
                 storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
@@ -307,6 +326,7 @@ class OptunaSweeper(Sweeper):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(objectives.names)
+            study.set_user_attr(FIXED_OVERRIDES_ATTR, fixed)
             return study, True
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner)
@@ -317,6 +337,13 @@ class OptunaSweeper(Sweeper):
                 f"hydra.sweeper.directions {dict(zip(objectives.names, objectives.directions))} does not match "
                 f"study '{self.study_name}' in its storage (metrics {names}, directions {existing}); "
                 "use another hydra.sweeper.study_name"
+            )
+        before = study.user_attrs.get(FIXED_OVERRIDES_ATTR)
+        if before is not None and before != fixed:
+            raise SweepConfigError(
+                f"study '{self.study_name}' in its storage ran its trials with the overrides {before}, this sweep "
+                f"has {fixed}: resume it with the same overrides, or start another study with "
+                f"hydra.sweeper.study_name=<name>"
             )
         return study, False
 
@@ -360,9 +387,10 @@ class OptunaSweeper(Sweeper):
             trials = study.get_trials(deepcopy=False)
             done = sum(t.state in _COUNTED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
+            waiting = sum(t.state == TrialState.WAITING for t in trials)  # a stale trial's retry, queued
             if done >= target:
                 return None
-            if isinstance(study.sampler, GridSampler) and study.sampler.is_exhausted(study) and running == 0:
+            if isinstance(study.sampler, GridSampler) and study.sampler.is_exhausted(study) and running + waiting == 0:
                 return None  # every grid point was tried; failed points are recorded, re-running them would repeat
             if len(failures) >= max_failed:
                 return (
@@ -442,9 +470,12 @@ class OptunaSweeper(Sweeper):
         assert self._heartbeats is not None
         self._heartbeats.remove(trial.number)
 
-    def _fail_in_flight(self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str, reason: str) -> None:
+    def _fail_in_flight(self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str, reason: str,
+                        interrupted: bool) -> None:
         for trial in list(self._in_flight.values()):
             try:
+                if interrupted:
+                    trial.set_user_attr(INTERRUPTED_ATTR, True)
                 self._tell(study, tracker, parent_run_id, trial, TrialState.FAIL, None, reason, launched=True)
             except Exception as error:  # the sweep is already going down; keep the original error
                 log.error("could not mark trial %d FAIL: %s", trial.number, error)
@@ -481,8 +512,8 @@ class OptunaSweeper(Sweeper):
                 }
                 tracker.tag_best(complete_runs, {t.number for t in front})
                 tags["sweep.best_trials"] = ",".join(str(t.number) for t in front)
-                log.info("%s: %d of the %d complete trials on the Pareto front:", self.study_name, len(front),
-                         counts[TrialState.COMPLETE])
+                best = "the best" if len(objectives.items) == 1 else f"{len(front)} on the Pareto front"
+                log.info("%s: %s of the %d complete trials:", self.study_name, best, counts[TrialState.COMPLETE])
                 for trial in front:
                     log.info("\t%s", describe_trial(trial, objectives.items))
                 if len(objectives.items) == 1:
@@ -568,7 +599,21 @@ class _PerTrialSeededSampler(BaseSampler):
 
 class _AskTellGridSampler(GridSampler):
     """GridSampler without its after_trial hook, which calls study.stop() (valid only inside
-    study.optimize); the sweeper caps n_trials at the grid size itself."""
+    study.optimize); the sweeper caps n_trials at the grid size itself. A point whose trial was
+    interrupted (its sweep stopped, or its worker died: a stale trial has no fail reason) is not
+    visited, so a resumed sweep runs it; a point that failed by its own values stays visited."""
+
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        visited, running = set(), set()
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+            if "grid_id" not in t.system_attrs or not self._same_search_space(t.system_attrs["search_space"]):
+                continue
+            if t.state == TrialState.RUNNING:
+                running.add(t.system_attrs["grid_id"])
+            elif t.state.is_finished() and not _interrupted(t):
+                visited.add(t.system_attrs["grid_id"])
+        every = set(range(self._n_min_trials))
+        return sorted(every - visited - running or every - visited)  # all started: the running, as GridSampler
 
     def after_trial(
         self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Optional[Sequence[float]]
@@ -606,6 +651,11 @@ def _never_returned(study: optuna.Study, trial: optuna.Trial, result: JobReturn,
     return (f"trial {trial.number} returned no {', '.join(missing)} and no trial of the study has completed, so "
             f"every trial would fail alike: make the runs' config produce each metric of hydra.sweeper.directions "
             f"(it returned {sorted(map(str, result.return_value))})")
+
+
+def _interrupted(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and (trial.user_attrs.get(INTERRUPTED_ATTR, False)
+                                                or FAIL_REASON_ATTR not in trial.user_attrs)
 
 
 def _duplicate_of(study: optuna.Study, trial: optuna.Trial, values: Mapping[str, Any]) -> str:

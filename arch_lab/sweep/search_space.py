@@ -158,6 +158,11 @@ class SearchSpace:
                 continue
         return violated
 
+    def first_overrides(self) -> list[str]:
+        """Every parameter at its first value (a choice's first, a range's low) as an override."""
+        return [f"{p.override_key}={override_value(p.choices[0] if isinstance(p, CategoricalParam) else p.low)}"
+                for p in self.params]
+
     def override_key(self, name: str) -> str:
         return next(p.override_key for p in self.params if p.name == name)
 
