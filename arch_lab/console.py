@@ -17,7 +17,9 @@ def quiet_lightning_console() -> None:
     """Lightning's `lightning` package gives its logger a console handler of its own ("INFO: ...") and passes every
     record up to the root logger as well, where Hydra prints it again (and keeps it in the job's log file): with a
     root handler, Lightning's own goes. Its advertisements for its cloud products are dropped, and so is torch
-    2.13's FutureWarning at every fit about a class Lightning 2.6 uses (LeafSpec), which no user can act on."""
+    2.13's FutureWarning at every fit about a class Lightning 2.6 uses (LeafSpec), which no user can act on. So is
+    its advice at every fit to raise a DataLoader's num_workers: the lab's data sets sit in memory, where workers
+    only add start-up time, and data.num_workers is there for a stream that needs them (data=text_hf)."""
     lightning_logger = logging.getLogger("lightning")
     if logging.getLogger().hasHandlers():
         for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
@@ -25,6 +27,7 @@ def quiet_lightning_console() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # once: same function
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
 
 
 class StepsProgressBar(RichProgressBar):

@@ -48,7 +48,8 @@ def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[To
                               train_slice_seq_lens=data_cfg.get("train_slice_seq_lens"),
                               train_slice_weights=data_cfg.get("train_slice_weights"), power_a=data_cfg["power_a"],
                               batch_size=data_cfg["batch_size"], seed=seed,
-                              random_non_queries=data_cfg["random_non_queries"])
+                              random_non_queries=data_cfg["random_non_queries"],
+                              num_workers=data_cfg.get("num_workers", 0))
     if data_cfg["source"] == "files":
         _check_path("data.train_path", data_cfg["train_path"])
         _check_path("data.valid_path", data_cfg["valid_path"])
@@ -61,7 +62,8 @@ def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[To
                           hf_name=data_cfg.get("hf_name"), hf_config=data_cfg.get("hf_config"),
                           hf_train_split=data_cfg.get("hf_train_split", "train"),
                           hf_valid_split=data_cfg.get("hf_valid_split", "validation"),
-                          text_field=data_cfg.get("text_field", "text"), seed=seed)
+                          text_field=data_cfg.get("text_field", "text"), seed=seed,
+                          num_workers=data_cfg.get("num_workers", 0))
 
 
 def data_vocab_size(data_cfg: dict[str, Any], tokenizer: Optional[Tokenizer]) -> int:

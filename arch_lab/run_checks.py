@@ -33,10 +33,13 @@ def _val_interval(v: Any) -> bool:
     return (_integer(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1)
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
 Rule = tuple[str, Callable[[Any], bool], str]
 RULES: list[Rule] = [
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("float32_matmul_precision", lambda v: v in MATMUL_PRECISIONS, f"one of {', '.join(MATMUL_PRECISIONS)}"),
     ("optim.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("optim.min_lr_ratio", _fraction, "a number in [0, 1]"),
     ("optim.betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.95]"),

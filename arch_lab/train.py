@@ -38,6 +38,22 @@ def _launched_worker() -> bool:
     return any(int(os.environ.get(key) or 0) > 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(cfg: DictConfig):
+    """torch's float32 matmul precision set to cfg.float32_matmul_precision for a run on a CUDA GPU, and put back
+    after it (other runs and tests in the process keep theirs). Left alone on a CPU, where "medium" would run
+    float32 matmuls in bf16 and change the reference's results."""
+    if not torch.cuda.is_available() or cfg.trainer.accelerator == "cpu":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """cfg.trainer as Trainer arguments; a strategy given as a mapping with `_target_` is instantiated."""
     from hydra.utils import instantiate
@@ -123,7 +139,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
     worker = _launched_worker()
-    with graceful_stop() as stopper:
+    with graceful_stop() as stopper, float32_matmul_precision(cfg):
         import mlflow
 
         mlflow.set_tracking_uri(cfg.logger.tracking_uri)

@@ -5,6 +5,7 @@ created once per test process: creating MLflow's schema takes seconds on a 2-cor
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
@@ -63,7 +64,9 @@ def lab_env() -> dict[str, str]:
 def _empty_store() -> Path:
     from mlflow import MlflowClient
 
-    path = Path(tempfile.mkdtemp(prefix="arch_lab_mlflow_template_")) / "mlruns.db"
+    folder = tempfile.mkdtemp(prefix="arch_lab_mlflow_template_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # one per test process, not left in /tmp
+    path = Path(folder) / "mlruns.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the schema
     return path
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from lightning.pytorch.callbacks import RichProgressBar
 
-from arch_lab.console import StepsProgressBar, progress_bar
+from arch_lab.console import StepsProgressBar, progress_bar, quiet_lightning_console
 
 
 def _title(bar: RichProgressBar, max_epochs) -> str:
@@ -27,3 +27,13 @@ def test_an_epoch_bounded_run_keeps_lightnings_title():
 def test_no_bar_when_the_trainer_disables_it():
     assert progress_bar(False) is None  # Lightning refuses a progress bar callback with enable_progress_bar=false
     assert isinstance(progress_bar(True), StepsProgressBar)
+
+
+def test_lightnings_dataloader_workers_advice_is_filtered_and_other_warnings_pass(recwarn):
+    import warnings
+
+    quiet_lightning_console()
+    warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.", UserWarning)
+    warnings.warn("The 'val_dataloader' does not have many workers which may be a bottleneck.", UserWarning)
+    warnings.warn("something else about the dataloader", UserWarning)
+    assert [str(w.message) for w in recwarn] == ["something else about the dataloader"]

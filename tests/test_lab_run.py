@@ -239,3 +239,17 @@ def test_validation_interval_counts_steps_across_epochs(tmp_path):
     assert [step for step, _ in metric_history(tmp_path, run.info.run_id, "val/mqar_acc")] == [2, 5]
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert names == ["epoch=1-step=3.ckpt", "epoch=2-step=6.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("accelerator, inside", [("gpu", "medium"), ("cpu", "highest")])
+def test_float32_matmul_precision_holds_for_a_cuda_run_only_and_is_put_back(monkeypatch, accelerator, inside):
+    import torch
+
+    from arch_lab.train import float32_matmul_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = OmegaConf.create({"float32_matmul_precision": "medium", "trainer": {"accelerator": accelerator}})
+    assert torch.get_float32_matmul_precision() == "highest"
+    with float32_matmul_precision(cfg):
+        assert torch.get_float32_matmul_precision() == inside
+    assert torch.get_float32_matmul_precision() == "highest"

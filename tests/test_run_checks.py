@@ -26,6 +26,8 @@ def test_every_shipped_experiment_passes():
 @pytest.mark.parametrize("override, message", [
     ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
     ("data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+    ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
+    ("float32_matmul_precision=tf32", "float32_matmul_precision must be one of highest, high, medium, got 'tf32'"),
     ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be a number in [0, 1], got 2"),
     ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got [0.9]"),
