@@ -19,7 +19,9 @@ def quiet_lightning_console() -> None:
     root handler, Lightning's own goes. Its advertisements for its cloud products are dropped, and so is torch
     2.13's FutureWarning at every fit about a class Lightning 2.6 uses (LeafSpec), which no user can act on. So is
     its advice at every fit to raise a DataLoader's num_workers: the lab's data sets sit in memory, where workers
-    only add start-up time, and data.num_workers is there for a stream that needs them (data=text_hf)."""
+    only add start-up time, and data.num_workers is there for a stream that needs them (data=text_hf). On resume,
+    its warnings that the dataloader is not resumable (the lab's sampler is: arch_lab/data/sampler.py) and that the
+    checkpoint folder changed (every run writes its own) are dropped too."""
     lightning_logger = logging.getLogger("lightning")
     if logging.getLogger().hasHandlers():
         for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
@@ -27,7 +29,10 @@ def quiet_lightning_console() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # once: same function
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+    for message in (r"The '\w+_dataloader' does not have many workers",
+                    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader",
+                    r"The dirpath has changed from"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 class StepsProgressBar(RichProgressBar):

@@ -1,7 +1,8 @@
-"""Ctrl-C / SIGTERM during training: stop at the next step boundary instead of mid-write.
+"""Ctrl-C / SIGTERM during a run: stop at the next step boundary (training) or after the current evaluation
+stage, instead of mid-write.
 
 A KeyboardInterrupt raised inside an MLflow SQLite write can leave the store locked, so the first signal only asks
-the trainer to stop after the current step; the run then ends KILLED. A second signal interrupts at once.
+the run to stop at the next boundary; the run then ends KILLED. A second signal interrupts at once.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ class StopRequested(L.Callback):
     def __init__(self) -> None:
         self.signal: int | None = None
         self.peer_signal = False
+        self.stage = "step"  # what the run finishes before it stops; the run calls raise_if_requested after each
 
     def request(self, signum: int, frame) -> None:
         if self.signal is not None:
             raise KeyboardInterrupt(f"signal {signum} (second)")
         self.signal = signum
-        log.warning("signal %d: stopping after this step (send it again to abort at once)", signum)
+        log.warning("signal %d: stopping after this %s (send it again to abort at once)", signum, self.stage)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         stop = self.signal is not None

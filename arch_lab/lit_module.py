@@ -8,8 +8,9 @@ from typing import Any, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import MLFlowLogger
 
-from components.config import ModelConfig
+from components.config import ConfigError, ModelConfig
 from components.model import HybridLM
 from components.ops.selective_scan import DEFAULT_SCAN_KERNEL
 
@@ -17,6 +18,7 @@ from .data.mqar import mqar_accuracy
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
+RUN_ID_KEY = "mlflow_run_id"  # in a checkpoint: the MLflow run that wrote it
 
 
 class LitHybridLM(L.LightningModule):
@@ -72,11 +74,13 @@ class LitHybridLM(L.LightningModule):
                      sync_dist=True)
 
     def on_train_start(self) -> None:
-        # Resumed mid-epoch: make the shuffling sampler skip what this epoch already consumed.
+        # Resumed: the shuffling sampler continues from the optimizer steps taken, not from Lightning's epoch
+        # count (one ahead after a stop mid-epoch): the data's epoch, and what that epoch already consumed.
         sampler = getattr(self.trainer.train_dataloader, "sampler", None)
         if hasattr(sampler, "skip_samples") and self.trainer.train_dataloader is not None:
             per_epoch = len(self.trainer.train_dataloader)  # batches per rank
             done = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            sampler.epoch_offset = done // per_epoch - self.trainer.current_epoch
             # in positions of the permutation all ranks share: every rank's batches so far
             sampler.skip_samples = ((done % per_epoch) * self.trainer.train_dataloader.batch_size
                                     * self.trainer.world_size)
@@ -94,7 +98,14 @@ class LitHybridLM(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(self.logger, MLFlowLogger):  # fast_dev_run swaps in a DummyLogger
+            checkpoint[RUN_ID_KEY] = self.logger.run_id  # a run resumed from it is tagged with its origin
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_same_settings(checkpoint.get("hyper_parameters", {}), self.hparams)
+        if RUN_ID_KEY in checkpoint and isinstance(self.logger, MLFlowLogger):
+            self.logger.experiment.set_tag(self.logger.run_id, "resumed_from_run", checkpoint[RUN_ID_KEY])
         # Checkpoints written before compile=true compiled in place hold a second copy of every weight under
         # "_forward."; drop it so that those runs still resume.
         state = checkpoint["state_dict"]
@@ -105,6 +116,38 @@ class LitHybridLM(L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         optimizer, scheduler = build_optimizer(self.model, self.hparams.optim_cfg, int(total), self._param_ndims)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_same_settings(saved: dict[str, Any], current: Any) -> None:
+    """A resumed run must train the checkpoint's model with its optimizer settings: a different shape fails to
+    load in a hundred lines, and a different lr or schedule would be overridden by the restored optimizer and
+    scheduler state while the run's params claimed it."""
+    changed = []
+    for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim")):
+        before, now = saved.get(group) or {}, current.get(group) or {}
+        changed += [f"{prefix}.{key}={now.get(key)!r} (checkpoint: {before.get(key)!r})"
+                    for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"ckpt_path: this run changes {', '.join(changed)}; resume with the checkpoint's "
+                          f"settings, or start a new run without ckpt_path")
+
+
+class DivergenceCheck(L.Callback):
+    """Ends the run FAILED once the training loss is NaN or infinite, instead of training on and finishing with
+    NaN metrics. Checked at the steps the loss is logged (where Lightning reads it back anyway); all ranks decide
+    together, so none waits forever in its next collective."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % trainer.log_every_n_steps or outputs is None:
+            return
+        loss = outputs["loss"].detach()
+        diverged = not bool(torch.isfinite(loss))
+        if trainer.world_size > 1:
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {trainer.global_step}: training diverged; lower optim.lr, "
+                f"raise optim.warmup_steps or set trainer.gradient_clip_val")
 
 
 class TrainingThroughput(L.Callback):

@@ -3,12 +3,14 @@ is allowed, where torch or Lightning would otherwise fail later with words of th
 "integer modulo by zero"). The model's keys are checked by components.config.ModelConfig.validate."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from components.config import ConfigError
+from components.ops.backend import BACKENDS
 
 from .optim import SCHEDULES
 
@@ -19,6 +21,10 @@ def _integer(v: Any) -> bool:
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _boolean(v: Any) -> bool:
+    return isinstance(v, bool)
 
 
 def _fraction(v: Any) -> bool:
@@ -48,14 +54,24 @@ RULES: list[Rule] = [
     ("optim.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("optim.decay_fraction", _fraction, "a number in [0, 1]"),
     ("trainer.val_check_interval", _val_interval, "steps as an integer >= 1, or a fraction of an epoch in (0, 1]"),
+    ("trainer.max_steps", lambda v: _integer(v) and v >= 0,
+     "an integer >= 0 (the learning-rate schedule is laid out over it; +trainer.max_time may stop a run sooner)"),
+    ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+    ("eval.mqar", _boolean, "true or false"),
+    ("eval.perplexity", _boolean, "true or false"),
+    ("eval.cache_lengths", lambda v: isinstance(v, list) and all(_integer(n) and n >= 1 for n in v),
+     "a list of token counts >= 1, e.g. [8192, 16384]"),
 ]
 DECODE_RULES: list[Rule] = [(f"eval.decode.{key}", lambda v: _integer(v) and v >= 1, "an integer >= 1")
                             for key in ("batch", "context", "new_tokens")]
+ANALYSIS_RULES: list[Rule] = [("eval.analysis.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1")]
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Every RULES key (and eval.decode's when it is enabled) holds an allowed value."""
-    rules = RULES + (DECODE_RULES if OmegaConf.select(cfg, "eval.decode.enabled") else [])
+    """Every RULES key (and eval.decode's and eval.analysis's when they run) holds an allowed value."""
+    rules = (RULES + (DECODE_RULES if OmegaConf.select(cfg, "eval.decode.enabled") else [])
+             + (ANALYSIS_RULES if OmegaConf.select(cfg, "eval.analysis.enabled") else []))
     for key, allowed, description in rules:
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -74,8 +90,17 @@ def check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab:
 
 def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
     """Files read only after training must exist before it starts, so a typo cannot waste a run."""
-    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).is_file():
+    if cfg.ckpt_path == "last":
+        # Lightning's "last" means this Trainer's own checkpoint folder, and every lab run writes a new one
+        found = sorted(Path("outputs").glob("*/*/checkpoints/last.ckpt"))
+        newest = f"; the newest here: ckpt_path='{found[-1]}'" if found else ""
+        raise FileNotFoundError(f"ckpt_path=last: every run checkpoints into its own outputs/<date>/<time>/"
+                                f"checkpoints, so give the checkpoint's path{newest}")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+    if cfg.ckpt_path is not None and not zipfile.is_zipfile(cfg.ckpt_path):
+        raise ValueError(f"ckpt_path: {cfg.ckpt_path} is not a checkpoint (torch.save's zip format): truncated, or "
+                         f"another kind of file")
     passkey = cfg.eval.passkey
     if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
         raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")

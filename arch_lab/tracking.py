@@ -23,17 +23,28 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def loggable_params(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config as flat params, with paths made relative to the data root and never absolute."""
+    """The resolved config as flat params, with paths made relative to the data root and never absolute, and
+    passwords in URLs hidden."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     root = resolved.get("data_root")
     roots = [str(Path(root).resolve()), str(root)] if root else []
     params = {}
     for key, value in flatten(resolved).items():
-        text = str(value)
+        text = redact_url(str(value)) if "://" in str(value) else str(value)  # postgresql://user:pw@host
         for prefix in roots:
             text = text.replace(prefix, "<data_root>")
         params[key] = hide_absolute_path(text)[:_MAX_PARAM_LEN]
     return params
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for params, tags and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (e.g. http://host for MLflow): nothing to hide there
+        return url
 
 
 def hide_absolute_path(text: str) -> str:

@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -106,13 +106,13 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
 
     from .checkpoints import AtomicCheckpointIO
     from .console import progress_bar, quiet_lightning_console
     from .interrupts import graceful_stop
-    from .lit_module import LitHybridLM, TrainingThroughput
+    from .lit_module import DivergenceCheck, LitHybridLM, TrainingThroughput
     from .reporting import log_run_plots
+    from .run_logger import OpenRunMLFlowLogger
     from .sweep import current_trial, start_run_for_job
     from .sweep_callbacks import TrialPruningCallback
 
@@ -146,15 +146,15 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
         run_context = contextlib.nullcontext() if worker else start_run_for_job(
             _run_name(cfg, trial), experiment_name=cfg.logger.experiment_name, tags=tags)
         with run_context as run:
-            if not worker:
-                _log_setup(cfg, model, data_cfg["seq_len"])
-            logger = False if worker else MLFlowLogger(experiment_name=cfg.logger.experiment_name,
-                                                       tracking_uri=cfg.logger.tracking_uri, run_id=run.info.run_id)
+            setup = {} if worker else _log_setup(cfg, model, data_cfg["seq_len"])
+            logger = False if worker else OpenRunMLFlowLogger(experiment_name=cfg.logger.experiment_name,
+                                                              tracking_uri=cfg.logger.tracking_uri,
+                                                              run_id=run.info.run_id)
             trainer_cfg = _trainer_kwargs(cfg)
             checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
                                          every_n_train_steps=trainer_cfg["val_check_interval"])
             throughput = TrainingThroughput(skip=max(0, min(10, trainer_cfg["max_steps"] // 5)))
-            callbacks = [checkpoint, stopper, throughput]
+            callbacks = [checkpoint, stopper, throughput, DivergenceCheck()]
             if trial and cfg.prune_metric:
                 callbacks.append(TrialPruningCallback(trial, cfg.prune_metric))
             bar = progress_bar(trainer_cfg.get("enable_progress_bar", True))
@@ -167,25 +167,34 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                                  "(trainer=cpu or trainer=gpu) with -m")
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             stopper.raise_if_requested()  # interrupted: the run ends KILLED, without evaluating a partial model
+            stopper.stage = "evaluation stage"
             model = _model_for_evaluation(trainer, lit, model_cfg, cfg.backend, cfg.scan_kernel)
             if model is None:  # rank > 0: rank 0 evaluates and logs
                 return {}
-            metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg)
-            metrics["train/final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
-            metrics["train/steps"] = trainer.global_step  # below trainer.max_steps when max_time stopped the run
-            metrics.update(throughput.metrics())
-            tracking.log_metrics(metrics, step=trainer.global_step)  # the latest value is what the UI shows
+
+            def record(stage_metrics: dict[str, float]) -> None:
+                # logged as each stage ends (a later stage's failure keeps them; the latest value is what the UI
+                # shows), then a Ctrl-C received meanwhile ends the run KILLED
+                tracking.log_metrics(stage_metrics, step=trainer.global_step)
+                stopper.raise_if_requested()
+
+            metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg, record)
+            trained = {"train/final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+                       "train/steps": trainer.global_step,  # below trainer.max_steps when max_time stopped the run
+                       **throughput.metrics()}
+            record(trained)
+            metrics.update(trained)
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots")
+            stopper.raise_if_requested()
             if cfg.logger.log_checkpoints and checkpoint.last_model_path:
                 mlflow.log_artifact(checkpoint.last_model_path, "checkpoints")
             log.info("run %s finished: %s", run.info.run_id,
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if "/" in k and "layer" not in k))
-            metrics["mlflow_run_id"] = run.info.run_id
-            metrics["checkpoint"] = checkpoint.last_model_path
-            return metrics
+            # the setup's metrics too (params/total, cache/mb_*): a sweep may optimise any logged metric
+            return {**setup, **metrics, "mlflow_run_id": run.info.run_id, "checkpoint": checkpoint.last_model_path}
 
 
-def _log_setup(cfg: DictConfig, model, seq_len: int) -> None:
+def _log_setup(cfg: DictConfig, model, seq_len: int) -> dict[str, float]:
     import mlflow
 
     from components.param_count import counts_of
@@ -198,49 +207,54 @@ def _log_setup(cfg: DictConfig, model, seq_len: int) -> None:
     mlflow.log_dict({"layers": model.plan.as_records()}, "layer_plan.json")
     counts = counts_of(model)
     flops = train_flops_per_token(model, seq_len)
-    mlflow.log_metrics({**counts.as_metrics(), "train/flops_per_token": flops})
+    metrics = {**counts.as_metrics(), "train/flops_per_token": flops,
+               **evaluate.cache_metrics(model, list(cfg.eval.cache_lengths))}
+    mlflow.log_metrics(metrics)
     mlflow.set_tags({"params.attn_to_ssm": counts.attn_to_ssm,
                      "backends": tracking.backends_tag()})
-    mlflow.log_metrics(evaluate.cache_metrics(model, list(cfg.eval.cache_lengths)))
     log.info("layer plan:\n%s", model.plan.to_table())
     log.info("parameters: %s total (attention %s, SSM %s, FFN %s, embedding %s, other %s), Attn:SSM %s; "
              "%s FLOPs a training token at length %d (forward + backward: 6N + attention + scan)",
              f"{counts.total:,}", f"{round(counts.attention):,}", f"{round(counts.ssm):,}", f"{counts.ffn:,}",
              f"{counts.embedding:,}", f"{counts.other:,}", counts.attn_to_ssm, f"{flops:.3g}", seq_len)
+    return metrics
 
 
-def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str, Any]) -> dict[str, float]:
+def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str, Any],
+              record: Callable[[dict[str, float]], None]) -> dict[str, float]:
+    """The evaluations cfg.eval enables, each stage's metrics handed to `record` as soon as it ends."""
     from .bench.measure import measure_cached_decode
 
     model.eval()
     ev = cfg.eval
     metrics: dict[str, float] = {}
+
+    def stage(stage_metrics: dict[str, float]) -> None:
+        metrics.update(stage_metrics)
+        record(stage_metrics)
+
     max_batches = cfg.trainer.limit_val_batches if isinstance(cfg.trainer.limit_val_batches, int) else None
     if data_cfg["kind"] == "mqar":
-        metrics["val/loss"] = evaluate.mean_loss(model, datamodule.val_dataloader(), max_batches)
+        stage({"val/loss": evaluate.mean_loss(model, datamodule.val_dataloader(), max_batches)})
         if ev.mqar:
             datamodule.setup("test")
-            metrics.update(evaluate.mqar_metrics(model, datamodule.test_dataloader()))
+            stage(evaluate.mqar_metrics(model, datamodule.test_dataloader()))
     else:
         if ev.perplexity:
-            metrics.update(evaluate.perplexity_metrics(model, datamodule, max_batches))
+            stage(evaluate.perplexity_metrics(model, datamodule, max_batches))
         if ev.passkey.enabled in (True, "auto"):
-            metrics.update(evaluate.passkey_metrics(model, tokenizer, OmegaConf.to_container(ev.passkey, resolve=True),
-                                                    cfg.seed))
+            stage(evaluate.passkey_metrics(model, tokenizer, OmegaConf.to_container(ev.passkey, resolve=True),
+                                           cfg.seed))
         if ev.commonsense.enabled:
             from .evaluation.lm_eval_adapter import run_commonsense_suite
 
             device = next(model.parameters()).device
-            metrics.update(run_commonsense_suite(lambda ids: model(ids.to(device)), tokenizer,
-                                                 list(ev.commonsense.tasks), ev.commonsense.limit,
-                                                 ev.commonsense.data_dir, max_length=cfg.model.max_seq_len,
-                                                 device=device))
-    metrics.update(evaluate.cache_metrics(model, list(ev.cache_lengths)))
+            stage(run_commonsense_suite(lambda ids: model(ids.to(device)), tokenizer, list(ev.commonsense.tasks),
+                                        ev.commonsense.limit, ev.commonsense.data_dir,
+                                        max_length=cfg.model.max_seq_len, device=device))
     if ev.decode.enabled:
-        timing = measure_cached_decode(model, ev.decode.batch, ev.decode.context, ev.decode.new_tokens)
-        metrics.update(timing.as_metrics())
+        stage(measure_cached_decode(model, ev.decode.batch, ev.decode.context, ev.decode.new_tokens).as_metrics())
     if ev.analysis.enabled:
         batch = next(iter(datamodule.val_dataloader()))["input_ids"][:2, :ev.analysis.seq_len]
-        analysis, _ = evaluate.analysis_metrics(model, batch.to(next(model.parameters()).device))
-        metrics.update(analysis)
+        stage(evaluate.analysis_metrics(model, batch.to(next(model.parameters()).device))[0])
     return metrics

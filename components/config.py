@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 LayerKind = str  # "hybrid" | "attention" | "ssm"
 LAYER_KINDS = ("hybrid", "attention", "ssm")
@@ -109,6 +109,10 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"model.{key}: {msg}")
 
+        for f in dataclasses.fields(self):  # a str where a size belongs would fail below in Python's words
+            if f.type in _SIMPLE_TYPES:
+                is_type, description = _SIMPLE_TYPES[f.type]
+                need(is_type(getattr(self, f.name)), f.name, f"must be {description}, got {getattr(self, f.name)!r}")
         need(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
         need(self.d_model > 0, "d_model", f"must be > 0, got {self.d_model}")
         need(self.n_layers > 0, "n_layers", f"must be > 0, got {self.n_layers}")
@@ -124,7 +128,7 @@ class ModelConfig:
         uses_attn = any(k in ("hybrid", "attention") for k in kinds)
         uses_ssm = any(k in ("hybrid", "ssm") for k in kinds)
         need(self.n_heads >= 0, "n_heads", f"must be >= 0, got {self.n_heads}")
-        need(self.v_head_dim is None or (_is_int(self.v_head_dim) and self.v_head_dim >= 1), "v_head_dim",
+        need(self.v_head_dim is None or self.v_head_dim >= 1, "v_head_dim",
              f"must be an int >= 1 or null (derived from the fusion), got {self.v_head_dim!r}")
         if "attention" in kinds:
             need(self.n_heads > 0, "n_heads", "attention layers need n_heads >= 1")
@@ -152,7 +156,7 @@ class ModelConfig:
                  f"must be 'auto' or a positive int, got {self.dt_rank!r}")
             if self.ssm == "mamba2":
                 for key in ("ssm_head_dim", "ssm_groups", "ssm_chunk_size"):
-                    need(_is_int(getattr(self, key)) and getattr(self, key) >= 1, key,
+                    need(getattr(self, key) >= 1, key,
                          f"must be an int >= 1, got {getattr(self, key)!r}")
                 need(self.resolved_ssm_inner % self.ssm_head_dim == 0, "ssm_head_dim",
                      f"must divide ssm_inner={self.resolved_ssm_inner}, got {self.ssm_head_dim}")
@@ -163,7 +167,7 @@ class ModelConfig:
         need(self.ffn_dim >= 0, "ffn_dim", f"must be >= 0 (0: no FFN), got {self.ffn_dim}")
         need(self.max_seq_len > 0, "max_seq_len", f"must be > 0, got {self.max_seq_len}")
         if self.window is not None:
-            need(_is_int(self.window) and self.window >= 1, "window",
+            need(self.window >= 1, "window",
                  f"must be an int >= 1 or null (all global), got {self.window!r}")
         if self.kv_share is not None:
             need(self.window is not None, "kv_share",
@@ -184,4 +188,15 @@ class ModelConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # YAML's true/false are not sizes
+
+
+# The fields' annotations (strings under `from __future__ import annotations`) checked by type in validate; the
+# unions of a list or a rule name with a number have checks of their own.
+_SIMPLE_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "an int"),
+    "Union[int, None]": (lambda v: v is None or _is_int(v), "an int or null"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
 

@@ -48,7 +48,11 @@ def test_config_error_is_a_value_error():
     (dict(ssm="s4"), ["model.ssm", "'s4'", "allowed: mamba1, mamba2"]),
     (dict(fusion="sum"), ["model.fusion", "'sum'", "allowed: mean, concat"]),
     (dict(n_meta_tokens=-1), ["model.n_meta_tokens", "must be >= 0"]),
-    (dict(window=True), ["model.window", "int >= 1 or null", "got True"]),  # YAML's true would be a window of 1
+    (dict(d_model="abc"), ["model.d_model", "must be an int, got 'abc'"]),
+    (dict(ssm_inner=32.0), ["model.ssm_inner", "must be an int or null, got 32.0"]),
+    (dict(rope_theta="big"), ["model.rope_theta", "must be a number, got 'big'"]),
+    (dict(tie_embeddings="yes"), ["model.tie_embeddings", "must be true or false, got 'yes'"]),
+    (dict(window=True), ["model.window", "must be an int or null, got True"]),  # YAML's true: not a window of 1
     (dict(v_head_dim=0), ["model.v_head_dim", "int >= 1 or null", "got 0"]),
     (dict(v_head_dim=-4), ["model.v_head_dim", "int >= 1 or null", "got -4"]),
     (dict(ssm="mamba2", ssm_head_dim=0), ["model.ssm_head_dim", "int >= 1", "got 0"]),

@@ -29,11 +29,14 @@ def test_no_bar_when_the_trainer_disables_it():
     assert isinstance(progress_bar(True), StepsProgressBar)
 
 
-def test_lightnings_dataloader_workers_advice_is_filtered_and_other_warnings_pass(recwarn):
+def test_lightnings_advice_that_does_not_apply_is_filtered_and_other_warnings_pass(recwarn):
     import warnings
 
     quiet_lightning_console()
     warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.", UserWarning)
     warnings.warn("The 'val_dataloader' does not have many workers which may be a bottleneck.", UserWarning)
+    warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+                  "resumable.", UserWarning)
+    warnings.warn("The dirpath has changed from '/a' to '/b', therefore `best_model_score` ...", UserWarning)
     warnings.warn("something else about the dataloader", UserWarning)
     assert [str(w.message) for w in recwarn] == ["something else about the dataloader"]

@@ -178,3 +178,16 @@ def test_mqar_data_config_builds_its_task(name: str):
         assert ((labels != -100).sum(1) == pairs).all()
         answers = labels[labels != -100]
         assert int(answers.min()) >= cfg["vocab_size"] // 2 and int(answers.max()) < cfg["vocab_size"]
+
+
+def test_a_lab_sweep_completes_its_trials_with_every_objective(tmp_path: Path):
+    """The fusion search optimises params/total, which a run logs at its start: it must be among what the run
+    returns to the sweeper too (it was not, and every trial failed)."""
+    import optuna
+
+    proc = run_lab(["-m", "hparams_search=fusion", "experiment=roadmap_step3", *TINY, "eval.analysis.enabled=false",
+                    f"hydra.sweep.dir={tmp_path / 'multirun'}"], tmp_path)
+    assert "fusion: FINISHED; 2 complete, 0 pruned, 0 failed of 2" in proc.stdout + proc.stderr
+    study = optuna.load_study(study_name="fusion", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.params["model.fusion"] for t in study.trials) == ["concat", "mean"]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in study.trials)

@@ -6,6 +6,7 @@ and each process pays Python/Lightning start-up); every test reads its own comma
 """
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -29,29 +30,40 @@ CASES: dict[str, list[str]] = {
     "missing_checkpoint": [*TINY, "ckpt_path=/nope/last.ckpt"],
     "unknown_commonsense_task": ["data=text_shakespeare", "eval.commonsense.enabled=true",
                                  "eval.commonsense.tasks=[piqa,nope]"],
+    "diverges": [*TINY, "optim.lr=10000", "optim.warmup_steps=0", "trainer.gradient_clip_val=0",
+                 "trainer.log_every_n_steps=1"],
     "fails_in_evaluation": [*TINY_TEXT, "trainer.max_steps=2", "trainer.val_check_interval=2",
                             "trainer.limit_val_batches=1", "eval.passkey.haystack_path=/nope"],
 }
-INTERRUPTED = "interrupted"  # the Ctrl-C case, run in the same pool
+INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
+INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
+# what each Ctrl-C case runs, and the metric whose first value tells that the run reached the phase to interrupt
+INTERRUPTIONS = {
+    INTERRUPTED: (["trainer.max_steps=100000", "trainer.log_every_n_steps=1"], "train/loss"),
+    # MQAR accuracy is the stage before decode timing, which takes seconds at this batch and length
+    INTERRUPTED_IN_EVALUATION: (["trainer.max_steps=2", "trainer.val_check_interval=100", "eval.decode.batch=32",
+                                 "eval.decode.new_tokens=850"], "recall/mqar_acc"),
+}
 
 
-def _wait_for_logged_step(workdir: Path, proc: subprocess.Popen, timeout: float = 300) -> str:
-    """The id of the RUNNING run once it has logged a training step."""
+def _wait_for_metric(workdir: Path, proc: subprocess.Popen, key: str, timeout: float = 300) -> str:
+    """The id of the RUNNING run once it has logged `key`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, (workdir / "lab.log").read_text()[-4000:]
         running = [run for run in lab_runs(workdir) if run.info.status == "RUNNING"]
-        if running and metric_history(workdir, running[0].info.run_id, "train/loss"):
+        if running and metric_history(workdir, running[0].info.run_id, key):
             return running[0].info.run_id
         time.sleep(0.5)
-    raise AssertionError("the run never logged a training step")
+    raise AssertionError(f"the run never logged {key}")
 
 
-def interrupt_while_training(workdir: Path) -> tuple[int, str]:
-    """Start a long run, press Ctrl-C (SIGINT) once it has logged a step; its exit status and MLflow run id."""
-    proc = start_lab(["trainer.max_steps=100000", "trainer.log_every_n_steps=1"], workdir)
+def interrupt(workdir: Path, case: str) -> tuple[int, str]:
+    """Start a run, press Ctrl-C (SIGINT) once it has logged the case's metric; its exit status and MLflow run id."""
+    args, key = INTERRUPTIONS[case]
+    proc = start_lab(args, workdir)
     try:
-        run_id = _wait_for_logged_step(workdir, proc)
+        run_id = _wait_for_metric(workdir, proc, key)
         proc.send_signal(signal.SIGINT)
         return proc.wait(timeout=120), run_id
     finally:
@@ -64,8 +76,9 @@ def interrupt_while_training(workdir: Path) -> tuple[int, str]:
 def outcomes(tmp_path_factory: pytest.TempPathFactory):
     pool = ThreadPoolExecutor(max_workers=2)
     futures: dict[str, tuple[Path, Future]] = {}
-    workdir = tmp_path_factory.mktemp(INTERRUPTED)
-    futures[INTERRUPTED] = workdir, pool.submit(interrupt_while_training, workdir)
+    for case in INTERRUPTIONS:
+        workdir = tmp_path_factory.mktemp(case)
+        futures[case] = workdir, pool.submit(interrupt, workdir, case)
     for name, args in CASES.items():
         workdir = tmp_path_factory.mktemp(name)
         if name == "empty_corpus":
@@ -162,6 +175,13 @@ def test_missing_passkey_haystack_is_caught_before_training(outcomes):
     assert lab_runs(workdir) == []  # evaluation inputs are checked up front, not after a wasted training run
 
 
+def test_a_diverged_run_ends_failed_naming_the_loss(outcomes):
+    workdir, proc = _result(outcomes, "diverges")
+    assert re.match(r"FloatingPointError: train/loss is (nan|inf) at step \d: training diverged; lower optim.lr",
+                    _only_exception(proc))
+    assert [run.info.status for run in lab_runs(workdir)] == ["FAILED"]
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 
 
@@ -171,3 +191,14 @@ def test_interrupted_run_ends_killed(outcomes):
     assert returncode != 0
     assert client(workdir).get_run(run_id).info.status == "KILLED"
     assert [run.info.status for run in lab_runs(workdir)] == ["KILLED"]
+
+
+def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):
+    workdir, future = outcomes[INTERRUPTED_IN_EVALUATION]
+    returncode, run_id = future.result()
+    assert returncode != 0
+    run = client(workdir).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert {"val/loss", "recall/mqar_acc", "throughput/decode_tok_s"} <= set(run.data.metrics)
+    assert "analysis/erf" not in run.data.metrics  # the stage after decode timing never ran
+    assert "stopping after this evaluation stage" in (workdir / "lab.log").read_text()

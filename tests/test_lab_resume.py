@@ -9,6 +9,7 @@ warmup-stable-decay schedule depends on it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -54,6 +55,16 @@ def test_resumed_run_repeats_the_uninterrupted_losses(runs):
     assert last_logged(c, run_c.info.run_id, "val/loss") == pytest.approx(
         last_logged(a, run_a.info.run_id, "val/loss"), rel=REL)
     assert run_c.data.params["ckpt_path"] == f"<abs>/epoch=0-step={EVERY}.ckpt"
+    assert run_c.data.tags["resumed_from_run"] == run_a.info.run_id
+
+
+def test_resuming_with_other_model_or_optimizer_settings_is_refused(runs, tmp_path):
+    (a, _), _ = runs
+    intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"
+    proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "optim.lr=0.01", "model.window=8"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert ("ConfigError: ckpt_path: this run changes model.window=8 (checkpoint: 16), optim.lr=0.01 (checkpoint: "
+            "0.003); resume with the checkpoint's settings, or start a new run without ckpt_path") in proc.stderr
 
 
 def test_resumed_weights_and_optimizer_state_match(runs):
@@ -88,3 +99,70 @@ def test_checkpoints_are_complete_and_load_with_weights_only(runs):
     (a, _), _ = runs
     assert sorted(p.name for p in _checkpoints(a).iterdir()) == \
         [f"epoch=0-step={EVERY}.ckpt", f"epoch=1-step={N_STEPS}.ckpt", "last.ckpt"]
+
+
+# ---- a run stopped mid-epoch (Ctrl-C, trainer.max_time) ---------------------------------------------------------
+def _batches_of_a_fit(workdir: Path, max_steps: int, stop_after: Optional[int] = None,
+                      ckpt_path: Optional[str] = None) -> list[torch.Tensor]:
+    """The input batches a fit of the tiny row-E model trains on (6 batches an epoch), stopped after optimizer step
+    `stop_after` as Ctrl-C stops a run (arch_lab.interrupts), with last.ckpt saved where the stop leaves it."""
+    import signal
+
+    import lightning as L
+    import yaml
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from arch_lab.data.datamodule import MQARDataModule
+    from arch_lab.interrupts import StopRequested
+    from arch_lab.lit_module import LitHybridLM
+    from components.presets import preset
+    from lab_helpers import CONF_DIR
+
+    seen: list[torch.Tensor] = []
+    stopper = StopRequested()
+
+    class RecordAndSignal(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            seen.append(batch["input_ids"].clone())
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == stop_after:
+                stopper.request(signal.SIGINT, None)
+
+    optim_cfg = yaml.safe_load((CONF_DIR / "optim" / "adamw_wsd.yaml").read_text())
+    lit = LitHybridLM(preset("roadmap_e").to_dict(), optim_cfg)
+    data = MQARDataModule(vocab_size=64, seq_len=32, train_examples=192, test_examples=64, num_kv_pairs_train=[1, 2],
+                          num_kv_pairs_test=[1], batch_size=32, seed=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, default_root_dir=workdir,
+                        callbacks=[RecordAndSignal(), stopper,
+                                   ModelCheckpoint(dirpath=workdir, save_last=True, every_n_train_steps=100)])
+    trainer.fit(lit, datamodule=data, ckpt_path=ckpt_path)
+    return seen
+
+
+def test_a_run_stopped_mid_epoch_resumes_on_the_same_data(tmp_path):
+    steps, stopped_at = 16, 8  # epochs of 6 batches: stopped 2 batches into epoch 1
+    uninterrupted = _batches_of_a_fit(tmp_path / "a", steps)
+    assert len(_batches_of_a_fit(tmp_path / "b", steps, stop_after=stopped_at)) == stopped_at
+    last = tmp_path / "b" / "last.ckpt"
+    # why this case: Lightning counts the stopped epoch as finished, so the resumed Trainer starts epoch 2
+    assert torch.load(last, weights_only=True)["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 2
+    resumed = _batches_of_a_fit(tmp_path / "c", steps, ckpt_path=str(last))
+    assert len(resumed) == steps - stopped_at
+    for step, (batch, expected) in enumerate(zip(resumed, uninterrupted[stopped_at:]), start=stopped_at):
+        assert torch.equal(batch, expected), f"step {step} trained on other examples than the uninterrupted run"
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_file_the_user_writes(tmp_path):
+    import os
+
+    from arch_lab.checkpoints import AtomicCheckpointIO
+
+    previous = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644  # mkstemp alone leaves 0o600

@@ -253,3 +253,10 @@ def test_float32_matmul_precision_holds_for_a_cuda_run_only_and_is_put_back(monk
     with float32_matmul_precision(cfg):
         assert torch.get_float32_matmul_precision() == inside
     assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_logged_params_hide_a_password_in_a_url():
+    from arch_lab.tracking import loggable_params
+
+    cfg = OmegaConf.create({"data_root": None, "logger": {"tracking_uri": "postgresql://alice:s3cret@db.example/ml"}})
+    assert loggable_params(cfg)["logger.tracking_uri"] == "postgresql://alice:***@db.example/ml"

@@ -39,6 +39,13 @@ def test_every_shipped_experiment_passes():
     ("trainer.val_check_interval=0",
      "trainer.val_check_interval must be steps as an integer >= 1, or a fraction of an epoch in (0, 1], got 0"),
     ("eval.decode.batch=0", "eval.decode.batch must be an integer >= 1, got 0"),
+    ("trainer.max_steps=abc", "trainer.max_steps must be an integer >= 0 (the learning-rate schedule is laid out "
+                              "over it; +trainer.max_time may stop a run sooner), got 'abc'"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
+    ("backend=cuda", "backend must be one of auto, reference, kernel, got 'cuda'"),
+    ("eval.mqar=maybe", "eval.mqar must be true or false, got 'maybe'"),
+    ("eval.cache_lengths=[-1]", "eval.cache_lengths must be a list of token counts >= 1, e.g. [8192, 16384], got [-1]"),
+    ("eval.analysis.seq_len=0", "eval.analysis.seq_len must be an integer >= 1, got 0"),
 ])
 def test_a_bad_value_names_its_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -47,3 +54,19 @@ def test_a_bad_value_names_its_key_and_what_is_allowed(override, message):
 
 def test_decode_settings_are_only_checked_when_decode_runs():
     check_values(_composed("eval.decode.enabled=false", "eval.decode.batch=0"))
+
+
+def test_a_checkpoint_path_that_cannot_resume_is_refused_before_training(tmp_path, monkeypatch):
+    from arch_lab.run_checks import check_inputs_exist
+
+    monkeypatch.chdir(tmp_path)
+    data = {"kind": "mqar"}
+    with pytest.raises(FileNotFoundError, match=r"^ckpt_path=last: every run checkpoints into its own .*path$"):
+        check_inputs_exist(_composed("ckpt_path=last"), data)
+    (tmp_path / "outputs/2026-11-29/10-00-00/checkpoints").mkdir(parents=True)
+    (tmp_path / "outputs/2026-11-29/10-00-00/checkpoints/last.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"; the newest here: ckpt_path='outputs/2026-11-29/10-00-00/"):
+        check_inputs_exist(_composed("ckpt_path=last"), data)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"^ckpt_path: notes.txt is not a checkpoint \(torch.save's zip format\)"):
+        check_inputs_exist(_composed("ckpt_path=notes.txt"), data)

@@ -36,8 +36,8 @@ from arch_lab.sweep.search_space import (
     override_value,
     parse_param,
 )
-from arch_lab.sweep.study_tracking import ENV_TRIAL_NUMBER, open_storage, redact_url, resolve_storage_url
-from arch_lab.tracking import hide_absolute_path
+from arch_lab.sweep.study_tracking import ENV_TRIAL_NUMBER, open_storage, resolve_storage_url
+from arch_lab.tracking import hide_absolute_path, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "sweep_app" / "app.py"

@@ -26,9 +26,13 @@ class ResumableShuffleSampler(Sampler[int]):
         # Set by the training module on resume; consumed by the next __iter__. Counted in positions of the
         # global permutation (all ranks' samples), so it is the same number on every rank.
         self.skip_samples = 0
+        # Set on resume too: the epoch of the data minus the Trainer's epoch. A run stopped mid-epoch (Ctrl-C,
+        # trainer.max_time) saves a checkpoint whose epoch Lightning counts as finished, so the resumed Trainer
+        # starts the next epoch while the data is still in the stopped one.
+        self.epoch_offset = 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
+        self.epoch = epoch + self.epoch_offset
 
     def __len__(self) -> int:  # per rank
         return self.length // self.num_replicas

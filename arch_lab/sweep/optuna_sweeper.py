@@ -35,7 +35,7 @@ from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from arch_lab.sweep.pareto import Objective, describe_trial, log_front
-from arch_lab.tracking import hide_absolute_path
+from arch_lab.tracking import hide_absolute_path, redact_url
 from arch_lab.sweep.search_space import (
     PARAMS_KEY,
     SearchSpace,
@@ -50,7 +50,6 @@ from arch_lab.sweep.study_tracking import (
     SweepTracker,
     make_pruner,
     open_storage,
-    redact_url,
     resolve_storage_url,
     resolve_tracking_uri,
     sweep_environment,

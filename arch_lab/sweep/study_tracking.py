@@ -70,14 +70,6 @@ def resolve_tracking_uri(tracking_uri: Optional[str], base_dir: Path) -> str:
     return _anchor_sqlite_url(uri, base_dir) if uri.startswith("sqlite:") else uri
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for tags and logs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL (e.g. http://host for MLflow): nothing to hide there
-        return url
-
-
 def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None) -> Any:
     """An Optuna RDBStorage that several processes can share.
 
