@@ -4,7 +4,7 @@ A RUN is a run id, or `tag=value` naming the one run of the experiment with that
 metric (`--key`, default train/loss) of every run at every step any of them logged it, the largest absolute
 difference of each later run from the first over the steps both logged, and for each run its first and last value,
 training throughput and peak GPU memory. With `--tolerance T` the exit status is 1 when a difference exceeds T (or
-no step is shared).
+no step is shared). `--experiment` (where tag=value selectors look) defaults to the lab's (logger.experiment_name).
 
     python -m arch_lab.compare_runs sqlite:///ddp.db case=single case=ddp --tolerance 0.05
 """
@@ -15,14 +15,21 @@ import math
 import sys
 from typing import Optional, Sequence
 
-from .tracking import existing_store
+from .tracking import existing_store, lab_experiment
 
 SUMMARY_KEYS = ("train/tokens_per_s", "train/peak_gpu_mem_gb")
 
 
 def find_run(client, experiment_name: str, ref: str):
+    from mlflow.exceptions import MlflowException
+
     if "=" not in ref:
-        return client.get_run(ref)
+        try:
+            return client.get_run(ref)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # e.g. a server that does not answer: MLflow's words
+                raise
+            raise SystemExit(f"{ref}: no run with that id in this store (or name one by tag, e.g. case=ddp)") from None
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise SystemExit(f"no MLflow experiment {experiment_name!r}")
@@ -43,14 +50,22 @@ def max_abs_difference(a: dict[int, float], b: dict[int, float]) -> Optional[flo
     return max(abs(a[s] - b[s]) for s in shared) if shared else None
 
 
-def compare(tracking_uri: str, refs: Sequence[str], key: str = "train/loss", experiment_name: str = "arch_lab",
+def _check_key(runs, curves: list[dict[int, float]], key: str) -> None:
+    """A key no run logged is a typo (or the wrong runs): say which keys they have rather than compare nothing."""
+    if not any(curves):
+        logged = sorted(set().union(*(run.data.metrics for run in runs)))
+        raise SystemExit(f"--key {key}: none of these runs logged it; their metric keys: {', '.join(logged)}")
+
+
+def compare(tracking_uri: str, refs: Sequence[str], key: str = "train/loss", experiment_name: Optional[str] = None,
             every: int = 1) -> list[Optional[float]]:
     """Print the comparison; returns the largest difference of each run after the first from the first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    runs = [find_run(client, experiment_name, ref) for ref in refs]
+    runs = [find_run(client, experiment_name or lab_experiment(), ref) for ref in refs]
     curves = [curve(client, run.info.run_id, key) for run in runs]
+    _check_key(runs, curves, key)
     steps = sorted(set().union(*curves))
     width = max(12, *(len(ref) for ref in refs))
     print(f"{key} by step\n{'step':>6} " + " ".join(f"{ref:>{width}}" for ref in refs))
@@ -69,13 +84,19 @@ def compare(tracking_uri: str, refs: Sequence[str], key: str = "train/loss", exp
     return diffs
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return int(text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m arch_lab.compare_runs", description=__doc__.split("\n")[0])
     parser.add_argument("tracking_uri")
     parser.add_argument("runs", nargs="+", help="run ids or tag=value selectors")
     parser.add_argument("--key", default="train/loss")
-    parser.add_argument("--experiment", default="arch_lab")
-    parser.add_argument("--every", type=int, default=1, help="print every n-th step (the last always)")
+    parser.add_argument("--experiment", default=lab_experiment(), help="default: %(default)s")
+    parser.add_argument("--every", type=positive_int, default=1, help="print every n-th step (the last always)")
     parser.add_argument("--tolerance", type=float, default=None)
     args = parser.parse_args(argv)
     diffs = compare(existing_store(args.tracking_uri, "tracking_uri"), args.runs, args.key, args.experiment,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,13 +22,64 @@ from .checkpoints import AtomicCheckpointIO, hybrid_lm_state
 from .data.tokenizers import build_tokenizer
 
 
-def load_checkpoint(path: str, device: str):
-    ckpt = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True
+class CheckpointError(ValueError):
+    """A checkpoint (or its tokenizer) generate cannot use; the message names the path or the option to give."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint's dict; anything torch cannot read as a `python -m arch_lab` checkpoint is one clear error
+    (torch's own for, say, a text file is "Unsupported operand" from its unpickler)."""
+    try:
+        ckpt = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True
+    except Exception:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... by the file's content
+        raise CheckpointError(f"checkpoint: {path} is not a checkpoint (torch cannot load it)") from None
+    if not isinstance(ckpt, dict) or "model_cfg" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint: {path} is not a checkpoint written by `python -m arch_lab` "
+                              "(no hyper_parameters.model_cfg or state_dict)")
+    return ckpt
+
+
+def tokenizer_file(spec: dict, checkpoint: str, given: Optional[str] = None) -> Path:
+    """The BPE tokenizer.json of a run: --tokenizer, else the path stored at training, else the one in the
+    checkpoint's run folder (<run>/checkpoints/last.ckpt): the stored path is absolute, so it breaks when the run
+    folder is moved or copied to another machine."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise CheckpointError(f"--tokenizer: no such file {given}")
+        return Path(given)
+    beside = Path(checkpoint).resolve().parent.parent / "tokenizer.json"
+    for candidate in (Path(spec["path"]), beside):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"the checkpoint's BPE tokenizer is neither at {spec['path']} nor at {beside}: give its "
+                          "tokenizer.json with --tokenizer PATH")
+
+
+def load_tokenizer(spec: Optional[dict], checkpoint: str, vocab_size: int, given: Optional[str] = None):
+    """The run's text tokenizer (None for a model trained on token ids)."""
+    if spec is None or spec["kind"] != "bpe":
+        if given is not None:
+            raise CheckpointError("--tokenizer: only a checkpoint trained with a BPE tokenizer takes one (this one "
+                                  + ("was trained on token ids)" if spec is None else f"uses the {spec['kind']} one)"))
+        return build_tokenizer(spec["kind"]) if spec else None
+    path = tokenizer_file(spec, checkpoint, given)
+    try:
+        tokenizer = build_tokenizer("bpe", path=path)
+    except Exception as error:  # the tokenizers library's own error for a file that is not its JSON
+        raise CheckpointError(f"tokenizer: {path} is not a tokenizer.json ({error})") from None
+    if tokenizer.vocab_size > vocab_size:  # ids the embedding lacks: another run's tokenizer
+        raise CheckpointError(f"tokenizer: {path} has {tokenizer.vocab_size} ids, more than the model's {vocab_size}: "
+                              "give this run's tokenizer.json with --tokenizer PATH")
+    return tokenizer
+
+
+def load_checkpoint(path: str, device: str, tokenizer: Optional[str] = None):
+    """(model in eval mode on `device`, its tokenizer or None); `tokenizer` overrides the BPE file's path."""
+    ckpt = read_checkpoint(path)
     hparams = ckpt["hyper_parameters"]
     model = HybridLM(ModelConfig.from_dict(hparams["model_cfg"]))
     model.load_state_dict(hybrid_lm_state(ckpt["state_dict"]))
-    spec = hparams.get("tokenizer")
-    tokenizer = build_tokenizer(spec["kind"], path=spec["path"]) if spec else None
+    tokenizer = load_tokenizer(hparams.get("tokenizer"), path, model.cfg.vocab_size, tokenizer)
     return model.to(device).eval(), tokenizer
 
 
@@ -57,6 +109,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a Lightning checkpoint written by `python -m arch_lab`")
     parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="the run's tokenizer.json (BPE runs), when neither the path stored in the checkpoint "
+                             "nor the checkpoint's run folder holds it")
     parser.add_argument("--ids", action="append", default=[], type=token_ids,
                         help="comma-separated token ids (repeatable)")
     parser.add_argument("--max-new-tokens", type=positive(int), default=64)
@@ -72,16 +127,22 @@ def main(argv=None) -> int:
     if not Path(args.checkpoint).is_file():
         parser.error(f"checkpoint: no such file {args.checkpoint} (give the path of a .ckpt that `python -m arch_lab` "
                      "wrote, e.g. outputs/<date>/<time>/checkpoints/last.ckpt)")
-    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    try:
+        model, tokenizer = load_checkpoint(args.checkpoint, args.device, args.tokenizer)
+    except CheckpointError as error:
+        parser.error(str(error))
     if args.prompt and tokenizer is None:
         parser.error("this checkpoint was trained on token ids (no text tokenizer): use --ids")
+    encoded = [tokenizer.encode(p) for p in args.prompt]
+    if not all(encoded):  # the decoder needs at least one token to start from
+        parser.error(f"--prompt {args.prompt[encoded.index([])]!r}: encodes to no tokens; give some text")
     vocab = model.cfg.vocab_size
     outside = [i for ids in args.ids for i in ids if i >= vocab]
     if outside:
         parser.error(f"--ids: token id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})")
     if args.top_k is not None and args.top_k > vocab:
         parser.error(f"--top-k {args.top_k} is larger than the model's vocabulary ({vocab} ids)")
-    prompts = [tokenizer.encode(p) for p in args.prompt] + args.ids
+    prompts = encoded + args.ids
     if not prompts:
         parser.error("give at least one --prompt or --ids")
     out = Generator(model, compile=args.compile).generate(prompts, args.max_new_tokens, greedy=not args.sample,

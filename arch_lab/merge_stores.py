@@ -8,15 +8,20 @@ still has them) into the destination, keeping sweep trials nested under their pa
     mlflow ui --backend-store-uri sqlite:///study.db        # binds 127.0.0.1
 
 Merging again adds nothing twice: a copied run carries the tag `arch_lab.source_run`, and runs already copied are
-skipped.
+skipped. Stores are MLflow tracking URIs (a SQLite file is `sqlite:///mlruns.db`, not `mlruns.db`); the destination
+must not be one of the sources. The experiment defaults to the lab's (`logger.experiment_name` in
+conf/logger/mlflow.yaml); the roadmap study scripts log to `--experiment roadmap`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
-from typing import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
 
-from .tracking import existing_store
+from .tracking import existing_store, lab_experiment, sqlite_path
 
 SOURCE_TAG = "arch_lab.source_run"
 PARENT_TAG = "mlflow.parentRunId"
@@ -58,29 +63,86 @@ def _copy_run(source, dest, run, experiment_id: str, parent: str | None) -> str:
     return new_id
 
 
+@contextmanager
+def _no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow draws a "Downloading artifacts" bar for every run copied: noise when merging hundreds of runs."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _source_experiments(sources: Sequence[str], experiment: str) -> list[tuple[object, str]]:
+    """(client, experiment id) of every source: all are checked before the destination is opened, since opening
+    a SQLite store creates its file."""
+    from mlflow import MlflowClient
+
+    found = []
+    for uri in sources:
+        source = MlflowClient(uri)
+        exp = source.get_experiment_by_name(experiment)
+        if exp is None:
+            raise SystemExit(f"--from {uri}: no MLflow experiment {experiment!r} in this store")
+        found.append((source, exp.experiment_id))
+    return found
+
+
 def merge_stores(sources: Sequence[str], destination: str, experiment: str) -> int:
     """Copy `experiment`'s runs from every source store into `destination`; returns how many runs were copied."""
     from mlflow import MlflowClient
 
+    found = _source_experiments(sources, experiment)
     dest = MlflowClient(destination)
     target = dest.get_experiment_by_name(experiment)
     experiment_id = target.experiment_id if target else dest.create_experiment(experiment)
     done = {run.data.tags[SOURCE_TAG]: run.info.run_id for run in _all_runs(dest, experiment_id)
             if SOURCE_TAG in run.data.tags}
     copied = 0
-    for uri in sources:
-        source = MlflowClient(uri)
-        found = source.get_experiment_by_name(experiment)
-        if found is None:
-            raise SystemExit(f"--from {uri}: no MLflow experiment {experiment!r} in this store")
-        # Parents before their trials, so each trial can point at its parent's new id.
-        for run in sorted(_all_runs(source, found.experiment_id), key=lambda r: PARENT_TAG in r.data.tags):
-            if run.info.run_id in done:
-                continue
-            parent = run.data.tags.get(PARENT_TAG)
-            done[run.info.run_id] = _copy_run(source, dest, run, experiment_id, done.get(parent, parent))
-            copied += 1
+    with _no_artifact_progress_bars():
+        for source, source_experiment in found:
+            # Parents before their trials, so each trial can point at its parent's new id.
+            for run in sorted(_all_runs(source, source_experiment), key=lambda r: PARENT_TAG in r.data.tags):
+                if run.info.run_id in done:
+                    continue
+                parent = run.data.tags.get(PARENT_TAG)
+                done[run.info.run_id] = _copy_run(source, dest, run, experiment_id, done.get(parent, parent))
+                copied += 1
     return copied
+
+
+def _store_file(uri: str) -> Path | None:
+    """The file or directory a local store URI names, resolved (None for servers and other databases)."""
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+    elif uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+    else:
+        path = Path(uri) if "://" not in uri else None
+    return path.resolve() if path is not None else None
+
+
+def _check_uri(parser: argparse.ArgumentParser, flag: str, uri: str) -> None:
+    """A bare SQLite file name is refused: MLflow would take it for a file store (a directory) and fail, or, as
+    --to, create a directory of that name."""
+    if "://" not in uri and (Path(uri).is_file() or uri.endswith(".db")):
+        parser.error(f"{flag} {uri}: expected an MLflow store URI, e.g. sqlite:///{uri} for a SQLite file")
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for uri in args.sources:
+        _check_uri(parser, "--from", uri)
+    _check_uri(parser, "--to", args.destination)
+    dest = _store_file(args.destination)
+    same = [uri for uri in args.sources if dest is not None and _store_file(uri) == dest]
+    if same:
+        parser.error(f"--to {args.destination}: the same store as --from {same[0]}, whose runs would be copied into "
+                     "it again on every call; give another store (a new file is fine)")
 
 
 def main(argv=None) -> int:
@@ -88,8 +150,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="sources", nargs="+", required=True, help="source tracking URIs")
     parser.add_argument("--to", dest="destination", required=True, help="destination tracking URI")
-    parser.add_argument("--experiment", default="roadmap", help="the experiment to copy (default: roadmap)")
+    parser.add_argument("--experiment", default=lab_experiment(),
+                        help="the experiment to copy (default: %(default)s, the lab's; the roadmap study: roadmap)")
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     copied = merge_stores([existing_store(uri, "--from") for uri in args.sources], args.destination, args.experiment)
     print(f"copied {copied} run(s) of experiment {args.experiment!r} into {args.destination}")
     return 0

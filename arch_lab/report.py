@@ -4,6 +4,9 @@
         [--bench-uri sqlite:///bench.db --bench-experiment arch_lab] --out experiments/roadmap/report
 
 Several stores may be given (runs trained in parallel each keep their own SQLite file); their runs are pooled.
+`--experiment` and `--bench-experiment` default to the lab's experiment (`logger.experiment_name`, arch_lab); the
+roadmap study scripts log to `--experiment roadmap`. A run's task (its MQAR or text tables) is its `task` tag, else
+the `data` tag every `python -m arch_lab` run carries.
 Bench runs tagged `study=head_ratio` (with `n_heads`) feed Table 9's throughput and cache; the others Table 1.
 
 Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers, MQAR by slice with the losses and the attention
@@ -26,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tracking import existing_store  # noqa: E402
+from .tracking import existing_store, lab_experiment  # noqa: E402
 
 # DESIGN.md §5 / paper Table 1 (300M, 100B tokens, A100; cache at 16k fp16).
 PAPER_TABLE1 = {
@@ -55,9 +58,18 @@ def _runs(tracking_uris: list[str], experiment: str):
             names = sorted(e.name for e in mlflow.search_experiments())
             raise SystemExit(f"{uri}: no experiment {experiment!r} in this store (it holds {names})")
         frame = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
-        frames.append(frame.assign(store=uri))  # where each run's metric history lives
+        frames.append(_with_task(frame).assign(store=uri))  # where each run's metric history lives
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _with_task(frame):
+    """`tags.task` filled from `tags.data` (mqar or text, set by `python -m arch_lab`) where a run has no task tag:
+    an untagged training run would otherwise be counted in both the MQAR and the text tables."""
+    if "tags.data" not in frame:
+        return frame
+    task = frame["tags.task"].fillna(frame["tags.data"]) if "tags.task" in frame else frame["tags.data"]
+    return frame.assign(**{"tags.task": task})
 
 
 def _compiled_decode(bench):
@@ -112,7 +124,7 @@ def collect(runs, metric: str, task: str) -> dict[str, list[float]]:
         if row is None or isinstance(run.get("tags.sweep.study_name"), str):
             continue  # sweep trials belong to Table 9, not to the roadmap rows
         if isinstance(run_task, str) and run_task != task:
-            continue  # bench runs carry no task tag and serve every table
+            continue  # runs with neither a task nor a data tag (bench runs) serve every table
         out.setdefault(row, []).append(run[f"metrics.{metric}"])
     return out
 
@@ -400,10 +412,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", nargs="+", default=["sqlite:///mlruns.db"],
                         help="one or more MLflow stores holding the study's training runs")
-    parser.add_argument("--experiment", default="roadmap")
+    parser.add_argument("--experiment", default=lab_experiment(),
+                        help="the training runs' experiment (default: %(default)s, the lab's; the roadmap study: "
+                             "roadmap)")
     parser.add_argument("--bench-uri", nargs="+", default=None,
                         help="MLflow store(s) holding `python -m arch_lab.bench` runs")
-    parser.add_argument("--bench-experiment", default="arch_lab")
+    parser.add_argument("--bench-experiment", default=lab_experiment(), help="default: %(default)s")
     parser.add_argument("--out", default="roadmap_report")
     args = parser.parse_args(argv)
     for flag, uris in (("--tracking-uri", args.tracking_uri), ("--bench-uri", args.bench_uri or [])):

@@ -50,11 +50,29 @@ def plot_bars(values: dict[str, float], title: str, xlabel: str, path: Path) -> 
     return path
 
 
+def _analysis_enabled(metrics: dict[str, float]) -> bool:
+    """Whether the run computed its attention analysis (eval.analysis.enabled=false skips it and the maps, which cost
+    a forward pass and a plot per layer). The caller passes no config, so the analysis/* metrics are the sign."""
+    return any(key.startswith("analysis/") for key in metrics)
+
+
+def _plot_attention_maps(model, datamodule, out_dir: Path) -> list[Path]:
+    from components.attention_maps import collect_attention_maps
+
+    batch = next(iter(datamodule.val_dataloader()))["input_ids"][:1, :64]
+    maps = collect_attention_maps(model, batch.to(next(model.parameters()).device))
+    paths = []
+    for kind, by_layer in (("attention", maps.attention), ("ssm", maps.ssm)):
+        for layer, probs in by_layer.items():
+            head_mean = probs[0].mean(0).float().cpu()
+            paths.append(plot_attention_map(head_mean, f"{kind} layer {layer} (mean over heads)",
+                                            out_dir / f"{kind}_map_layer{layer}.png"))
+    return paths
+
+
 def log_run_plots(run_id: str, model, datamodule, data_cfg: dict[str, Any], metrics: dict[str, float],
                   out_dir: Path) -> list[Path]:
     import mlflow
-
-    from components.attention_maps import collect_attention_maps
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [plot_training_curves(run_id, out_dir / "training_curves.png")]
@@ -67,13 +85,8 @@ def log_run_plots(run_id: str, model, datamodule, data_cfg: dict[str, Any], metr
     if passkey:
         paths.append(plot_bars(passkey, "Passkey retrieval by needle depth (%)", "depth (%)",
                                out_dir / "passkey_by_depth.png"))
-    batch = next(iter(datamodule.val_dataloader()))["input_ids"][:1, :64]
-    maps = collect_attention_maps(model, batch.to(next(model.parameters()).device))
-    for kind, by_layer in (("attention", maps.attention), ("ssm", maps.ssm)):
-        for layer, probs in by_layer.items():
-            head_mean = probs[0].mean(0).float().cpu()
-            paths.append(plot_attention_map(head_mean, f"{kind} layer {layer} (mean over heads)",
-                                            out_dir / f"{kind}_map_layer{layer}.png"))
+    if _analysis_enabled(metrics):
+        paths += _plot_attention_maps(model, datamodule, out_dir)
     for p in paths:
         mlflow.log_artifact(str(p), "plots")
     return paths

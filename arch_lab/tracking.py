@@ -37,6 +37,13 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
     return params
 
 
+def lab_experiment() -> str:
+    """The experiment `python -m arch_lab` and the bench log to by default (conf/logger: logger.experiment_name)."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "logger" / "mlflow.yaml").experiment_name)
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ***, for params, tags and logs."""
     from sqlalchemy.engine import make_url

@@ -155,6 +155,14 @@ def test_defaults_resolve_per_device():
     assert cpu.decode_pdl is True and _settings("decode_pdl=false").decode_pdl is False
 
 
+def test_a_list_key_given_one_bare_value_is_a_one_item_list():
+    """measure=decode is read as measure=[decode], not letter by letter (unknown measurement(s) ['d', 'e', ...])."""
+    assert _settings("measure=decode").measure == ("decode",)
+    assert _settings("cache_lengths=16384").cache_lengths == (16384,)
+    with pytest.raises(BenchConfigError, match=r"^measure: unknown measurement\(s\) \['speed'\]; allowed: decode,"):
+        _settings("measure=speed")
+
+
 @pytest.mark.parametrize("override, message", [
     ("measure=[decode,speed]", "measure: unknown measurement(s) ['speed']; allowed: decode, prefill, train, "
                                "recompute, hf, profile, train_profile"),

@@ -43,3 +43,25 @@ def test_a_tag_must_name_one_run_and_the_store_must_exist(store, tmp_path):
     with pytest.raises(SystemExit, match=r"^tracking_uri sqlite:///.*typo\.db: no MLflow store there"):
         main([f"sqlite:///{tmp_path / 'typo.db'}", "case=single", "case=ddp"])
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_an_unknown_run_id_is_named(store):
+    with pytest.raises(SystemExit, match=r"^0123abcd: no run with that id in this store \(or name one by tag, "
+                                         r"e\.g\. case=ddp\)$"):
+        main([store, "case=single", "0123abcd"])
+
+
+def test_a_key_no_run_logged_is_named_with_the_keys_they_have(store, capsys):
+    with pytest.raises(SystemExit, match=r"^--key train/los: none of these runs logged it; their metric keys: "
+                                         r"train/loss, train/tokens_per_s$"):
+        main([store, "case=single", "case=ddp", "--key", "train/los"])
+
+
+@pytest.mark.parametrize("every", ["0", "-2", "x"])
+def test_every_must_be_a_positive_integer(store, capsys, every):
+    with pytest.raises(SystemExit) as stop:
+        main([store, "case=single", "case=ddp", "--every", every])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m arch_lab.compare_runs ")  # how it is run, not compare_runs.py
+    assert f"error: argument --every: must be an integer >= 1, got {every}" in err

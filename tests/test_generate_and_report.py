@@ -10,6 +10,7 @@ import torch
 
 from arch_lab.generate import load_checkpoint, main as generate_main
 from components.generation import Generator
+from components.model import HybridLM
 from lab_helpers import DATA_ROOT as DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,9 @@ def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_check
     (["--ids", "3", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
     (["--ids", "3", "--sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
     (["--ids", "3", "--top-k", "99999"], "--top-k 99999 is larger than the model's vocabulary ({vocab} ids)"),
+    (["--prompt", ""], "--prompt '': encodes to no tokens; give some text"),  # not generation's ValueError
+    (["--ids", "3", "--tokenizer", "t.json"], "--tokenizer: only a checkpoint trained with a BPE tokenizer takes one "
+                                              "(this one uses the byte one)"),
 ])
 def test_generate_cli_names_a_bad_argument(text_checkpoint, capsys, args, message):
     vocab = load_checkpoint(str(text_checkpoint), "cpu")[0].cfg.vocab_size
@@ -169,7 +173,8 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     with mlflow.start_run(tags={"model": "roadmap_b_300m", "study": "head_ratio", "n_heads": "4"}):
         mlflow.log_metrics({"bench/decode_tok_s": 2500.0, "bench/cache_mb_16k": 200.0})
     out = tmp_path / "report"
-    assert report.main(["--tracking-uri", *stores, "--bench-uri", bench, "--out", str(out)]) == 0
+    assert report.main(["--tracking-uri", *stores, "--experiment", "roadmap", "--bench-uri", bench,
+                        "--out", str(out)]) == 0
     lines = (out / "tables.md").read_text().splitlines()
     mamba = next(line for line in lines if line.startswith("| Mamba"))
     assert "| 20.0 ± 10.0 |" in mamba and mamba.endswith("| 2 | 700–800 / – |")  # both stores' seeds pooled
@@ -186,7 +191,112 @@ def test_report_pools_stores_and_takes_table9_speed_from_head_ratio_bench(tmp_pa
     assert two_heads.startswith("| 2 | 1:1.18 | 55.0 ± 5.0 | 5.0 ± 1.0 | 2 | 2500 | 200.000 | 1:8.48 |")
     # a mistyped store or experiment is named, and no empty store is left behind
     with pytest.raises(SystemExit, match=r"^--bench-uri sqlite:///.*typo\.db: no MLflow store there"):
-        report.main(["--tracking-uri", *stores, "--bench-uri", f"sqlite:///{tmp_path}/typo.db"])
+        report.main(["--tracking-uri", *stores, "--experiment", "roadmap", "--bench-uri",
+                     f"sqlite:///{tmp_path}/typo.db"])
     assert not (tmp_path / "typo.db").exists()
     with pytest.raises(SystemExit, match=r"bench\.db: no experiment 'roadmap' in this store \(it holds \["):
-        report.main(["--tracking-uri", bench, "--out", str(out)])
+        report.main(["--tracking-uri", bench, "--experiment", "roadmap", "--out", str(out)])
+    # the default experiment is the lab's (logger.experiment_name), where `python -m arch_lab` logs
+    with pytest.raises(SystemExit, match=r"seed0\.db: no experiment 'arch_lab' in this store \(it holds \["):
+        report.main(["--tracking-uri", stores[0], "--out", str(out)])
+
+
+def test_report_takes_a_runs_task_from_its_data_tag(tmp_path):
+    """Runs of `python -m arch_lab` carry data=mqar|text; without a task tag they count in their own task's tables
+    only (not in both)."""
+    import mlflow
+
+    from arch_lab import report
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("arch_lab")
+    for data, loss in (("mqar", 1.0), ("text", 4.0)):
+        with mlflow.start_run(tags={"model": "transformer_tiny", "data": data}):
+            mlflow.log_metrics({"val/loss": loss})
+    with mlflow.start_run(tags={"model": "mamba_tiny", "data": "text", "task": "mqar"}):  # task wins over data
+        mlflow.log_metrics({"val/loss": 2.0})
+    out = tmp_path / "report"
+    assert report.main(["--tracking-uri", uri, "--out", str(out)]) == 0
+    rows = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| Transformer")]
+    assert rows[1].startswith("| Transformer (Llama) | 1.00 | 4.000 |")  # MQAR val loss, text val loss
+    mamba = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| Mamba")]
+    assert mamba[1].startswith("| Mamba | 2.00 | – |")
+
+
+@pytest.fixture
+def moved_bpe_checkpoint(tmp_path) -> Path:
+    """A BPE run's checkpoint whose stored tokenizer path is gone (the run folder was moved to moved/): the
+    tokenizer.json sits in the run folder, as `python -m arch_lab` writes it."""
+    from arch_lab.data.tokenizers import BPETokenizer
+    from components.presets import preset
+
+    tokenizer = BPETokenizer.train(iter(["To be, or not to be, that is the question. " * 20]), vocab_size=280)
+    run = tmp_path / "moved"
+    tokenizer.save(run / "tokenizer.json")
+    model = HybridLM(preset("transformer", "tiny", vocab_size=288))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"hyper_parameters": {"model_cfg": model.cfg.to_dict(),
+                                     "tokenizer": {"kind": "bpe", "path": str(tmp_path / "run" / "tokenizer.json")}},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    return ckpt
+
+
+def test_generate_finds_a_moved_bpe_runs_tokenizer_in_its_run_folder(moved_bpe_checkpoint, capsys):
+    assert generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--max-new-tokens", "2",
+                          "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("=== To be\n")
+
+
+def test_generate_takes_a_bpe_tokenizer_from_the_option_or_names_it(moved_bpe_checkpoint, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere.json"
+    (moved_bpe_checkpoint.parents[1] / "tokenizer.json").rename(elsewhere)
+    with pytest.raises(SystemExit) as stop:
+        generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--device", "cpu"])
+    assert stop.value.code == 2
+    assert (f"error: the checkpoint's BPE tokenizer is neither at {tmp_path / 'run' / 'tokenizer.json'} nor at "
+            f"{tmp_path / 'moved' / 'tokenizer.json'}: give its tokenizer.json with --tokenizer PATH"
+            in capsys.readouterr().err)
+    assert generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--max-new-tokens", "2", "--device", "cpu",
+                          "--tokenizer", str(elsewhere)]) == 0
+    with pytest.raises(SystemExit):
+        generate_main([str(moved_bpe_checkpoint), "--ids", "3", "--tokenizer", str(tmp_path / "typo.json")])
+    assert f"error: --tokenizer: no such file {tmp_path / 'typo.json'}" in capsys.readouterr().err
+
+
+def test_generate_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    for path, message in ((REPO / "README.md", "is not a checkpoint (torch cannot load it)"),
+                          (tmp_path / "weights.pt", "is not a checkpoint written by `python -m arch_lab` "
+                                                    "(no hyper_parameters.model_cfg or state_dict)")):
+        with pytest.raises(SystemExit) as stop:
+            generate_main([str(path), "--ids", "3"])
+        assert stop.value.code == 2 and f"error: checkpoint: {path} {message}" in capsys.readouterr().err
+
+
+def test_attention_maps_are_plotted_only_with_the_analysis(text_checkpoint, tmp_path, monkeypatch):
+    """eval.analysis.enabled=false (as the fixture's run) skips the maps; a run with analysis/* metrics draws them."""
+    import mlflow
+
+    from arch_lab.reporting import log_run_plots
+    from components.presets import preset
+
+    assert (text_checkpoint.parents[1] / "plots" / "training_curves.png").is_file()
+    assert not list((text_checkpoint.parents[1] / "plots").glob("*_map_layer*.png"))
+
+    class Data:
+        def val_dataloader(self):
+            return [{"input_ids": torch.randint(0, 64, (2, 16))}]
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    mlflow.set_experiment("plots")  # not the experiment id an earlier test left active in its own store
+    model = HybridLM(preset("transformer", "tiny", vocab_size=64)).eval()
+    with mlflow.start_run() as run:
+        mlflow.log_metric("train/loss", 3.0, step=0)
+        plotted = {metrics_given: [p.name for p in log_run_plots(run.info.run_id, model, Data(), {}, metrics,
+                                                                  tmp_path / metrics_given)]
+                   for metrics_given, metrics in (("none", {}), ("analysis", {"analysis/erf": 3.0}))}
+    assert plotted["none"] == ["training_curves.png"]
+    assert plotted["analysis"][0] == "training_curves.png" and "attention_map_layer0.png" in plotted["analysis"]

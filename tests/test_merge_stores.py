@@ -2,9 +2,14 @@
 artifacts kept, and nothing copied twice."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from arch_lab.merge_stores import SOURCE_TAG, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _store(tmp_path, name: str) -> str:
@@ -37,6 +42,13 @@ def sources(tmp_path, monkeypatch):
     return {"a": a, "b": b, "plain": plain, "parent": parent.info.run_id, "trial": trial.info.run_id}
 
 
+def _runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name("roadmap").experiment_id])
+
+
 def _copies(uri: str) -> dict[str, object]:
     from mlflow import MlflowClient
 
@@ -49,8 +61,11 @@ def test_merge_pools_runs_with_histories_nesting_and_artifacts(tmp_path, sources
     from mlflow import MlflowClient
 
     dest = _store(tmp_path, "study.db")
-    assert main(["--from", sources["a"], sources["b"], "--to", dest]) == 0
-    assert capsys.readouterr().out.strip() == f"copied 3 run(s) of experiment 'roadmap' into {dest}"
+    assert main(["--from", sources["a"], sources["b"], "--to", dest, "--experiment", "roadmap"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"copied 3 run(s) of experiment 'roadmap' into {dest}"
+    assert "Downloading artifacts" not in captured.err  # MLflow's progress bar, once per copied run
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # the setting is put back
     copies = _copies(dest)
     assert set(copies) == {sources["plain"], sources["parent"], sources["trial"]}
 
@@ -70,15 +85,51 @@ def test_merge_pools_runs_with_histories_nesting_and_artifacts(tmp_path, sources
 
 def test_merging_again_copies_nothing_twice(tmp_path, sources, capsys):
     dest = _store(tmp_path, "study.db")
-    main(["--from", sources["a"], "--to", dest])
-    main(["--from", sources["a"], sources["b"], "--to", dest])
+    main(["--from", sources["a"], "--to", dest, "--experiment", "roadmap"])
+    main(["--from", sources["a"], sources["b"], "--to", dest, "--experiment", "roadmap"])
     assert capsys.readouterr().out.splitlines()[-1].startswith("copied 2 run(s)")
     assert len(_copies(dest)) == 3
 
 
-def test_a_store_without_the_experiment_is_named(tmp_path, sources):
-    with pytest.raises(SystemExit, match=r"^--from .*a\.db: no MLflow experiment 'study' in this store$"):
-        main(["--from", sources["a"], "--to", _store(tmp_path, "study.db"), "--experiment", "study"])
+def test_a_store_without_the_experiment_is_named_before_the_destination_is_made(tmp_path, sources):
+    with pytest.raises(SystemExit, match=r"^--from .*b\.db: no MLflow experiment 'study' in this store$"):
+        main(["--from", sources["b"], "--to", _store(tmp_path, "study.db"), "--experiment", "study"])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_the_default_experiment_is_the_labs(tmp_path, sources):
+    """`python -m arch_lab` logs to logger.experiment_name (arch_lab); the fixture's runs are in 'roadmap'."""
+    from omegaconf import OmegaConf
+
+    from arch_lab.tracking import lab_experiment
+
+    assert lab_experiment() == OmegaConf.load(REPO / "conf/logger/mlflow.yaml").experiment_name == "arch_lab"
+    with pytest.raises(SystemExit, match=r"^--from .*a\.db: no MLflow experiment 'arch_lab' in this store$"):
+        main(["--from", sources["a"], "--to", _store(tmp_path, "study.db")])
+
+
+def test_a_destination_that_is_also_a_source_is_refused(tmp_path, sources, capsys):
+    """Its runs would be copied into it again on every call; the same file is found however it is spelled."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--from", sources["a"], sources["b"], "--to", "sqlite:///./a.db", "--experiment", "roadmap"])
+    assert stop.value.code == 2
+    assert (f"error: --to sqlite:///./a.db: the same store as --from {sources['a']}, whose runs would be copied "
+            "into it again on every call; give another store (a new file is fine)") in capsys.readouterr().err
+    assert len(_runs(sources["a"])) == 1
+
+
+@pytest.mark.parametrize("flag", ["--from", "--to"])
+def test_a_bare_sqlite_file_name_asks_for_a_uri(tmp_path, sources, capsys, flag):
+    """MLflow takes a bare path for a file store (a directory): a .db file fails inside MLflow, or is made a dir."""
+    args = {"--from": ["--from", "a.db", "--to", _store(tmp_path, "study.db")],
+            "--to": ["--from", sources["a"], "--to", "study.db"]}[flag]
+    with pytest.raises(SystemExit) as stop:
+        main(args + ["--experiment", "roadmap"])
+    assert stop.value.code == 2
+    name = "a.db" if flag == "--from" else "study.db"
+    assert (f"error: {flag} {name}: expected an MLflow store URI, e.g. sqlite:///{name} for a SQLite file"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "study.db").exists()
 
 
 def test_a_missing_store_is_named_and_nothing_is_created(tmp_path):

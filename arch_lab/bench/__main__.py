@@ -48,6 +48,12 @@ def _auto_or_positive(cfg: DictConfig, key: str) -> Optional[float]:
     return float(value)
 
 
+def _as_tuple(value: Any) -> tuple:
+    """A list key given one bare value (measure=decode, cache_lengths=16384) as a one-item list: a string would
+    otherwise be read letter by letter."""
+    return (value,) if isinstance(value, (str, int, float)) else tuple(value)
+
+
 def _resolve_device(requested: str, cuda_available: bool) -> str:
     if requested == "auto":
         return "cuda" if cuda_available else "cpu"
@@ -86,7 +92,7 @@ class BenchSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, cuda_available: bool) -> "BenchSettings":
-        measure = tuple(cfg.measure)
+        measure = _as_tuple(cfg.measure)
         unknown = [m for m in measure if m not in MEASUREMENTS]
         if unknown:
             raise BenchConfigError(f"measure: unknown measurement(s) {unknown}; allowed: {', '.join(MEASUREMENTS)}")
@@ -102,7 +108,7 @@ class BenchSettings:
             raise BenchConfigError(f"cuda_graph must be auto, true or false; got {cfg.cuda_graph!r}")
         if not isinstance(cfg.decode_pdl, bool):
             raise BenchConfigError(f"decode_pdl must be true or false; got {cfg.decode_pdl!r}")
-        lengths = tuple(cfg.cache_lengths)
+        lengths = _as_tuple(cfg.cache_lengths)
         if any(not isinstance(n, int) or n < 1 for n in lengths):
             raise BenchConfigError(f"cache_lengths must be a list of positive token counts, got {list(lengths)}")
         settings = cls(

@@ -6,8 +6,9 @@
 #   bash experiments/roadmap/run_study.sh text "0 1" [rows...]     # perplexity (valid, gutenberg test, wikitext2),
 #                                                                    passkey
 #   bash experiments/roadmap/run_study.sh head_ratio "0 1"         # Table 9 rows 1-4: B with 0, 2, 3, 6 heads on MQAR
-# then:  python -m arch_lab.report --tracking-uri $STORES/*.db (as sqlite:/// URIs) --bench-uri ... --out <dir>
-#        python -m arch_lab.merge_stores --from <the same URIs> --to sqlite:///study.db   # one store for the MLflow UI
+# then:  python -m arch_lab.report --tracking-uri $STORES/*.db (as sqlite:/// URIs) --experiment roadmap \
+#          --bench-uri ... --out <dir>
+#        python -m arch_lab.merge_stores --from <the same URIs> --to sqlite:///study.db --experiment roadmap
 # Decode speed measured here is not reported (parallel runs share the GPU; the sweep keeps it only as an objective):
 # Table 1 and Table 9 take it from the 300M bench (experiments/performance/gpu_session.sh decode ratio).
 set -uo pipefail
@@ -31,7 +32,7 @@ text=(data=text_gutenberg data.seq_len=512 data.batch_size=16 data.max_train_tok
       data.max_eval_tokens=262144 trainer.max_steps=${TEXT_STEPS:-800} trainer.val_check_interval=400 optim.lr=2e-3
       eval.passkey.seq_len=512 eval.passkey.num_per_depth=20)
 common=(trainer=${TRAINER:-gpu} trainer.enable_progress_bar=false logger.experiment_name=roadmap)
-[[ -n ${MAX_TIME:-} ]] && common+=(+trainer.max_time=$MAX_TIME)
+[[ -n ${MAX_TIME:-} ]] && common+=(trainer.max_time=$MAX_TIME)
 # OVERRIDES (space-separated Hydra overrides) go last on every run's command line, so they win; SUFFIX is added to
 # the run names (stores, logs) so variants of one row can run side by side, e.g. an lr probe:
 #   OVERRIDES="optim.lr=2e-3" SUFFIX=_lr2e-3 bash experiments/roadmap/run_study.sh mqar 0 transformer roadmap_b
