@@ -1,19 +1,33 @@
 """`python -m arch_lab [overrides]`: train, evaluate and log one run (or a sweep with -m)."""
+import logging
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from arch_lab.sweep import register_sweeper
 
 register_sweeper()  # `-m hparams_search=...` uses arch_lab's Optuna sweeper
+log = logging.getLogger("arch_lab")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from arch_lab.train import train
 
-    metrics = train(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+    output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics = train(cfg, output_dir=output_dir)
+    except KeyboardInterrupt as stop:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper marks the trial and its study's parent run KILLED
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        resume = f"; resume with ckpt_path='{last}'" if last.is_file() else ""
+        log.error("interrupted (%s): the MLflow run ended KILLED%s", stop, resume)
+        raise SystemExit(130) from None  # the shell's code for Ctrl-C, without a traceback
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

@@ -55,7 +55,7 @@ RULES: list[Rule] = [
     ("optim.decay_fraction", _fraction, "a number in [0, 1]"),
     ("trainer.val_check_interval", _val_interval, "steps as an integer >= 1, or a fraction of an epoch in (0, 1]"),
     ("trainer.max_steps", lambda v: _integer(v) and v >= 0,
-     "an integer >= 0 (the learning-rate schedule is laid out over it; +trainer.max_time may stop a run sooner)"),
+     "an integer >= 0 (the learning-rate schedule is laid out over it; trainer.max_time may stop a run sooner)"),
     ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     ("eval.mqar", _boolean, "true or false"),

@@ -137,6 +137,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     model = lit.model
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
+            "backend": cfg.backend,  # the choice; the `backends` tag says which kernels could run here
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
     worker = _launched_worker()
     with graceful_stop() as stopper, float32_matmul_precision(cfg):
@@ -202,6 +203,9 @@ def _log_setup(cfg: DictConfig, model, seq_len: int) -> dict[str, float]:
     from .bench.flops import train_flops_per_token
 
     mlflow.log_params(tracking.loggable_params(cfg))
+    context = mlflow.active_run().data.tags  # MLflow's own: the script's and the repository's absolute paths
+    mlflow.set_tags({key: tracking.hide_absolute_path(context[key])
+                     for key in ("mlflow.source.name", "mlflow.source.git.repoURL") if key in context})
     tracking.log_text_artifact(OmegaConf.to_yaml(cfg, resolve=False), "config.yaml")
     tracking.log_text_artifact(model.plan.to_table(), "layer_plan.txt")
     mlflow.log_dict({"layers": model.plan.as_records()}, "layer_plan.json")

@@ -188,9 +188,13 @@ def test_a_diverged_run_ends_failed_naming_the_loss(outcomes):
 def test_interrupted_run_ends_killed(outcomes):
     workdir, future = outcomes[INTERRUPTED]
     returncode, run_id = future.result()
-    assert returncode != 0
+    assert returncode == 130
     assert client(workdir).get_run(run_id).info.status == "KILLED"
     assert [run.info.status for run in lab_runs(workdir)] == ["KILLED"]
+    console = (workdir / "lab.log").read_text()
+    assert "Traceback" not in console
+    assert re.search(r"interrupted \(signal 2\): the MLflow run ended KILLED; resume with ckpt_path='.*last.ckpt'",
+                     console)
 
 
 def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):

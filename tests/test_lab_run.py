@@ -164,6 +164,9 @@ def test_default_run_params_hold_no_absolute_paths(default_run):
     leaking = {k: v for k, v in run.data.params.items()
                if _holds_absolute_path(v, workdir)}
     assert not leaking
+    # nor the tags: MLflow's own name the script and the repository by absolute path
+    assert not {k: v for k, v in run.data.tags.items() if v.startswith("/") or str(REPO) in v}
+    assert run.data.tags["mlflow.source.name"] == "<abs>/__main__.py"
 
 
 @pytest.mark.slow
@@ -218,6 +221,7 @@ def test_default_run_tags_row_and_commit(default_run):
     workdir, run = default_run
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["row"] == "E"
+    assert run.data.tags["backend"] == "auto" and "cuda=" in run.data.tags["backends"]
     assert run.data.tags["git_commit"] in (head, f"{head}-dirty")
     assert run.data.tags["mlflow.runName"] == "roadmap_e_tiny-mqar-s0"
     assert client(workdir).get_experiment(run.info.experiment_id).name == EXPERIMENT_NAME

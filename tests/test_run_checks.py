@@ -40,7 +40,7 @@ def test_every_shipped_experiment_passes():
      "trainer.val_check_interval must be steps as an integer >= 1, or a fraction of an epoch in (0, 1], got 0"),
     ("eval.decode.batch=0", "eval.decode.batch must be an integer >= 1, got 0"),
     ("trainer.max_steps=abc", "trainer.max_steps must be an integer >= 0 (the learning-rate schedule is laid out "
-                              "over it; +trainer.max_time may stop a run sooner), got 'abc'"),
+                              "over it; trainer.max_time may stop a run sooner), got 'abc'"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
     ("backend=cuda", "backend must be one of auto, reference, kernel, got 'cuda'"),
     ("eval.mqar=maybe", "eval.mqar must be true or false, got 'maybe'"),

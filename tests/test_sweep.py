@@ -84,7 +84,8 @@ def run_app(workdir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
 def start_app(workdir: Path, *overrides: str, sleep_if_trial: int | None = None) -> subprocess.Popen[str]:
     """The app in the background; trial `sleep_if_trial` sleeps for two minutes, long enough to be interrupted."""
     return subprocess.Popen(
-        _command(*overrides), cwd=workdir, env=_env(workdir, sleep_if_trial), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _command(*overrides), cwd=workdir, env=_env(workdir, sleep_if_trial), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
 
 
