@@ -37,6 +37,15 @@ def _check_path(key: str, path: Optional[str]) -> None:
 
 
 def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[Tokenizer]):
+    """The datamodule, carrying the settings a resumed run must keep (SettingsInCheckpoints): all but where the
+    files are (a run may resume on another machine) and how many loader workers fetch them."""
+    datamodule = _datamodule(data_cfg, seed, tokenizer)
+    datamodule.settings = {key: value for key, value in data_cfg.items()
+                           if key != "num_workers" and not key.endswith(("_path", "_paths", "_dir"))}
+    return datamodule
+
+
+def _datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[Tokenizer]):
     kind = data_cfg.get("kind")
     if kind not in DATA_KINDS:
         raise ValueError(f"data.kind must be one of {', '.join(DATA_KINDS)}; got {kind!r}")

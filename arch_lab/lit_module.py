@@ -124,7 +124,9 @@ def _check_same_settings(saved: dict[str, Any], current: Any) -> None:
     scheduler state while the run's params claimed it."""
     changed = []
     for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim")):
-        before, now = saved.get(group) or {}, current.get(group) or {}
+        if not saved.get(group):  # a checkpoint written outside the lab's runs: nothing to compare
+            continue
+        before, now = saved[group], current.get(group) or {}
         changed += [f"{prefix}.{key}={now.get(key)!r} (checkpoint: {before.get(key)!r})"
                     for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     if changed:

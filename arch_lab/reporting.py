@@ -50,12 +50,6 @@ def plot_bars(values: dict[str, float], title: str, xlabel: str, path: Path) -> 
     return path
 
 
-def _analysis_enabled(metrics: dict[str, float]) -> bool:
-    """Whether the run computed its attention analysis (eval.analysis.enabled=false skips it and the maps, which cost
-    a forward pass and a plot per layer). The caller passes no config, so the analysis/* metrics are the sign."""
-    return any(key.startswith("analysis/") for key in metrics)
-
-
 def _plot_attention_maps(model, datamodule, out_dir: Path) -> list[Path]:
     from components.attention_maps import collect_attention_maps
 
@@ -71,7 +65,9 @@ def _plot_attention_maps(model, datamodule, out_dir: Path) -> list[Path]:
 
 
 def log_run_plots(run_id: str, model, datamodule, data_cfg: dict[str, Any], metrics: dict[str, float],
-                  out_dir: Path) -> list[Path]:
+                  out_dir: Path, attention_maps: bool = True) -> list[Path]:
+    """Training curves, MQAR by slice, passkey by depth and, with `attention_maps` (eval.analysis.enabled: a
+    forward pass and a plot per layer), each layer's attention map; logged under the run's plots/."""
     import mlflow
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +81,7 @@ def log_run_plots(run_id: str, model, datamodule, data_cfg: dict[str, Any], metr
     if passkey:
         paths.append(plot_bars(passkey, "Passkey retrieval by needle depth (%)", "depth (%)",
                                out_dir / "passkey_by_depth.png"))
-    if _analysis_enabled(metrics):
+    if attention_maps:
         paths += _plot_attention_maps(model, datamodule, out_dir)
     for p in paths:
         mlflow.log_artifact(str(p), "plots")

@@ -185,7 +185,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                        **throughput.metrics()}
             record(trained)
             metrics.update(trained)
-            log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots")
+            log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots",
+                          attention_maps=cfg.eval.analysis.enabled)
             stopper.raise_if_requested()
             if cfg.logger.log_checkpoints and checkpoint.last_model_path:
                 mlflow.log_artifact(checkpoint.last_model_path, "checkpoints")

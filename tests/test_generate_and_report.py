@@ -276,7 +276,7 @@ def test_generate_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_attention_maps_are_plotted_only_with_the_analysis(text_checkpoint, tmp_path, monkeypatch):
-    """eval.analysis.enabled=false (as the fixture's run) skips the maps; a run with analysis/* metrics draws them."""
+    """eval.analysis.enabled=false (as the fixture's run) skips the maps; with the analysis on, they are drawn."""
     import mlflow
 
     from arch_lab.reporting import log_run_plots
@@ -295,8 +295,8 @@ def test_attention_maps_are_plotted_only_with_the_analysis(text_checkpoint, tmp_
     model = HybridLM(preset("transformer", "tiny", vocab_size=64)).eval()
     with mlflow.start_run() as run:
         mlflow.log_metric("train/loss", 3.0, step=0)
-        plotted = {metrics_given: [p.name for p in log_run_plots(run.info.run_id, model, Data(), {}, metrics,
-                                                                  tmp_path / metrics_given)]
-                   for metrics_given, metrics in (("none", {}), ("analysis", {"analysis/erf": 3.0}))}
-    assert plotted["none"] == ["training_curves.png"]
-    assert plotted["analysis"][0] == "training_curves.png" and "attention_map_layer0.png" in plotted["analysis"]
+        plotted = {maps: [p.name for p in log_run_plots(run.info.run_id, model, Data(), {}, {}, tmp_path / str(maps),
+                                                        attention_maps=maps)]
+                   for maps in (False, True)}
+    assert plotted[False] == ["training_curves.png"]
+    assert plotted[True][0] == "training_curves.png" and "attention_map_layer0.png" in plotted[True]

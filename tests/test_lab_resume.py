@@ -58,13 +58,17 @@ def test_resumed_run_repeats_the_uninterrupted_losses(runs):
     assert run_c.data.tags["resumed_from_run"] == run_a.info.run_id
 
 
-def test_resuming_with_other_model_or_optimizer_settings_is_refused(runs, tmp_path):
+def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, tmp_path):
     (a, _), _ = runs
     intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"
     proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "optim.lr=0.01", "model.window=8"], tmp_path, check=False)
     assert proc.returncode != 0
     assert ("ConfigError: ckpt_path: this run changes model.window=8 (checkpoint: 16), optim.lr=0.01 (checkpoint: "
             "0.003); resume with the checkpoint's settings, or start a new run without ckpt_path") in proc.stderr
+    # the data too: the resumed sampler would skip into another stream of examples
+    proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "data.batch_size=16"], tmp_path / "data", check=False)
+    assert proc.returncode != 0
+    assert "ConfigError: ckpt_path: this run changes data.batch_size=16 (checkpoint: 32); resume" in proc.stderr
 
 
 def test_resumed_weights_and_optimizer_state_match(runs):

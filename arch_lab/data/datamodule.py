@@ -31,6 +31,7 @@ from arch_lab.data.text import (
     tokenize_corpus,
 )
 from arch_lab.data.tokenizers import Tokenizer
+from components.config import ConfigError
 
 # Validation and test sets are generated from seed + offset: far from any training seed a
 # user would pick next to `seed`, so the three sets never share a random stream.
@@ -74,7 +75,28 @@ def _optional_list(values: Sequence | None) -> list | None:
     return None if values is None else list(values)
 
 
-class MQARDataModule(L.LightningDataModule):
+class SettingsInCheckpoints:
+    """Mixed into the datamodules: the data settings that decide the batches (`settings`, set by the lab's
+    data_factory) go into every checkpoint, as Lightning saves a datamodule's state_dict, and resuming with other
+    settings is refused naming them: the resumed sampler would skip into another stream of examples."""
+
+    settings: dict = {}  # replaced per instance, never mutated
+
+    def state_dict(self) -> dict:
+        return {"settings": dict(self.settings)}
+
+    def load_state_dict(self, state: dict) -> None:
+        before = state.get("settings") or {}
+        if not before or not self.settings:  # a checkpoint or a datamodule from outside the lab's runs
+            return
+        changed = [f"data.{key}={self.settings.get(key)!r} (checkpoint: {before.get(key)!r})"
+                   for key in sorted(set(before) | set(self.settings)) if before.get(key) != self.settings.get(key)]
+        if changed:
+            raise ConfigError(f"ckpt_path: this run changes {', '.join(changed)}; resume with the checkpoint's data "
+                              f"settings, or start a new run without ckpt_path")
+
+
+class MQARDataModule(SettingsInCheckpoints, L.LightningDataModule):
     """MQAR (Zoology, Arora et al. 2023): a training mixture over num_kv_pairs_train (optionally with
     per-slice lengths and weights, as Zoology's mix) and held-out val/test sets over num_kv_pairs_test
     at seq_len, each from its own seed; setup() checks that no held-out example also occurs in the
@@ -154,7 +176,7 @@ class MQARDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SettingsInCheckpoints, L.LightningDataModule):
     """Next-token prediction on plain text.
 
     source="files": train_path / valid_path are local files or directories (see iter_documents),
