@@ -79,6 +79,8 @@ def existing_store(uri: str, flag: str) -> str:
     """`uri`, once it is known to name an MLflow store that exists: MLflow creates a SQLite file or a store directory
     on first use, so a mistyped path given to a tool that only reads (report, merge_stores --from, compare_runs)
     would make an empty store and report nothing. Servers and database URLs are left to MLflow."""
+    if "://" not in uri and Path(uri).is_file():  # MLflow would read it as a file store, a directory, and fail
+        raise SystemExit(f"{flag} {uri}: expected an MLflow store URI, e.g. sqlite:///{uri} for a SQLite file")
     if "://" not in uri:
         path = Path(uri)  # a plain directory: MLflow's file store
     elif uri.startswith("file://"):

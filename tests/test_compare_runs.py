@@ -2,6 +2,8 @@
 1 and 2 GPUs with it), their largest difference against a tolerance, and runs named by a tag."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from arch_lab.compare_runs import main
@@ -43,6 +45,9 @@ def test_a_tag_must_name_one_run_and_the_store_must_exist(store, tmp_path):
     with pytest.raises(SystemExit, match=r"^tracking_uri sqlite:///.*typo\.db: no MLflow store there"):
         main([f"sqlite:///{tmp_path / 'typo.db'}", "case=single", "case=ddp"])
     assert not (tmp_path / "typo.db").exists()
+    bare = store.removeprefix("sqlite:///")  # the store's file without its scheme: MLflow would take a directory
+    with pytest.raises(SystemExit, match=rf"^tracking_uri {re.escape(bare)}: expected an MLflow store URI, e\.g\. "):
+        main([bare, "case=single", "case=ddp"])
 
 
 def test_an_unknown_run_id_is_named(store):
