@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FixedTrial, TrialState
 
 from arch_lab.sweep import current_trial
-from arch_lab.sweep.optuna_sweeper import Objectives, SamplerConf, make_sampler
+from arch_lab.sweep.optuna_sweeper import Objectives, SamplerConf, _without_password, make_sampler
 from arch_lab.sweep.pareto import Objective, describe_trial
 from arch_lab.sweep.search_space import (
     CategoricalParam,
@@ -498,6 +498,9 @@ def test_storage_urls_default_beside_mlflow_and_hide_passwords(tmp_path: Path) -
     assert hide_absolute_path(redact_url("sqlite:////tmp/stores/optuna_h2.db")) == "sqlite:///<abs>/optuna_h2.db"
     assert hide_absolute_path("sqlite:///optuna.db") == "sqlite:///optuna.db"
     assert hide_absolute_path("postgresql://lab:***@db:5432/optuna") == "postgresql://lab:***@db:5432/optuna"
+    # the study keeps its fixed overrides (and a refused resume prints them): without a password either
+    assert _without_password("logger.tracking_uri=postgresql://lab:s3cret@db/ml") == \
+        "logger.tracking_uri=postgresql://lab:***@db/ml"
 
 
 def test_current_trial_is_none_outside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:

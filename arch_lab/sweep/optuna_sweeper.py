@@ -316,7 +316,7 @@ class OptunaSweeper(Sweeper):
         """Create the study, or join it; `created` is True for exactly one of racing workers. A study joined
         must have been run with the same objectives and the same fixed overrides: resuming head_ratio for
         another experiment or data set would otherwise mix its trials with the old ones."""
-        fixed = sorted(fixed_arguments)
+        fixed = sorted(_without_password(argument) for argument in fixed_arguments)  # stored and printed
         try:
             study = optuna.create_study(
                 storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
@@ -650,6 +650,11 @@ def _never_returned(study: optuna.Study, trial: optuna.Trial, result: JobReturn,
     return (f"trial {trial.number} returned no {', '.join(missing)} and no trial of the study has completed, so "
             f"every trial would fail alike: make the runs' config produce each metric of hydra.sweeper.directions "
             f"(it returned {sorted(map(str, result.return_value))})")
+
+
+def _without_password(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{redact_url(value)}" if "://" in value else override
 
 
 def _interrupted(trial: FrozenTrial) -> bool:
