@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import MLFlowLogger
 
-from components.config import ConfigError, ModelConfig
+from components.config import ModelConfig
 from components.model import HybridLM
 from components.ops.selective_scan import DEFAULT_SCAN_KERNEL
 
 from .data.mqar import mqar_accuracy
 from .optim import build_optimizer
+from .run_checks import changed_settings, refuse_changed_resume
 
 log = logging.getLogger(__name__)
 RUN_ID_KEY = "mlflow_run_id"  # in a checkpoint: the MLflow run that wrote it
@@ -122,16 +123,9 @@ def _check_same_settings(saved: dict[str, Any], current: Any) -> None:
     """A resumed run must train the checkpoint's model with its optimizer settings: a different shape fails to
     load in a hundred lines, and a different lr or schedule would be overridden by the restored optimizer and
     scheduler state while the run's params claimed it."""
-    changed = []
-    for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim")):
-        if not saved.get(group):  # a checkpoint written outside the lab's runs: nothing to compare
-            continue
-        before, now = saved[group], current.get(group) or {}
-        changed += [f"{prefix}.{key}={now.get(key)!r} (checkpoint: {before.get(key)!r})"
-                    for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
-    if changed:
-        raise ConfigError(f"ckpt_path: this run changes {', '.join(changed)}; resume with the checkpoint's "
-                          f"settings, or start a new run without ckpt_path")
+    refuse_changed_resume([change for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim"))
+                           if saved.get(group)  # empty in a checkpoint written outside the lab's runs
+                           for change in changed_settings(prefix, saved[group], current.get(group) or {})])
 
 
 class DivergenceCheck(L.Callback):

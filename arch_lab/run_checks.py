@@ -112,3 +112,15 @@ def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
             raise ValueError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
         if not Path(cfg.eval.commonsense.data_dir).is_dir():
             raise FileNotFoundError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")
+
+
+def changed_settings(prefix: str, checkpoint: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """`<prefix>.<key>=<run's> (checkpoint: <checkpoint's>)` for every key whose value a resumed run changes."""
+    return [f"{prefix}.{key}={run.get(key)!r} (checkpoint: {checkpoint.get(key)!r})"
+            for key in sorted(set(checkpoint) | set(run)) if checkpoint.get(key) != run.get(key)]
+
+
+def refuse_changed_resume(changed: list[str]) -> None:
+    if changed:
+        raise ConfigError(f"ckpt_path: this run changes {', '.join(changed)}; resume with the checkpoint's "
+                          f"settings, or start a new run without ckpt_path")

@@ -31,7 +31,7 @@ from arch_lab.data.text import (
     tokenize_corpus,
 )
 from arch_lab.data.tokenizers import Tokenizer
-from components.config import ConfigError
+from arch_lab.run_checks import changed_settings, refuse_changed_resume
 
 # Validation and test sets are generated from seed + offset: far from any training seed a
 # user would pick next to `seed`, so the three sets never share a random stream.
@@ -87,13 +87,8 @@ class SettingsInCheckpoints:
 
     def load_state_dict(self, state: dict) -> None:
         before = state.get("settings") or {}
-        if not before or not self.settings:  # a checkpoint or a datamodule from outside the lab's runs
-            return
-        changed = [f"data.{key}={self.settings.get(key)!r} (checkpoint: {before.get(key)!r})"
-                   for key in sorted(set(before) | set(self.settings)) if before.get(key) != self.settings.get(key)]
-        if changed:
-            raise ConfigError(f"ckpt_path: this run changes {', '.join(changed)}; resume with the checkpoint's data "
-                              f"settings, or start a new run without ckpt_path")
+        if before and self.settings:  # empty for a checkpoint or a datamodule from outside the lab's runs
+            refuse_changed_resume(changed_settings("data", before, self.settings))
 
 
 class MQARDataModule(SettingsInCheckpoints, L.LightningDataModule):
