@@ -56,11 +56,14 @@ def mqar_metrics(model, loader) -> dict[str, float]:
 
 
 def perplexity_metrics(model, datamodule, max_batches: Optional[int]) -> dict[str, float]:
+    """val/* over the batches validation reads during training (`max_batches`: trainer.limit_val_batches), so the
+    final point continues its curve; test/<name>/* over each whole held-out set (up to data.max_eval_tokens), not
+    just its first books."""
     loss = mean_loss(model, datamodule.val_dataloader(), max_batches)
     metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
     datamodule.setup("test")
     for name, loader in zip(datamodule.test_names, datamodule.test_dataloader() or []):
-        test_loss = mean_loss(model, loader, max_batches)
+        test_loss = mean_loss(model, loader, None)
         metrics[f"test/{name}/loss"] = test_loss
         metrics[f"test/{name}/ppl"] = math.exp(min(test_loss, 50.0))
     return metrics

@@ -44,6 +44,7 @@ Rule = tuple[str, Callable[[Any], bool], str]
 RULES: list[Rule] = [
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("float32_matmul_precision", lambda v: v in MATMUL_PRECISIONS, f"one of {', '.join(MATMUL_PRECISIONS)}"),
     ("optim.lr", lambda v: _number(v) and v > 0, "a number > 0"),
@@ -66,23 +67,56 @@ RULES: list[Rule] = [
 DECODE_RULES: list[Rule] = [(f"eval.decode.{key}", lambda v: _integer(v) and v >= 1, "an integer >= 1")
                             for key in ("batch", "context", "new_tokens")]
 ANALYSIS_RULES: list[Rule] = [("eval.analysis.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1")]
+PASSKEY_RULES: list[Rule] = [
+    ("eval.passkey.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("eval.passkey.depths", lambda v: isinstance(v, list) and v and all(_fraction(d) for d in v),
+     "a list of needle depths in [0, 1], e.g. [0.0, 0.5, 1.0]"),
+    ("eval.passkey.num_per_depth", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+]
+COMMONSENSE_RULES: list[Rule] = [("eval.commonsense.limit", lambda v: v is None or (_integer(v) and v >= 1),
+                                  "an integer >= 1, or null for every item")]
+
+
+def _evaluations(cfg: DictConfig) -> dict[str, bool]:
+    """Which of the evaluations with settings of their own the run will do."""
+    text = OmegaConf.select(cfg, "data.kind") == "text"
+    return {"decode": bool(OmegaConf.select(cfg, "eval.decode.enabled")),
+            "analysis": bool(OmegaConf.select(cfg, "eval.analysis.enabled")),
+            "passkey": text and OmegaConf.select(cfg, "eval.passkey.enabled") in (True, "auto"),
+            "commonsense": text and bool(OmegaConf.select(cfg, "eval.commonsense.enabled"))}
+
+
+EVALUATION_RULES = {"decode": DECODE_RULES, "analysis": ANALYSIS_RULES, "passkey": PASSKEY_RULES,
+                    "commonsense": COMMONSENSE_RULES}
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Every RULES key (and eval.decode's and eval.analysis's when they run) holds an allowed value."""
-    rules = (RULES + (DECODE_RULES if OmegaConf.select(cfg, "eval.decode.enabled") else [])
-             + (ANALYSIS_RULES if OmegaConf.select(cfg, "eval.analysis.enabled") else []))
+    """Every rule's key (RULES, and those of the evaluations the run will do) holds an allowed value, and what the
+    evaluations feed the model fits model.max_seq_len."""
+    on = _evaluations(cfg)
+    rules = RULES + [rule for name, group in EVALUATION_RULES.items() if on[name] for rule in group]
     for key, allowed, description in rules:
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         if not allowed(value):
             raise ConfigError(f"{key} must be {description}, got {value!r}")
+    longest = cfg.model.max_seq_len
+    if on["passkey"] and cfg.eval.passkey.seq_len > longest:
+        raise ConfigError(f"eval.passkey.seq_len={cfg.eval.passkey.seq_len} is longer than the model supports "
+                          f"(model.max_seq_len={longest}): lower it or raise model.max_seq_len")
+    decode = cfg.eval.decode
+    if on["decode"] and decode.context + decode.new_tokens > longest:
+        raise ConfigError(f"eval.decode.context + eval.decode.new_tokens = {decode.context + decode.new_tokens} is "
+                          f"longer than the model supports (model.max_seq_len={longest}): lower them or raise "
+                          f"model.max_seq_len")
 
 
 def check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab: int) -> None:
     if vocab > model_cfg["vocab_size"]:
-        raise ValueError(f"the data vocabulary ({vocab} ids) is larger than "
-                         f"model.vocab_size={model_cfg['vocab_size']}; raise model.vocab_size or lower data.vocab_size")
+        smaller = {"mqar": " or lower data.vocab_size", "bpe": " or lower data.bpe_vocab_size"}.get(
+            "mqar" if data_cfg["kind"] == "mqar" else data_cfg.get("tokenizer"), "")
+        raise ValueError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size="
+                         f"{model_cfg['vocab_size']}; raise model.vocab_size (to {vocab} or more){smaller}")
     if data_cfg["seq_len"] > model_cfg["max_seq_len"]:
         raise ValueError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
                          f"(model.max_seq_len={model_cfg['max_seq_len']})")

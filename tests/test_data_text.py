@@ -265,3 +265,32 @@ def test_text_datamodule_config_errors():
     dm = TextDataModule(tokenizer=BYTE, seq_len=8, batch_size=2, train_path="/no/such.txt", valid_path=str(SHAKESPEARE))
     with pytest.raises(FileNotFoundError, match=re.escape("data.train_path: no such file or directory: /no/such.txt")):
         dm.setup("fit")
+
+
+def test_held_out_perplexity_reads_each_whole_set_and_validation_its_training_batches():
+    """trainer.limit_val_batches bounds validation only: it used to cut each test set to its first books."""
+    from arch_lab.evaluate import mean_loss, perplexity_metrics
+    from components.model import HybridLM
+    from components.presets import preset
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("transformer", "tiny", vocab_size=64)).eval()
+    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (6, 2, 16))]
+
+    class Data:
+        test_names = ["held_out"]
+
+        def setup(self, stage):
+            pass
+
+        def val_dataloader(self):
+            return batches
+
+        def test_dataloader(self):
+            return [batches]
+
+    with torch.no_grad():
+        metrics = perplexity_metrics(model, Data(), max_batches=2)
+        assert metrics["val/loss"] == pytest.approx(mean_loss(model, batches[:2]))
+        assert metrics["test/held_out/loss"] == pytest.approx(mean_loss(model, batches))
+        assert metrics["test/held_out/loss"] != pytest.approx(metrics["val/loss"])

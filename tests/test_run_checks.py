@@ -46,6 +46,9 @@ def test_every_shipped_experiment_passes():
     ("eval.mqar=maybe", "eval.mqar must be true or false, got 'maybe'"),
     ("eval.cache_lengths=[-1]", "eval.cache_lengths must be a list of token counts >= 1, e.g. [8192, 16384], got [-1]"),
     ("eval.analysis.seq_len=0", "eval.analysis.seq_len must be an integer >= 1, got 0"),
+    ("data.seq_len=0", "data.seq_len must be an integer >= 1, got 0"),
+    ("eval.decode.new_tokens=1000", "eval.decode.context + eval.decode.new_tokens = 1128 is longer than the model "
+                                    "supports (model.max_seq_len=1024): lower them or raise model.max_seq_len"),
 ])
 def test_a_bad_value_names_its_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -70,3 +73,30 @@ def test_a_checkpoint_path_that_cannot_resume_is_refused_before_training(tmp_pat
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"^ckpt_path: notes.txt is not a checkpoint \(torch.save's zip format\)"):
         check_inputs_exist(_composed("ckpt_path=notes.txt"), data)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.passkey.seq_len=2048", "eval.passkey.seq_len=2048 is longer than the model supports "
+                                  "(model.max_seq_len=1024): lower it or raise model.max_seq_len"),
+    ("eval.passkey.depths=[1.5]", "eval.passkey.depths must be a list of needle depths in [0, 1], e.g. [0.0, 0.5, "
+                                  "1.0], got [1.5]"),
+    ("eval.passkey.num_per_depth=0", "eval.passkey.num_per_depth must be an integer >= 1, got 0"),
+    ("eval.commonsense.limit=0", "eval.commonsense.limit must be an integer >= 1, or null for every item, got 0"),
+])
+def test_a_text_runs_evaluation_settings_are_checked_before_training(override, message):
+    overrides = ["data=text_shakespeare", override]
+    if override.startswith("eval.commonsense"):
+        overrides.append("eval.commonsense.enabled=true")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        check_values(_composed(*overrides))
+    check_values(_composed(override))  # an MQAR run does no passkey or commonsense evaluation
+
+
+def test_the_vocabulary_error_names_the_key_that_sets_the_datas_vocabulary():
+    from arch_lab.run_checks import check_compatible
+
+    model = {"vocab_size": 512, "max_seq_len": 1024}
+    with pytest.raises(ValueError, match=r"raise model.vocab_size \(to 4096 or more\) or lower data.bpe_vocab_size$"):
+        check_compatible(model, {"kind": "text", "tokenizer": "bpe", "seq_len": 64}, 4096)
+    with pytest.raises(ValueError, match=r"raise model.vocab_size \(to 600 or more\) or lower data.vocab_size$"):
+        check_compatible(model, {"kind": "mqar", "seq_len": 64}, 600)
