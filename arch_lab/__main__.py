@@ -19,15 +19,18 @@ def main(cfg: DictConfig):
     from arch_lab.train import train
 
     output_dir = HydraConfig.get().runtime.output_dir
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         metrics = train(cfg, output_dir=output_dir)
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, SIGTERMException) as stop:  # Lightning turns a SIGTERM in fit into SystemExit(0)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper marks the trial and its study's parent run KILLED
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         resume = f"; resume with ckpt_path='{last}'" if last.is_file() else ""
-        log.error("interrupted (%s): the MLflow run ended KILLED%s", stop, resume)
-        raise SystemExit(130) from None  # the shell's code for Ctrl-C, without a traceback
+        sigterm = isinstance(stop, SIGTERMException) or "signal 15" in str(stop)
+        log.error("interrupted (%s): the MLflow run ended KILLED%s", "SIGTERM" if sigterm else stop, resume)
+        raise SystemExit(143 if sigterm else 130) from None  # the shell's codes for them, without a traceback
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

@@ -6,8 +6,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def _umask() -> int:
@@ -41,3 +44,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def hybrid_lm_state(module_state: dict) -> dict:
     """The HybridLM's own state dict out of the LightningModule's (its `model.` entries)."""
     return {k.removeprefix("model."): v for k, v in module_state.items() if k.startswith("model.")}
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving every `every_n_train_steps` and also where training ends between two of
+    those saves (a max_steps that is not a multiple, trainer.max_time, Ctrl-C, SIGTERM): its own on_train_end
+    writes last.ckpt only when nothing was saved before, which left generate, resume and log_checkpoints a stale
+    model, and Lightning ends a fit on SIGTERM by raising at a step boundary, past on_train_end."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._save_where_training_ended(trainer):
+            super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not (isinstance(exception, SIGTERMException) and self._save_where_training_ended(trainer)):
+            super().on_exception(trainer, pl_module, exception)
+
+    def _save_where_training_ended(self, trainer: L.Trainer) -> bool:
+        if self._should_skip_saving_checkpoint(trainer):  # fast_dev_run, or saved at this very step
+            return False
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        return True
+
+
+def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint loads (read lazily, mmap), is
+    one that `python -m arch_lab` wrote, and holds this run's model, optimizer and data settings (the checks that
+    Lightning's restore repeats inside fit)."""
+    if path is None:
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch's words for a damaged file vary: unpickling, zip or enforce errors
+        raise ValueError(f"ckpt_path: {path} cannot be loaded ({type(error).__name__}: {error})") from None
+    if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"ckpt_path: {path} is not a checkpoint that `python -m arch_lab` wrote (a saved "
+                         f"state_dict alone cannot resume a run)")
+    lit.check_resumable(ckpt)
+    datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__) or {})

@@ -103,8 +103,17 @@ class LitHybridLM(L.LightningModule):
         if isinstance(self.logger, MLFlowLogger):  # fast_dev_run swaps in a DummyLogger
             checkpoint[RUN_ID_KEY] = self.logger.run_id  # a run resumed from it is tagged with its origin
 
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run must train the checkpoint's model with its optimizer settings: a different shape fails to
+        load in a hundred lines, and a different lr or schedule would be overridden by the restored optimizer and
+        scheduler state while the run's params claimed it."""
+        saved = checkpoint.get("hyper_parameters", {})
+        refuse_changed_resume([change for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim"))
+                               if saved.get(group)  # empty in a checkpoint written outside the lab's runs
+                               for change in changed_settings(prefix, saved[group], self.hparams.get(group) or {})])
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_same_settings(checkpoint.get("hyper_parameters", {}), self.hparams)
+        self.check_resumable(checkpoint)
         if RUN_ID_KEY in checkpoint and isinstance(self.logger, MLFlowLogger):
             self.logger.experiment.set_tag(self.logger.run_id, "resumed_from_run", checkpoint[RUN_ID_KEY])
         # Checkpoints written before compile=true compiled in place hold a second copy of every weight under
@@ -119,24 +128,23 @@ class LitHybridLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _check_same_settings(saved: dict[str, Any], current: Any) -> None:
-    """A resumed run must train the checkpoint's model with its optimizer settings: a different shape fails to
-    load in a hundred lines, and a different lr or schedule would be overridden by the restored optimizer and
-    scheduler state while the run's params claimed it."""
-    refuse_changed_resume([change for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim"))
-                           if saved.get(group)  # empty in a checkpoint written outside the lab's runs
-                           for change in changed_settings(prefix, saved[group], current.get(group) or {})])
-
-
 class DivergenceCheck(L.Callback):
     """Ends the run FAILED once the training loss is NaN or infinite, instead of training on and finishing with
     NaN metrics. Checked at the steps the loss is logged (where Lightning reads it back anyway); all ranks decide
     together, so none waits forever in its next collective."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % trainer.log_every_n_steps or outputs is None:
-            return
-        loss = outputs["loss"].detach()
+        if trainer.global_step % trainer.log_every_n_steps == 0 and outputs is not None:
+            self._check(trainer, outputs["loss"].detach())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # a run shorter than trainer.log_every_n_steps, or one that diverged after its last logged step
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self._check(trainer, loss)
+
+    @staticmethod
+    def _check(trainer: L.Trainer, loss: torch.Tensor) -> None:
         diverged = not bool(torch.isfinite(loss))
         if trainer.world_size > 1:
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)

@@ -58,6 +58,7 @@ RULES: list[Rule] = [
     ("trainer.max_steps", lambda v: _integer(v) and v >= 0,
      "an integer >= 0 (the learning-rate schedule is laid out over it; trainer.max_time may stop a run sooner)"),
     ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.log_every_n_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     ("eval.mqar", _boolean, "true or false"),
     ("eval.perplexity", _boolean, "true or false"),

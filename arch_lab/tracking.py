@@ -26,15 +26,36 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as flat params, with paths made relative to the data root and never absolute, and
     passwords in URLs hidden."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    root = resolved.get("data_root")
-    roots = [str(Path(root).resolve()), str(root)] if root else []
-    params = {}
-    for key, value in flatten(resolved).items():
-        text = redact_url(str(value)) if "://" in str(value) else str(value)  # postgresql://user:pw@host
-        for prefix in roots:
-            text = text.replace(prefix, "<data_root>")
-        params[key] = hide_absolute_path(text)[:_MAX_PARAM_LEN]
-    return params
+    roots = _data_roots(resolved.get("data_root"))
+    return {key: _loggable(str(value), roots)[:_MAX_PARAM_LEN] for key, value in flatten(resolved).items()}
+
+
+def loggable_config_yaml(cfg: DictConfig) -> str:
+    """The config as composed (interpolations kept, as the run's config.yaml artifact), its values made loggable
+    as the params are."""
+    import yaml
+
+    roots = _data_roots(OmegaConf.select(cfg, "data_root"))
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: clean(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [clean(value) for value in node]
+        return _loggable(node, roots) if isinstance(node, str) else node
+
+    return yaml.safe_dump(clean(OmegaConf.to_container(cfg, resolve=False)), sort_keys=False)
+
+
+def _data_roots(root: Any) -> list[str]:
+    return [str(Path(root).resolve()), str(root)] if root else []
+
+
+def _loggable(text: str, roots: list[str]) -> str:
+    text = redact_url(text) if "://" in text else text  # postgresql://user:pw@host
+    for prefix in roots:
+        text = text.replace(prefix, "<data_root>")
+    return hide_absolute_path(text)
 
 
 def lab_experiment() -> str:
@@ -58,7 +79,7 @@ def hide_absolute_path(text: str) -> str:
     """An absolute path, or a URL to one (sqlite:////abs/path.db), reduced to its file name under `<abs>/`: logged
     values must not carry a machine's directory layout."""
     scheme, sep, rest = text.partition(":///")
-    if sep and os.path.isabs(rest):
+    if sep and (os.path.isabs(rest) or scheme == "file"):  # file:///home/x is /home/x; sqlite:///x.db is relative
         return f"{scheme}:///<abs>/{Path(rest).name}"
     if os.path.isabs(text.split(",")[0].strip("[]' ")):
         return "<abs>/" + Path(text).name

@@ -105,9 +105,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     rank 0 opens the MLflow run, logs, writes checkpoints and evaluates; the other ranks return {} after fit.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from .checkpoints import AtomicCheckpointIO
+    from .checkpoints import AtomicCheckpointIO, StepCheckpoint, check_resumable
     from .console import progress_bar, quiet_lightning_console
     from .interrupts import graceful_stop
     from .lit_module import DivergenceCheck, LitHybridLM, TrainingThroughput
@@ -134,6 +133,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
                       cfg.scan_kernel)
+    check_resumable(cfg.ckpt_path, lit, datamodule)
     model = lit.model
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
@@ -152,8 +152,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                                                               tracking_uri=cfg.logger.tracking_uri,
                                                               run_id=run.info.run_id)
             trainer_cfg = _trainer_kwargs(cfg)
-            checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
-                                         every_n_train_steps=trainer_cfg["val_check_interval"])
+            checkpoint = StepCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
+                                        every_n_train_steps=trainer_cfg["val_check_interval"])
             throughput = TrainingThroughput(skip=max(0, min(10, trainer_cfg["max_steps"] // 5)))
             callbacks = [checkpoint, stopper, throughput, DivergenceCheck()]
             if trial and cfg.prune_metric:
@@ -207,7 +207,7 @@ def _log_setup(cfg: DictConfig, model, seq_len: int) -> dict[str, float]:
     context = mlflow.active_run().data.tags  # MLflow's own: the script's and the repository's absolute paths
     mlflow.set_tags({key: tracking.hide_absolute_path(context[key])
                      for key in ("mlflow.source.name", "mlflow.source.git.repoURL") if key in context})
-    tracking.log_text_artifact(OmegaConf.to_yaml(cfg, resolve=False), "config.yaml")
+    tracking.log_text_artifact(tracking.loggable_config_yaml(cfg), "config.yaml")
     tracking.log_text_artifact(model.plan.to_table(), "layer_plan.txt")
     mlflow.log_dict({"layers": model.plan.as_records()}, "layer_plan.json")
     counts = counts_of(model)

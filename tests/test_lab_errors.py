@@ -32,17 +32,23 @@ CASES: dict[str, list[str]] = {
                                  "eval.commonsense.tasks=[piqa,nope]"],
     "diverges": [*TINY, "optim.lr=10000", "optim.warmup_steps=0", "trainer.gradient_clip_val=0",
                  "trainer.log_every_n_steps=1"],
+    # the same, shorter than its logging interval: caught when training ends
+    "diverges_between_logs": [*TINY, "optim.lr=10000", "optim.warmup_steps=0", "trainer.gradient_clip_val=0",
+                              "trainer.log_every_n_steps=50"],
     "fails_in_evaluation": [*TINY_TEXT, "trainer.max_steps=2", "trainer.val_check_interval=2",
                             "trainer.limit_val_batches=1", "eval.passkey.haystack_path=/nope"],
 }
 INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
 INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
-# what each Ctrl-C case runs, and the metric whose first value tells that the run reached the phase to interrupt
+TERMINATED = "terminated"  # SIGTERM, as a scheduler stops a job
+# what each case runs, the metric whose first value tells that the run reached the phase to interrupt, the signal
+LONG_RUN = ["trainer.max_steps=100000", "trainer.log_every_n_steps=1"]
 INTERRUPTIONS = {
-    INTERRUPTED: (["trainer.max_steps=100000", "trainer.log_every_n_steps=1"], "train/loss"),
+    INTERRUPTED: (LONG_RUN, "train/loss", signal.SIGINT),
+    TERMINATED: (LONG_RUN, "train/loss", signal.SIGTERM),
     # MQAR accuracy is the stage before decode timing, which takes seconds at this batch and length
     INTERRUPTED_IN_EVALUATION: (["trainer.max_steps=2", "trainer.val_check_interval=100", "eval.decode.batch=32",
-                                 "eval.decode.new_tokens=850"], "recall/mqar_acc"),
+                                 "eval.decode.new_tokens=850"], "recall/mqar_acc", signal.SIGINT),
 }
 
 
@@ -59,12 +65,12 @@ def _wait_for_metric(workdir: Path, proc: subprocess.Popen, key: str, timeout: f
 
 
 def interrupt(workdir: Path, case: str) -> tuple[int, str]:
-    """Start a run, press Ctrl-C (SIGINT) once it has logged the case's metric; its exit status and MLflow run id."""
-    args, key = INTERRUPTIONS[case]
+    """Start a run, send the case's signal once it has logged the case's metric; its exit status and run id."""
+    args, key, signum = INTERRUPTIONS[case]
     proc = start_lab(args, workdir)
     try:
         run_id = _wait_for_metric(workdir, proc, key)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         return proc.wait(timeout=120), run_id
     finally:
         if proc.poll() is None:
@@ -175,9 +181,10 @@ def test_missing_passkey_haystack_is_caught_before_training(outcomes):
     assert lab_runs(workdir) == []  # evaluation inputs are checked up front, not after a wasted training run
 
 
-def test_a_diverged_run_ends_failed_naming_the_loss(outcomes):
-    workdir, proc = _result(outcomes, "diverges")
-    assert re.match(r"FloatingPointError: train/loss is (nan|inf) at step \d: training diverged; lower optim.lr",
+@pytest.mark.parametrize("case, steps", [("diverges", r"\d"), ("diverges_between_logs", "6")])
+def test_a_diverged_run_ends_failed_naming_the_loss(outcomes, case, steps):
+    workdir, proc = _result(outcomes, case)
+    assert re.match(rf"FloatingPointError: train/loss is (nan|inf) at step {steps}: training diverged; lower optim.lr",
                     _only_exception(proc))
     assert [run.info.status for run in lab_runs(workdir)] == ["FAILED"]
 
@@ -195,6 +202,15 @@ def test_interrupted_run_ends_killed(outcomes):
     assert "Traceback" not in console
     assert re.search(r"interrupted \(signal 2\): the MLflow run ended KILLED; resume with ckpt_path='.*last.ckpt'",
                      console)
+
+
+def test_a_terminated_run_ends_killed_with_the_shells_code_for_sigterm(outcomes):
+    workdir, future = outcomes[TERMINATED]
+    returncode, run_id = future.result()
+    assert returncode == 143  # Lightning's own SIGTERM handling would exit 0: a scheduler would see success
+    assert client(workdir).get_run(run_id).info.status == "KILLED"
+    assert re.search(r"interrupted \(SIGTERM\): the MLflow run ended KILLED; resume with ckpt_path=",
+                     (workdir / "lab.log").read_text())
 
 
 def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):

@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 import torch
 
-from lab_helpers import RUN_DIR_NAME, last_logged, metric_history, only_run, run_lab
+from lab_helpers import RUN_DIR_NAME, lab_runs, last_logged, metric_history, only_run, run_lab
 
 N_STEPS, EVERY = 8, 4
 COMMON = [f"trainer.max_steps={N_STEPS}", f"trainer.val_check_interval={EVERY}", "trainer.log_every_n_steps=1",
@@ -69,6 +69,18 @@ def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, t
     proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "data.batch_size=16"], tmp_path / "data", check=False)
     assert proc.returncode != 0
     assert "ConfigError: ckpt_path: this run changes data.batch_size=16 (checkpoint: 32); resume" in proc.stderr
+    # refused before the MLflow run opens: no FAILED run left behind
+    assert lab_runs(tmp_path) == [] and lab_runs(tmp_path / "data") == []
+
+
+def test_a_saved_state_dict_is_not_a_checkpoint_to_resume(runs, tmp_path):
+    (a, _), _ = runs
+    weights = torch.load(_checkpoints(a) / "last.ckpt", weights_only=True)["state_dict"]
+    torch.save(weights, tmp_path / "weights.pt")
+    proc = run_lab([*COMMON, f"ckpt_path={tmp_path / 'weights.pt'}"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "weights.pt is not a checkpoint that `python -m arch_lab` wrote" in proc.stderr
+    assert lab_runs(tmp_path) == []
 
 
 def test_resumed_weights_and_optimizer_state_match(runs):

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -264,3 +265,24 @@ def test_logged_params_hide_a_password_in_a_url():
 
     cfg = OmegaConf.create({"data_root": None, "logger": {"tracking_uri": "postgresql://alice:s3cret@db.example/ml"}})
     assert loggable_params(cfg)["logger.tracking_uri"] == "postgresql://alice:***@db.example/ml"
+
+
+def test_the_config_artifact_hides_passwords_and_absolute_paths_and_keeps_interpolations():
+    from arch_lab.tracking import loggable_config_yaml
+
+    cfg = OmegaConf.create({"data_root": "/data/shared", "data": {"train_path": "${data_root}/input.txt"},
+                            "ckpt_path": "/home/me/run/last.ckpt", "mlruns": "file:///home/me/mlruns",
+                            "logger": {"tracking_uri": "postgresql://alice:s3cret@db.example/ml"}})
+    assert yaml.safe_load(loggable_config_yaml(cfg)) == {
+        "data_root": "<data_root>", "data": {"train_path": "${data_root}/input.txt"},
+        "ckpt_path": "<abs>/last.ckpt", "mlruns": "file:///<abs>/mlruns",
+        "logger": {"tracking_uri": "postgresql://alice:***@db.example/ml"}}
+
+
+def test_training_that_ends_between_two_checkpoint_steps_is_checkpointed_where_it_ends(tmp_path):
+    run_lab(["trainer.max_steps=6", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+             "data.train_examples=192", "eval.decode.enabled=false", "eval.analysis.enabled=false"], tmp_path)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt",
+                                                            "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6  # was 4: a stale model
