@@ -15,12 +15,11 @@ log = logging.getLogger("arch_lab")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from arch_lab.train import train
 
     output_dir = HydraConfig.get().runtime.output_dir
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         metrics = train(cfg, output_dir=output_dir)
     except (KeyboardInterrupt, SIGTERMException) as stop:  # Lightning turns a SIGTERM in fit into SystemExit(0)

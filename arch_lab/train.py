@@ -179,12 +179,11 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                 tracking.log_metrics(stage_metrics, step=trainer.global_step)
                 stopper.raise_if_requested()
 
-            metrics = _evaluate(cfg, model, datamodule, tokenizer, data_cfg, record)
             trained = {"train/final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
                        "train/steps": trainer.global_step,  # below trainer.max_steps when max_time stopped the run
                        **throughput.metrics()}
             record(trained)
-            metrics.update(trained)
+            metrics = {**trained, **_evaluate(cfg, model, datamodule, tokenizer, data_cfg, record)}
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots",
                           attention_maps=cfg.eval.analysis.enabled)
             stopper.raise_if_requested()
