@@ -371,3 +371,13 @@ def test_missing_transformers_skips_hf_with_a_reason(monkeypatch: pytest.MonkeyP
     assert app.hf_skip_reason(preset("transformer", "tiny")) == \
         "transformers is not installed (pip install transformers)"
     assert app.hf_skip_reason(preset("roadmap_e", "tiny")).startswith("not Llama-style: ")
+
+
+def test_help_lists_the_groups_the_bench_reads_and_not_the_training_runs():
+    """The bench shares conf/ with `python -m arch_lab`; Hydra's default help listed all its groups, and
+    experiment=... then failed in the bench with "Could not override 'experiment'"."""
+    out = subprocess.run([sys.executable, "-m", "arch_lab.bench", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("arch_lab.bench: throughput, cache and MFU of a model preset")
+    assert "Groups: model=<preset>" in out and "measure:" in out
+    assert "experiment:" not in out and "hparams_search" not in out and "powered by Hydra" not in out
