@@ -69,18 +69,30 @@ class StepCheckpoint(ModelCheckpoint):
         return True
 
 
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint the lab can use; the message names the argument or key that gave it."""
+
+
+def read_lab_checkpoint(path: str, key: str, mmap: bool = False) -> dict:
+    """The checkpoint `python -m arch_lab` wrote at `path` (weights_only; `mmap` reads tensors lazily), or one clear
+    error naming `key`: torch's own for a text file is "Unsupported operand", and a bare state_dict lacks the
+    model's config."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... by the file's content
+        raise CheckpointError(f"{key}: {path} is not a checkpoint (torch cannot load it)") from None
+    if not isinstance(ckpt, dict) or "model_cfg" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{key}: {path} is not a checkpoint written by `python -m arch_lab` "
+                              "(no hyper_parameters.model_cfg or state_dict)")
+    return ckpt
+
+
 def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-    """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint loads (read lazily, mmap), is
-    one that `python -m arch_lab` wrote, and holds this run's model, optimizer and data settings (the checks that
-    Lightning's restore repeats inside fit)."""
+    """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint is one `python -m arch_lab`
+    wrote (read lazily) and holds this run's model, optimizer and data settings (the checks that Lightning's
+    restore repeats inside fit)."""
     if path is None:
         return
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch's words for a damaged file vary: unpickling, zip or enforce errors
-        raise ValueError(f"ckpt_path: {path} cannot be loaded ({type(error).__name__}: {error})") from None
-    if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"ckpt_path: {path} is not a checkpoint that `python -m arch_lab` wrote (a saved "
-                         f"state_dict alone cannot resume a run)")
+    ckpt = read_lab_checkpoint(path, "ckpt_path", mmap=True)
     lit.check_resumable(ckpt)
     datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__) or {})

@@ -18,25 +18,8 @@ from components.config import ModelConfig
 from components.generation import Generator
 from components.model import HybridLM
 
-from .checkpoints import AtomicCheckpointIO, hybrid_lm_state
+from .checkpoints import CheckpointError, hybrid_lm_state, read_lab_checkpoint
 from .data.tokenizers import build_tokenizer
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (or its tokenizer) generate cannot use; the message names the path or the option to give."""
-
-
-def read_checkpoint(path: str) -> dict:
-    """The checkpoint's dict; anything torch cannot read as a `python -m arch_lab` checkpoint is one clear error
-    (torch's own for, say, a text file is "Unsupported operand" from its unpickler)."""
-    try:
-        ckpt = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True
-    except Exception:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... by the file's content
-        raise CheckpointError(f"checkpoint: {path} is not a checkpoint (torch cannot load it)") from None
-    if not isinstance(ckpt, dict) or "model_cfg" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
-        raise CheckpointError(f"checkpoint: {path} is not a checkpoint written by `python -m arch_lab` "
-                              "(no hyper_parameters.model_cfg or state_dict)")
-    return ckpt
 
 
 def tokenizer_file(spec: dict, checkpoint: str, given: Optional[str] = None) -> Path:
@@ -75,7 +58,7 @@ def load_tokenizer(spec: Optional[dict], checkpoint: str, vocab_size: int, given
 
 def load_checkpoint(path: str, device: str, tokenizer: Optional[str] = None):
     """(model in eval mode on `device`, its tokenizer or None); `tokenizer` overrides the BPE file's path."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_lab_checkpoint(path, "checkpoint")
     hparams = ckpt["hyper_parameters"]
     model = HybridLM(ModelConfig.from_dict(hparams["model_cfg"]))
     model.load_state_dict(hybrid_lm_state(ckpt["state_dict"]))

@@ -60,8 +60,6 @@ def _loggable(text: str, roots: list[str]) -> str:
 
 def lab_experiment() -> str:
     """The experiment `python -m arch_lab` and the bench log to by default (conf/logger: logger.experiment_name)."""
-    from omegaconf import OmegaConf
-
     return str(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "logger" / "mlflow.yaml").experiment_name)
 
 

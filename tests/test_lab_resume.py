@@ -79,7 +79,8 @@ def test_a_saved_state_dict_is_not_a_checkpoint_to_resume(runs, tmp_path):
     torch.save(weights, tmp_path / "weights.pt")
     proc = run_lab([*COMMON, f"ckpt_path={tmp_path / 'weights.pt'}"], tmp_path, check=False)
     assert proc.returncode != 0
-    assert "weights.pt is not a checkpoint that `python -m arch_lab` wrote" in proc.stderr
+    assert "weights.pt is not a checkpoint written by `python -m arch_lab` (no hyper_parameters.model_cfg or " \
+        "state_dict)" in proc.stderr
     assert lab_runs(tmp_path) == []
 
 

@@ -301,8 +301,7 @@ class OptunaSweeper(Sweeper):
 
     def _check_composes(self, space: SearchSpace, fixed_arguments: list[str]) -> None:
         """Compose one trial's config (each parameter at its first value) before the study exists, so a key that
-        the config lacks fails the sweep at once instead of its first trial."""
-        assert self.hydra_context is not None and self.config is not None
+        the config lacks fails the sweep at once instead of its first trial (sweep() has checked the setup)."""
         overrides = [*fixed_arguments, *space.first_overrides()]
         try:
             self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
