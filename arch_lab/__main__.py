@@ -1,5 +1,6 @@
 """`python -m arch_lab [overrides]`: train, evaluate and log one run (or a sweep with -m)."""
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,7 @@ def main(cfg: DictConfig):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from arch_lab.train import train
+    from components.config import ConfigError
 
     output_dir = HydraConfig.get().runtime.output_dir
     try:
@@ -30,6 +32,11 @@ def main(cfg: DictConfig):
         sigterm = isinstance(stop, SIGTERMException) or "signal 15" in str(stop)
         log.error("interrupted (%s): the MLflow run ended KILLED%s", "SIGTERM" if sigterm else stop, resume)
         raise SystemExit(143 if sigterm else 130) from None  # the shell's codes for them, without a traceback
+    except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
+        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # the sweeper records the trial's reason
+        log.error("%s", error)
+        raise SystemExit(1) from None  # as Hydra's own override errors
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

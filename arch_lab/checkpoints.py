@@ -12,6 +12,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from components.config import ConfigError
+
 
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
@@ -69,7 +71,7 @@ class StepCheckpoint(ModelCheckpoint):
         return True
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A file that is not a checkpoint the lab can use; the message names the argument or key that gave it."""
 
 

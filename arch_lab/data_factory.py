@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from components.config import ConfigError, MissingInputError
+
 from .data.datamodule import MQARDataModule, TextDataModule
 from .data.tokenizers import Tokenizer
 from .data.tokenizers import build_tokenizer as make_tokenizer
@@ -17,7 +19,7 @@ def tokenizer_spec(data_cfg: dict[str, Any], out_dir: Path) -> Optional[dict[str
         return None
     kind = data_cfg.get("tokenizer", "byte")
     if kind == "bpe" and data_cfg["source"] != "files":
-        raise ValueError("data.tokenizer=bpe is trained on local files: use data.source=files")
+        raise ConfigError("data.tokenizer=bpe is trained on local files: use data.source=files")
     return {"kind": kind, "path": str(out_dir / "tokenizer.json") if kind == "bpe" else None}
 
 
@@ -33,7 +35,7 @@ def build_tokenizer(data_cfg: dict[str, Any], spec: Optional[dict[str, Any]]) ->
 
 def _check_path(key: str, path: Optional[str]) -> None:
     if path is not None and not Path(path).exists():
-        raise FileNotFoundError(f"{key}: no such file or directory: {path} (set data_root=... or {key}=...)")
+        raise MissingInputError(f"{key}: no such file or directory: {path} (set data_root=... or {key}=...)")
 
 
 def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[Tokenizer]):
@@ -48,7 +50,7 @@ def build_datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[To
 def _datamodule(data_cfg: dict[str, Any], seed: int, tokenizer: Optional[Tokenizer]):
     kind = data_cfg.get("kind")
     if kind not in DATA_KINDS:
-        raise ValueError(f"data.kind must be one of {', '.join(DATA_KINDS)}; got {kind!r}")
+        raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}; got {kind!r}")
     if kind == "mqar":
         return MQARDataModule(vocab_size=data_cfg["vocab_size"], seq_len=data_cfg["seq_len"],
                               train_examples=data_cfg["train_examples"], test_examples=data_cfg["test_examples"],

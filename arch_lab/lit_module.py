@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import MLFlowLogger
 
-from components.config import ModelConfig
+from components.config import ConfigError, ModelConfig
 from components.model import HybridLM
 from components.ops.selective_scan import DEFAULT_SCAN_KERNEL
 
@@ -94,7 +94,8 @@ class LitHybridLM(L.LightningModule):
         model = self.trainer.strategy.model
         if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
             if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError(f"FSDP clips gradients by norm only, not {gradient_clip_algorithm!r}")
+                raise ConfigError(f"trainer.gradient_clip_algorithm: FSDP clips gradients by norm only, not "
+                                  f"{gradient_clip_algorithm!r}")
             model.clip_grad_norm_(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from components.config import ConfigError
+from components.config import ConfigError, MissingInputError
 from components.ops.backend import BACKENDS
 
 from .optim import SCHEDULES
@@ -116,10 +116,10 @@ def check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab:
     if vocab > model_cfg["vocab_size"]:
         smaller = {"mqar": " or lower data.vocab_size", "bpe": " or lower data.bpe_vocab_size"}.get(
             "mqar" if data_cfg["kind"] == "mqar" else data_cfg.get("tokenizer"), "")
-        raise ValueError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size="
+        raise ConfigError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size="
                          f"{model_cfg['vocab_size']}; raise model.vocab_size (to {vocab} or more){smaller}")
     if data_cfg["seq_len"] > model_cfg["max_seq_len"]:
-        raise ValueError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
+        raise ConfigError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
                          f"(model.max_seq_len={model_cfg['max_seq_len']})")
 
 
@@ -129,24 +129,24 @@ def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
         # Lightning's "last" means this Trainer's own checkpoint folder, and every lab run writes a new one
         found = sorted(Path("outputs").glob("*/*/checkpoints/last.ckpt"))
         newest = f"; the newest here: ckpt_path='{found[-1]}'" if found else ""
-        raise FileNotFoundError(f"ckpt_path=last: every run checkpoints into its own outputs/<date>/<time>/"
+        raise MissingInputError(f"ckpt_path=last: every run checkpoints into its own outputs/<date>/<time>/"
                                 f"checkpoints, so give the checkpoint's path{newest}")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+        raise MissingInputError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
     if cfg.ckpt_path is not None and not zipfile.is_zipfile(cfg.ckpt_path):
-        raise ValueError(f"ckpt_path: {cfg.ckpt_path} is not a checkpoint (torch.save's zip format): truncated, or "
+        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is not a checkpoint (torch.save's zip format): truncated, or "
                          f"another kind of file")
     passkey = cfg.eval.passkey
     if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
-        raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
+        raise MissingInputError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
     if data_cfg["kind"] == "text" and cfg.eval.commonsense.enabled:
         from .evaluation.commonsense import COMMONSENSE_TASKS
 
         unknown = [t for t in cfg.eval.commonsense.tasks if t not in COMMONSENSE_TASKS]
         if unknown:
-            raise ValueError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
+            raise ConfigError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
         if not Path(cfg.eval.commonsense.data_dir).is_dir():
-            raise FileNotFoundError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")
+            raise MissingInputError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")
 
 
 def changed_settings(prefix: str, checkpoint: dict[str, Any], run: dict[str, Any]) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from components.config import ModelConfig
+from components.config import ConfigError, ModelConfig
 
 from . import evaluate, tracking
 from .data_factory import build_datamodule, build_tokenizer, data_vocab_size, tokenizer_spec
@@ -20,7 +20,7 @@ from .run_checks import check_compatible, check_inputs_exist, check_values
 log = logging.getLogger(__name__)
 
 
-class GPURequiredError(RuntimeError):
+class GPURequiredError(ConfigError):
     pass
 
 
@@ -62,8 +62,8 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(kwargs.get("strategy"), dict):
         kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     if kwargs.pop("use_distributed_sampler", False):
-        raise ValueError("trainer.use_distributed_sampler: the datamodules shard the training data across devices "
-                         "themselves (same global batches as one device); leave it unset")
+        raise ConfigError("trainer.use_distributed_sampler: the datamodules shard the training data across devices "
+                          "themselves (same global batches as one device); leave it unset")
     if isinstance(kwargs.get("val_check_interval"), int):
         # Count the interval in optimizer steps across epochs, as the recipes mean it: a training set shorter than
         # the interval then still validates (and checkpoints) on schedule instead of failing in Lightning.
@@ -164,8 +164,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             trainer = L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
                                 plugins=[AtomicCheckpointIO()], max_epochs=-1, use_distributed_sampler=False)
             if trial and trainer.world_size > 1:
-                raise ValueError("sweeps train each trial in one process: use a single-device trainer "
-                                 "(trainer=cpu or trainer=gpu) with -m")
+                raise ConfigError("trainer.devices: sweeps train each trial in one process: use a single-device "
+                                  "trainer (trainer=cpu or trainer=gpu) with -m")
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             stopper.raise_if_requested()  # interrupted: the run ends KILLED, without evaluating a partial model
             stopper.stage = "evaluation stage"

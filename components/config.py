@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     allowed."""
 
 
+class MissingInputError(ConfigError, FileNotFoundError):
+    """A file or folder that a config key names does not exist."""
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"

@@ -88,11 +88,10 @@ class Generator:
     twenty-second and twenty-third sessions).
     """
 
-    def __init__(self, model, dtype: Optional[torch.dtype] = None, cuda_graph: Optional[bool] = None,
-                 compile: bool = False, pdl: bool = True):
+    def __init__(self, model, cuda_graph: Optional[bool] = None, compile: bool = False, pdl: bool = True):
         self.model = model
         param = next(model.parameters())
-        self.dtype = dtype or param.dtype
+        self.dtype = param.dtype  # the caches' too: a cast model decodes in its own dtype
         self.device = param.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.learned_init: InferenceState = model.learned_cache_init(self.dtype, self.device)

@@ -154,6 +154,8 @@ class Mamba1Heads(nn.Module):
         if step.token_mask is not None:
             keep = step.token_mask[:, None, :]
             xc, delta = xc * keep, delta * keep
+        # delta is rounded to xc's dtype (mamba-ssm's scan takes u and delta in one dtype): in bf16 a cached prefill
+        # differs from the full forward, which adds the bias inside the scan, by ~1e-2 (both as far from float64)
         y, last = selective_scan(xc, delta.to(xc.dtype), A, B, C, self.D.float(), z,
                                  initial_state=None if step.fresh_ssm_state else state.ssm, return_last_state=True,
                                  backend=self.backend, kernel=self.scan_kernel)
@@ -182,7 +184,7 @@ class Mamba2Heads(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.dt_bias = nn.Parameter(_dt_bias_init(self.n_heads))
-        self.norm = RMSNorm(d_inner, eps)
+        self.norm = RMSNorm(d_inner, eps, group_size=d_inner // n_groups)
         self.backend = "auto"
 
     def state_shapes(self, batch: int) -> tuple[tuple, tuple]:

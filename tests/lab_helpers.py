@@ -107,12 +107,14 @@ def start_lab(args: Sequence[str], tmp_path: Path, run_dir: Optional[Path] = Non
                                 stderr=subprocess.STDOUT, text=True)
 
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
+_ERROR_LINE = re.compile(r"^\[[^]]*\]\[arch_lab\]\[ERROR\] - (.*)$")
 
 
-def exception_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    """The `SomeError: message` lines of stderr (Hydra prints a failed job's traceback ending in one)."""
-    return [line for line in proc.stderr.splitlines() if _EXCEPTION_LINE.match(line)]
+def error_messages(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The messages the lab logged at ERROR level (on stdout, Hydra's console), after checking that the run printed
+    no traceback: a bad input or a diverged run gets one line."""
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-4000:]
+    return [m.group(1) for line in proc.stdout.splitlines() if (m := _ERROR_LINE.match(line))]
 
 
 # ----------------------------------------------------------------------------------------------- MLflow

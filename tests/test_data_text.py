@@ -171,9 +171,9 @@ def test_tokenizer_factory_errors_name_the_key():
         build_tokenizer("word")
     with pytest.raises(ValueError, match=re.escape("data.tokenizer=byte takes no options, got ['vocab_size']")):
         build_tokenizer("byte", vocab_size=300)
-    with pytest.raises(ValueError, match=re.escape("data.tokenizer=bpe needs an existing data.tokenizer.path")):
+    with pytest.raises(ValueError, match=re.escape("data.tokenizer=bpe needs data.train_path and data.bpe_vocab_size")):
         build_tokenizer("bpe", path="/nonexistent/bpe.json")
-    with pytest.raises(ValueError, match=re.escape("data.tokenizer.vocab_size must be > 259")):
+    with pytest.raises(ValueError, match=re.escape("data.bpe_vocab_size must be > 259")):
         BPETokenizer.train(["some text"], vocab_size=259)
 
 

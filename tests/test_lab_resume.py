@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 import torch
 
-from lab_helpers import RUN_DIR_NAME, lab_runs, last_logged, metric_history, only_run, run_lab
+from lab_helpers import RUN_DIR_NAME, error_messages, lab_runs, last_logged, metric_history, only_run, run_lab
 
 N_STEPS, EVERY = 8, 4
 COMMON = [f"trainer.max_steps={N_STEPS}", f"trainer.val_check_interval={EVERY}", "trainer.log_every_n_steps=1",
@@ -63,12 +63,12 @@ def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, t
     intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"
     proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "optim.lr=0.01", "model.window=8"], tmp_path, check=False)
     assert proc.returncode != 0
-    assert ("ConfigError: ckpt_path: this run changes model.window=8 (checkpoint: 16), optim.lr=0.01 (checkpoint: "
-            "0.003); resume with the checkpoint's settings, or start a new run without ckpt_path") in proc.stderr
+    assert ("ckpt_path: this run changes model.window=8 (checkpoint: 16), optim.lr=0.01 (checkpoint: "
+            "0.003); resume with the checkpoint's settings, or start a new run without ckpt_path") in error_messages(proc)
     # the data too: the resumed sampler would skip into another stream of examples
     proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "data.batch_size=16"], tmp_path / "data", check=False)
     assert proc.returncode != 0
-    assert "ConfigError: ckpt_path: this run changes data.batch_size=16 (checkpoint: 32); resume" in proc.stderr
+    assert error_messages(proc)[0].startswith("ckpt_path: this run changes data.batch_size=16 (checkpoint: 32); resume")
     # refused before the MLflow run opens: no FAILED run left behind
     assert lab_runs(tmp_path) == [] and lab_runs(tmp_path / "data") == []
 
@@ -80,7 +80,7 @@ def test_a_saved_state_dict_is_not_a_checkpoint_to_resume(runs, tmp_path):
     proc = run_lab([*COMMON, f"ckpt_path={tmp_path / 'weights.pt'}"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "weights.pt is not a checkpoint written by `python -m arch_lab` (no hyper_parameters.model_cfg or " \
-        "state_dict)" in proc.stderr
+        "state_dict)" in error_messages(proc)[0]
     assert lab_runs(tmp_path) == []
 
 

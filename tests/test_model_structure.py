@@ -181,3 +181,18 @@ def test_bf16_forward_is_finite_and_close_to_fp32(name):
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 5e-2
+
+
+def test_mamba2_gated_norm_normalizes_each_bc_group_on_its_own():
+    # mamba-ssm's Mamba2: RMSNormGated(d_inner, group_size=d_inner // ngroups), one statistic per B/C group
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, layers="ssm", n_heads=0, ssm="mamba2", ssm_head_dim=8,
+                      ssm_groups=2, d_state=4, max_seq_len=64)
+    heads = build_model(cfg).double().layers[0].mixer.ssm
+    torch.nn.init.normal_(heads.norm.weight)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 5, heads.d_inner, dtype=torch.float64, generator=g)
+    y = y * torch.linspace(0.2, 3.0, heads.d_inner, dtype=torch.float64)  # the groups' scales differ
+    z = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    gated = (y * F.silu(z)).unflatten(-1, (2, -1))
+    expected = (gated / gated.pow(2).mean(-1, keepdim=True).add(heads.norm.eps).sqrt()).flatten(-2)
+    torch.testing.assert_close(heads._gated_out(y, z), expected * heads.norm.weight)

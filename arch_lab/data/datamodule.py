@@ -32,6 +32,7 @@ from arch_lab.data.text import (
 )
 from arch_lab.data.tokenizers import Tokenizer
 from arch_lab.run_checks import changed_settings, refuse_changed_resume
+from components.config import ConfigError
 
 # Validation and test sets are generated from seed + offset: far from any training seed a
 # user would pick next to `seed`, so the three sets never share a random stream.
@@ -50,7 +51,7 @@ def train_loader(dataset: Dataset, batch_size: int, sampler, num_workers: int, w
     """A training DataLoader of full batches only; `size` names the config keys that set the dataset's size."""
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True)
     if sampler is not None and len(loader) == 0:
-        raise ValueError(f"the training set ({len(dataset)} examples, set by {size}) holds no full batch of "
+        raise ConfigError(f"the training set ({len(dataset)} examples, set by {size}) holds no full batch of "
                          f"data.batch_size={batch_size} per device on {world} device(s): lower data.batch_size")
     return loader
 
@@ -148,7 +149,7 @@ class MQARDataModule(SettingsInCheckpoints, L.LightningDataModule):
         for held_out in ("val", "test"):
             shared = count_shared_examples(data["train"]["input_ids"], data[held_out]["input_ids"])
             if shared:
-                raise ValueError(
+                raise ConfigError(
                     f"{shared} MQAR {held_out} examples also occur in the training set; raise data.vocab_size "
                     "or data.seq_len (or set data.random_non_queries) so examples stay distinct"
                 )
@@ -202,11 +203,11 @@ class TextDataModule(SettingsInCheckpoints, L.LightningDataModule):
     ) -> None:
         super().__init__()
         if source not in TEXT_SOURCES:
-            raise ValueError(f"data.source must be one of {list(TEXT_SOURCES)}, got {source!r}")
+            raise ConfigError(f"data.source must be one of {list(TEXT_SOURCES)}, got {source!r}")
         if source == "files" and (train_path is None or valid_path is None):
-            raise ValueError("data.source=files needs data.train_path and data.valid_path")
+            raise ConfigError("data.source=files needs data.train_path and data.valid_path")
         if source == "hf" and hf_name is None:
-            raise ValueError("data.source=hf needs data.hf_name (a Hugging Face dataset name)")
+            raise ConfigError("data.source=hf needs data.hf_name (a Hugging Face dataset name)")
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size

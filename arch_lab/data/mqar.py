@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from components.config import ConfigError
+
 IGNORE_INDEX = -100
 _MAX_NOISE_ELEMENTS = 1 << 24  # bound the (rows × choices) noise matrix of dense key sampling
 
@@ -71,43 +73,43 @@ class MQARConfig:
     def __post_init__(self) -> None:
         slices, pairs_key = self.slices, f"data.num_kv_pairs_{self.config_keys}"
         if not slices or any(not isinstance(k, int) or k < 1 for k in slices):
-            raise ValueError(
+            raise ConfigError(
                 f"{pairs_key} must be a positive int or a non-empty list of them, got {self.num_kv_pairs!r}"
             )
         # Only the training mixture takes per-slice lengths and weights, so errors name the data.train_* keys.
         for key, values in (("seq_lens", self.slice_seq_lens), ("weights", self.slice_weights)):
             if values is not None and len(values) != len(slices):
-                raise ValueError(
+                raise ConfigError(
                     f"data.train_slice_{key} needs one entry per num_kv_pairs_train slice ({len(slices)}), "
                     f"got {list(values)!r}"
                 )
         if self.slice_weights is not None and any(w <= 0 for w in self.slice_weights):
-            raise ValueError(f"data.train_slice_weights must all be > 0, got {list(self.slice_weights)!r}")
+            raise ConfigError(f"data.train_slice_weights must all be > 0, got {list(self.slice_weights)!r}")
         if any(length > self.seq_len for length in self.lengths):
-            raise ValueError(
+            raise ConfigError(
                 f"data.train_slice_seq_lens must each be <= data.seq_len={self.seq_len}, got {self.lengths!r}"
             )
         length_key = "data.train_slice_seq_lens" if self.slice_seq_lens is not None else "data.seq_len"
         for k, length in zip(slices, self.lengths):
             if length < 4 * k:
-                raise ValueError(
+                raise ConfigError(
                     f"{pairs_key}: {k} pairs need {length_key} >= 4 * {k} = {4 * k} (room for the pairs and "
                     f"their queries); {length_key}={length} allows at most {length // 4}"
                 )
         most = max(slices)
         min_vocab = 2 * most + 2  # keys come from [1, vocab//2), values from [vocab//2, vocab)
         if self.vocab_size < min_vocab:
-            raise ValueError(
+            raise ConfigError(
                 f"data.vocab_size must be >= {min_vocab} to hold {most} distinct keys and values "
                 f"in each half of the vocabulary, got {self.vocab_size}"
             )
         if self.num_examples < len(slices) or min(self.slice_rows()) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.{self.config_keys}_examples must give every {pairs_key} slice ({len(slices)}) at least "
                 f"one example, got {self.num_examples}"
             )
         if self.power_a <= 0:
-            raise ValueError(f"data.power_a must be > 0 (1.0 = uniform gaps), got {self.power_a}")
+            raise ConfigError(f"data.power_a must be > 0 (1.0 = uniform gaps), got {self.power_a}")
 
 
 def _has_duplicate(rows: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from arch_lab.data.tokenizers import Tokenizer
+from components.config import ConfigError
 
 SENTENCE_ENDS = (".", "!", "?")
 QUESTION_TEXT = " What is the pass key? The pass key is"
@@ -62,9 +63,9 @@ def make_passkey_examples(
     from a random window of the haystack."""
     bad_depths = [d for d in depths if not 0.0 <= d <= 1.0]
     if not depths or bad_depths:
-        raise ValueError(f"eval.passkey.depths must be a non-empty list of values in [0, 1], got {depths}")
+        raise ConfigError(f"eval.passkey.depths must be a non-empty list of values in [0, 1], got {depths}")
     if num_per_depth < 1:
-        raise ValueError(f"eval.passkey.num_per_depth must be >= 1, got {num_per_depth}")
+        raise ConfigError(f"eval.passkey.num_per_depth must be >= 1, got {num_per_depth}")
     rng = random.Random(seed)
     plan = [(depth, str(rng.randint(10_000, 99_999))) for depth in depths for _ in range(num_per_depth)]
     question = tokenizer.encode(QUESTION_TEXT)
@@ -73,7 +74,7 @@ def make_passkey_examples(
     }
     fixed = max(len(needle) + len(question) + len(answer) for needle, answer in parts.values())
     if seq_len < fixed + 1:
-        raise ValueError(
+        raise ConfigError(
             f"eval.passkey.seq_len must be >= {fixed + 1} to hold the needle, the question, the answer "
             f"and some filler, got {seq_len}"
         )
@@ -86,7 +87,7 @@ def make_passkey_examples(
         needle, answer = parts[key]
         filler_len = seq_len - len(needle) - len(question) - len(answer)
         if len(haystack) < filler_len:
-            raise ValueError(
+            raise ConfigError(
                 f"data.passkey: the haystack text has {len(haystack)} tokens, eval.passkey.seq_len={seq_len} "
                 f"needs {filler_len} tokens of filler"
             )

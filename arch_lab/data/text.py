@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from components.config import ConfigError, MissingInputError
+
 if TYPE_CHECKING:
     from arch_lab.data.tokenizers import Tokenizer
 
@@ -26,14 +28,14 @@ _READ_CHUNK_CHARS = 1 << 20
 
 def _corpus_files(path: Path) -> list[Path]:
     if not path.exists():
-        raise FileNotFoundError(f"data.path: no such file or directory: {path}")
+        raise MissingInputError(f"data.path: no such file or directory: {path}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUPPORTED_SUFFIXES))
         if not files:
-            raise ValueError(f"data.path: directory {path} holds no {list(SUPPORTED_SUFFIXES)} files")
+            raise ConfigError(f"data.path: directory {path} holds no {list(SUPPORTED_SUFFIXES)} files")
         return files
     if not path.name.endswith(SUPPORTED_SUFFIXES):
-        raise ValueError(f"data.path: {path} must end with one of {list(SUPPORTED_SUFFIXES)}")
+        raise ConfigError(f"data.path: {path} must end with one of {list(SUPPORTED_SUFFIXES)}")
     return [path]
 
 
@@ -53,7 +55,7 @@ def _split_documents(stream, path: Path) -> Iterator[str]:
             pending.append(last[:-keep])
             tail = last[-keep:]
     except (UnicodeDecodeError, OSError, EOFError) as err:
-        raise ValueError(f"data.path: cannot read {path} as UTF-8 text: {err}") from err
+        raise ConfigError(f"data.path: cannot read {path} as UTF-8 text: {err}") from err
     pending.append(tail)
     yield "".join(pending)
 
@@ -68,7 +70,7 @@ def _numbered_lines(stream, path: Path) -> Iterator[tuple[int, str]]:
     try:
         yield from enumerate(stream, start=1)
     except UnicodeDecodeError as err:
-        raise ValueError(f"data.path: cannot read {path} as UTF-8 text: {err}") from err
+        raise ConfigError(f"data.path: cannot read {path} as UTF-8 text: {err}") from err
 
 
 def _iter_jsonl_file(path: Path, text_field: str) -> Iterator[str]:
@@ -79,10 +81,10 @@ def _iter_jsonl_file(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"data.path: {path} line {line_no} is not valid JSON: {err}") from err
+                raise ConfigError(f"data.path: {path} line {line_no} is not valid JSON: {err}") from err
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
+                raise ConfigError(
                     f"data.text_field: {path} line {line_no} has no string field {text_field!r} "
                     f"(fields: {fields})"
                 )
@@ -102,7 +104,7 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
                 found = True
                 yield doc
         if not found:
-            raise ValueError(f"data.path: {file} contains no text")
+            raise ConfigError(f"data.path: {file} contains no text")
 
 
 def iter_hf_documents(
@@ -124,7 +126,7 @@ def iter_hf_documents(
     for index, record in enumerate(dataset):
         text = record.get(text_field)
         if not isinstance(text, str):
-            raise ValueError(
+            raise ConfigError(
                 f"data.text_field: record {index} of dataset {name!r} split {split!r} has no string field "
                 f"{text_field!r} (fields: {sorted(record)})"
             )
@@ -150,7 +152,7 @@ def tokenize_corpus(docs: Iterable[str], tokenizer: Tokenizer, max_tokens: int |
         if max_tokens is not None and total >= max_tokens:
             break
     if not pieces:
-        raise ValueError("data.path: the corpus yielded no documents")
+        raise ConfigError("data.path: the corpus yielded no documents")
     return torch.cat(pieces)
 
 
@@ -184,7 +186,7 @@ def pack_tokens(
 
 def _check_seq_len(seq_len: int) -> None:
     if seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+        raise ConfigError(f"data.seq_len must be >= 1, got {seq_len}")
 
 
 class TextBlocks(Dataset):
@@ -198,7 +200,7 @@ class TextBlocks(Dataset):
         self.tokens = tokens[:max_tokens].long()
         self.seq_len = seq_len
         if len(self.tokens) < seq_len + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={seq_len} needs at least {seq_len + 1} tokens, the corpus has {len(self.tokens)}"
             )
 

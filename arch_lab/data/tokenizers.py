@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from arch_lab.data.text import iter_documents
+from components.config import ConfigError
 
 BOS_TOKEN = "<bos>"
 EOS_TOKEN = "<|endoftext|>"
@@ -83,8 +84,8 @@ class BPETokenizer:
 
         min_size = 256 + len(SPECIAL_TOKENS)
         if vocab_size <= min_size:
-            raise ValueError(
-                f"data.tokenizer.vocab_size must be > {min_size} (256 byte symbols + "
+            raise ConfigError(
+                f"data.bpe_vocab_size must be > {min_size} (256 byte symbols + "
                 f"{len(SPECIAL_TOKENS)} special tokens) for a BPE tokenizer, got {vocab_size}"
             )
         tok = HFTokenizer(models.BPE())
@@ -115,7 +116,7 @@ class BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         if not Path(path).is_file():
-            raise FileNotFoundError(f"data.tokenizer.path: no tokenizer file at {path}")
+            raise FileNotFoundError(f"no tokenizer file at {path}")
         return cls(HFTokenizer.from_file(str(path)))
 
 
@@ -132,18 +133,18 @@ def build_tokenizer(
         options = {"path": path, "train_source": train_source, "vocab_size": vocab_size}
         given = sorted(name for name, value in options.items() if value is not None)
         if given:
-            raise ValueError(f"data.tokenizer=byte takes no options, got {given}")
+            raise ConfigError(f"data.tokenizer=byte takes no options, got {given}")
         return ByteTokenizer()
     if kind == "bpe":
         if path is not None and Path(path).is_file():
             return BPETokenizer.load(path)
         if train_source is None or vocab_size is None:
-            raise ValueError(
-                "data.tokenizer=bpe needs an existing data.tokenizer.path, or data.tokenizer.train_source "
-                f"and data.tokenizer.vocab_size to train one (path={path!r} does not exist)"
+            raise ConfigError(
+                f"data.tokenizer=bpe needs data.train_path and data.bpe_vocab_size to train a tokenizer (no "
+                f"tokenizer file at {path!r} to load)"
             )
         tokenizer = BPETokenizer.train(train_source, vocab_size)
         if path is not None:
             tokenizer.save(path)
         return tokenizer
-    raise ValueError(f"data.tokenizer must be one of {list(TOKENIZER_KINDS)}, got {kind!r}")
+    raise ConfigError(f"data.tokenizer must be one of {list(TOKENIZER_KINDS)}, got {kind!r}")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from components.config import ConfigError
+
 TARGET_DELIMITER = " "
 # The lab's layout keeps shared data next to the repository: <repo>/../shared/data/commonsense.
 DEFAULT_COMMONSENSE_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "commonsense"
@@ -85,7 +87,7 @@ class CommonsenseTask:
     partial_evaluation: bool = False
 
 
-class CommonsenseDataError(ValueError):
+class CommonsenseDataError(ConfigError):
     """A local commonsense file is missing or does not match what the builder expects."""
 
 

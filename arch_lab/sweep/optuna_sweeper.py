@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -35,7 +36,6 @@ from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from arch_lab.sweep.pareto import Objective, describe_trial, log_front
-from arch_lab.tracking import hide_absolute_path, redact_url
 from arch_lab.sweep.search_space import (
     PARAMS_KEY,
     SearchSpace,
@@ -54,6 +54,8 @@ from arch_lab.sweep.study_tracking import (
     resolve_tracking_uri,
     sweep_environment,
 )
+from arch_lab.tracking import hide_absolute_path, redact_url
+from components.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,15 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        try:
+            return self._sweep(arguments)
+        except (SweepConfigError, SweepFailedError) as error:  # the message says it all: no traceback
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.error("%s", error)
+            raise SystemExit(1) from None
+
+    def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         space, fixed_arguments = self._search_space(arguments)
         self._check_composes(space, fixed_arguments)
@@ -630,7 +641,8 @@ def _outcome(
     except optuna.TrialPruned:
         return TrialState.PRUNED, None, None
     except Exception as error:
-        log.error("trial %d raised", trial.number, exc_info=error)
+        if not isinstance(error, ConfigError):  # a config error's message, logged as the reason, names its key
+            log.error("trial %d raised", trial.number, exc_info=error)
         return TrialState.FAIL, None, f"{type(error).__name__}: {error}"
     values, reason = objectives.values_from(returned)
     return (TrialState.COMPLETE, values, None) if reason is None else (TrialState.FAIL, None, reason)

@@ -13,6 +13,8 @@ from typing import Literal, get_args
 
 import torch
 
+from components.config import ConfigError
+
 Backend = Literal["auto", "reference", "kernel"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
@@ -31,7 +33,7 @@ KERNEL_PACKAGE_OF_OP: dict[str, str] = {
 KERNEL_PACKAGES: tuple[str, ...] = tuple(sorted(set(KERNEL_PACKAGE_OF_OP.values())))
 
 
-class BackendError(ValueError):
+class BackendError(ConfigError):
     """An unknown backend name, or a kernel backend that cannot run here."""
 
 
