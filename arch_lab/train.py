@@ -24,8 +24,16 @@ class GPURequiredError(ConfigError):
     pass
 
 
+def _data_config_name(cfg: DictConfig) -> str:
+    """Which data config the run composed (`data=text_gutenberg`), under Hydra; else the data's kind."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+    return choice or cfg.data.kind
+
+
 def _run_name(cfg: DictConfig, trial) -> str:
-    name = cfg.run_name or f"{cfg.model.name}-{cfg.data.kind}-s{cfg.seed}"
+    name = cfg.run_name or f"{cfg.model.name}-{_data_config_name(cfg)}-s{cfg.seed}"
     return f"{name}-trial{trial.number}" if trial else name
 
 
@@ -136,7 +144,8 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     check_resumable(cfg.ckpt_path, lit, datamodule)
     model = lit.model
     trial = current_trial()
-    tags = {"model": cfg.model.name, "data": cfg.data.kind, "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
+    tags = {"model": cfg.model.name, "data": cfg.data.kind, "data_config": _data_config_name(cfg),
+            "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
             "backend": cfg.backend,  # the choice; the `backends` tag says which kernels could run here
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
     worker = _launched_worker()

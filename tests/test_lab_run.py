@@ -74,6 +74,9 @@ def test_text_run_logs_perplexity_and_passkey_by_depth(text_run):
     assert "plots/passkey_by_depth.png" in artifact_paths(workdir, run.info.run_id, "plots")
     assert run.data.params["data.kind"] == "text" and run.data.params["data.train_path"] == \
         "<data_root>/tinyshakespeare/input.txt"
+    # which text: the data config's name, in the tags and the run name
+    assert run.data.tags["data"] == "text" and run.data.tags["data_config"] == "text_shakespeare"
+    assert run.data.tags["mlflow.runName"].endswith("-text_shakespeare-s0")
 
 
 # ------------------------------------------------ cheap, no training (they overlap the default run in a file run)
@@ -224,7 +227,7 @@ def test_default_run_tags_row_and_commit(default_run):
     assert run.data.tags["row"] == "E"
     assert run.data.tags["backend"] == "auto" and "cuda=" in run.data.tags["backends"]
     assert run.data.tags["git_commit"] in (head, f"{head}-dirty")
-    assert run.data.tags["mlflow.runName"] == "roadmap_e_tiny-mqar-s0"
+    assert run.data.tags["mlflow.runName"] == "roadmap_e_tiny-mqar-s0" and run.data.tags["data_config"] == "mqar"
     assert client(workdir).get_experiment(run.info.experiment_id).name == EXPERIMENT_NAME
 
 
