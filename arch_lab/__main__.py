@@ -16,22 +16,22 @@ log = logging.getLogger("arch_lab")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from arch_lab.interrupts import interrupt_exit_status
     from arch_lab.train import train
     from components.config import ConfigError
 
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(cfg, output_dir=output_dir)
-    except (KeyboardInterrupt, SIGTERMException) as stop:  # Lightning turns a SIGTERM in fit into SystemExit(0)
+    except (KeyboardInterrupt, SystemExit) as stop:  # in fit, Lightning turns a SIGTERM and a second Ctrl-C into these
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper marks the trial and its study's parent run KILLED
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         resume = f"; resume with ckpt_path='{last}'" if last.is_file() else ""
-        sigterm = isinstance(stop, SIGTERMException) or "signal 15" in str(stop)
-        log.error("interrupted (%s): the MLflow run ended KILLED%s", "SIGTERM" if sigterm else stop, resume)
-        raise SystemExit(143 if sigterm else 130) from None  # the shell's codes for them, without a traceback
+        status = interrupt_exit_status(stop)
+        log.error("interrupted (%s): the MLflow run ended KILLED%s", "SIGTERM" if status == 143 else "Ctrl-C", resume)
+        raise SystemExit(status) from None  # the shell's codes for them, without a traceback
     except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
         if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # the sweeper records the trial's reason

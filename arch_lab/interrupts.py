@@ -46,6 +46,15 @@ class StopRequested(L.Callback):
             raise KeyboardInterrupt("another rank was signalled")
 
 
+def interrupt_exit_status(stop: BaseException) -> int:
+    """The shell's exit status for what stopped a run: 143 for SIGTERM (Lightning turns one in fit into
+    SIGTERMException), else 130 (Ctrl-C; a second one in fit becomes Lightning's exit(1))."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    sigterm = isinstance(stop, SIGTERMException) or any(s in str(stop) for s in ("signal 15", "SIGTERM"))
+    return 143 if sigterm else 130
+
+
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[StopRequested]:
     stopper = StopRequested()

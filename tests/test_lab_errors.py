@@ -41,36 +41,43 @@ CASES: dict[str, list[str]] = {
 INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
 INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
 TERMINATED = "terminated"  # SIGTERM, as a scheduler stops a job
+INTERRUPTED_TWICE = "interrupted_twice"  # the second Ctrl-C aborts at once (Lightning exits inside fit)
+SWEEP_TERMINATED = "sweep_terminated"  # SIGTERM while a sweep's trial trains
 # what each case runs, the metric whose first value tells that the run reached the phase to interrupt, the signal
+# and how many times it is sent
 LONG_RUN = ["trainer.max_steps=100000", "trainer.log_every_n_steps=1"]
 INTERRUPTIONS = {
-    INTERRUPTED: (LONG_RUN, "train/loss", signal.SIGINT),
-    TERMINATED: (LONG_RUN, "train/loss", signal.SIGTERM),
+    INTERRUPTED: (LONG_RUN, "train/loss", signal.SIGINT, 1),
+    TERMINATED: (LONG_RUN, "train/loss", signal.SIGTERM, 1),
+    INTERRUPTED_TWICE: (LONG_RUN, "train/loss", signal.SIGINT, 2),
+    SWEEP_TERMINATED: (["-m", "hparams_search=head_ratio", *LONG_RUN], "train/loss", signal.SIGTERM, 1),
     # MQAR accuracy is the stage before decode timing, which takes seconds at this batch and length
     INTERRUPTED_IN_EVALUATION: (["trainer.max_steps=2", "trainer.val_check_interval=100", "eval.decode.batch=32",
-                                 "eval.decode.new_tokens=850"], "recall/mqar_acc", signal.SIGINT),
+                                 "eval.decode.new_tokens=850"], "recall/mqar_acc", signal.SIGINT, 1),
 }
 
 
 def _wait_for_metric(workdir: Path, proc: subprocess.Popen, key: str, timeout: float = 300) -> str:
-    """The id of the RUNNING run once it has logged `key`."""
+    """The id of the RUNNING run once it has logged `key` (a sweep's trial run: its parent logs nothing)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, (workdir / "lab.log").read_text()[-4000:]
-        running = [run for run in lab_runs(workdir) if run.info.status == "RUNNING"]
-        if running and metric_history(workdir, running[0].info.run_id, key):
-            return running[0].info.run_id
+        for run in lab_runs(workdir):
+            if run.info.status == "RUNNING" and metric_history(workdir, run.info.run_id, key):
+                return run.info.run_id
         time.sleep(0.5)
     raise AssertionError(f"the run never logged {key}")
 
 
 def interrupt(workdir: Path, case: str) -> tuple[int, str]:
     """Start a run, send the case's signal once it has logged the case's metric; its exit status and run id."""
-    args, key, signum = INTERRUPTIONS[case]
+    args, key, signum, times = INTERRUPTIONS[case]
     proc = start_lab(args, workdir)
     try:
         run_id = _wait_for_metric(workdir, proc, key)
-        proc.send_signal(signum)
+        for _ in range(times):
+            proc.send_signal(signum)
+            time.sleep(0.3)
         return proc.wait(timeout=120), run_id
     finally:
         if proc.poll() is None:
@@ -201,7 +208,7 @@ def test_interrupted_run_ends_killed(outcomes):
     assert [run.info.status for run in lab_runs(workdir)] == ["KILLED"]
     console = (workdir / "lab.log").read_text()
     assert "Traceback" not in console
-    assert re.search(r"interrupted \(signal 2\): the MLflow run ended KILLED; resume with ckpt_path='.*last.ckpt'",
+    assert re.search(r"interrupted \(Ctrl-C\): the MLflow run ended KILLED; resume with ckpt_path='.*last.ckpt'",
                      console)
 
 
@@ -212,6 +219,30 @@ def test_a_terminated_run_ends_killed_with_the_shells_code_for_sigterm(outcomes)
     assert client(workdir).get_run(run_id).info.status == "KILLED"
     assert re.search(r"interrupted \(SIGTERM\): the MLflow run ended KILLED; resume with ckpt_path=",
                      (workdir / "lab.log").read_text())
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_still_ends_killed_with_the_shells_code(outcomes):
+    workdir, future = outcomes[INTERRUPTED_TWICE]
+    returncode, run_id = future.result()
+    assert returncode == 130  # Lightning's own handling of the second one exits 1
+    assert client(workdir).get_run(run_id).info.status == "KILLED"
+    console = (workdir / "lab.log").read_text()
+    assert "Traceback" not in console and "interrupted (Ctrl-C): the MLflow run ended KILLED" in console
+
+
+def test_a_sweep_terminated_while_a_trial_trains_records_the_trial_interrupted(outcomes):
+    import optuna
+
+    workdir, future = outcomes[SWEEP_TERMINATED]
+    returncode, run_id = future.result()
+    assert returncode == 143  # Lightning's SIGTERMException used to end the sweep with status 0
+    trial = optuna.load_study(study_name="head_ratio", storage=f"sqlite:///{workdir / 'optuna.db'}").trials[0]
+    # interrupted, not failed by its values: a resumed grid sweep runs this point again
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["interrupted"] is True
+    statuses = {run.info.run_id: run.info.status for run in lab_runs(workdir)}
+    assert statuses == {run_id: "KILLED", client(workdir).get_run(run_id).data.tags["mlflow.parentRunId"]: "KILLED"}
+    console = (workdir / "lab.log").read_text()
+    assert "Traceback" not in console and "interrupted (SIGTERM): the trials in flight are recorded" in console
 
 
 def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):

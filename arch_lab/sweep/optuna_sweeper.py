@@ -236,6 +236,13 @@ class OptunaSweeper(Sweeper):
                 raise
             log.error("%s", error)
             raise SystemExit(1) from None
+        except (KeyboardInterrupt, SystemExit) as stop:
+            from arch_lab.interrupts import interrupt_exit_status
+
+            status = interrupt_exit_status(stop)
+            log.error("interrupted (%s): the trials in flight are recorded interrupted; resume the study with the "
+                      "same command", "SIGTERM" if status == 143 else "Ctrl-C")
+            raise SystemExit(status) from None
 
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -285,7 +292,8 @@ class OptunaSweeper(Sweeper):
                 )
                 status, loop_done = ("FINISHED" if stop_reason is None else "FAILED"), True
             except BaseException as error:
-                interrupted = isinstance(error, KeyboardInterrupt)
+                # Lightning turns a SIGTERM in a trial's fit into SIGTERMException and a second Ctrl-C into exit(1)
+                interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
                 status = "KILLED" if interrupted else "FAILED"
                 reason = f"{'interrupted by' if interrupted else 'the sweep failed:'} {type(error).__name__}: {error}"
                 self._fail_in_flight(study, tracker, parent_run_id, reason, interrupted)
@@ -392,7 +400,7 @@ class OptunaSweeper(Sweeper):
         failures: list[str] = []
         waiting_logged = False
         while True:
-            _fail_stale_trials(study)
+            _fail_stale_trials(study, tracker, parent_run_id)
             trials = study.get_trials(deepcopy=False)
             done = sum(t.state in _COUNTED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -409,7 +417,9 @@ class OptunaSweeper(Sweeper):
             free = target - done - running
             if free <= 0:  # other workers' trials may still complete the study, or fail and free slots
                 if not waiting_logged:
-                    log.info("waiting for %d running trial(s) of other workers", running)
+                    log.info("waiting for %d running trial(s) of other workers (the trial of a worker that died fails "
+                             "%d s after its last heartbeat, and its point is free again)", running,
+                             self.grace_period or 2 * self.heartbeat_interval)
                     waiting_logged = True
                 time.sleep(self.poll_interval)
                 continue
@@ -441,12 +451,13 @@ class OptunaSweeper(Sweeper):
             overrides = [job_overrides for _, job_overrides in batch]
             results = self.launcher.launch(overrides, initial_job_idx=batch[0][0].number)
             never_returned = None
-            for (trial, _), result in zip(batch, results):
-                state, values, reason = _outcome(trial, result, objectives)
-                self._tell(study, tracker, parent_run_id, trial, state, values, reason, launched=True)
-                if state == TrialState.FAIL:
-                    failures.append(reason or "")
-                    never_returned = never_returned or _never_returned(study, trial, result, objectives)
+            with _signals_deferred():  # a Ctrl-C now would discard trials that have run to the end
+                for (trial, _), result in zip(batch, results):
+                    state, values, reason = _outcome(trial, result, objectives)
+                    self._tell(study, tracker, parent_run_id, trial, state, values, reason, launched=True)
+                    if state == TrialState.FAIL:
+                        failures.append(reason or "")
+                        never_returned = never_returned or _never_returned(study, trial, result, objectives)
             returns.append(results)
             if never_returned:
                 return never_returned
@@ -464,6 +475,7 @@ class OptunaSweeper(Sweeper):
     def _tell(
         self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str, trial: optuna.Trial,
         state: TrialState, values: Optional[list[float]], reason: Optional[str], launched: bool,
+        interrupted: bool = False,
     ) -> None:
         """Record the outcome on the trial and on its child run (if its job ran and opened one)."""
         run_id = tracker.child_runs(parent_run_id, trial.number).get(trial.number) if launched else None
@@ -473,7 +485,7 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d: %s", trial.number, reason)
         if run_id is not None:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
-            tracker.record_outcome(run_id, state.name, reason)
+            tracker.record_outcome(run_id, state.name, reason, interrupted)
         study.tell(trial, state=state, values=values)
         self._in_flight.pop(trial.number, None)
         assert self._heartbeats is not None
@@ -485,7 +497,8 @@ class OptunaSweeper(Sweeper):
             try:
                 if interrupted:
                     trial.set_user_attr(INTERRUPTED_ATTR, True)
-                self._tell(study, tracker, parent_run_id, trial, TrialState.FAIL, None, reason, launched=True)
+                self._tell(study, tracker, parent_run_id, trial, TrialState.FAIL, None, reason, launched=True,
+                           interrupted=interrupted)
             except Exception as error:  # the sweep is already going down; keep the original error
                 log.error("could not mark trial %d FAIL: %s", trial.number, error)
         self._in_flight.clear()
@@ -501,7 +514,7 @@ class OptunaSweeper(Sweeper):
         target: int, status: str, summarize: bool,
     ) -> None:
         """End the parent run, unless another worker still runs trials of the study (it will)."""
-        _fail_stale_trials(study)
+        _fail_stale_trials(study, tracker, parent_run_id)
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.RUNNING for t in trials):
             log.info("other workers still run trials of %s; leaving parent run %s open", self.study_name, parent_run_id)
@@ -681,10 +694,20 @@ def _duplicate_of(study: optuna.Study, trial: optuna.Trial, values: Mapping[str,
     return ""
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
+def _fail_stale_trials(study: optuna.Study, tracker: SweepTracker, parent_run_id: str) -> None:
+    """Optuna fails the trials whose worker died (no heartbeat for the grace period); their child runs, which no
+    process will end, end KILLED with the reason as a tag (Optuna keeps no reason on a trial it failed)."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} & running
+    if not stale:
+        return
+    runs = tracker.child_runs(parent_run_id)
+    for number in sorted(stale & set(runs)):
+        log.warning("trial %d: its worker stopped sending heartbeats (killed?); its run ends KILLED", number)
+        tracker.record_outcome(runs[number], TrialState.FAIL.name, "its worker died (no heartbeat)", interrupted=True)
 
 
 class _Heartbeats:
@@ -724,6 +747,24 @@ class _Heartbeats:
                     self._storage.record_heartbeat(trial_id)
                 except Exception as error:  # a missed beat at worst makes the trial look stale late
                     log.debug("heartbeat of trial %d failed: %s", number, error)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block has run, then interrupt as they would have."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {signal.Signals(received[0]).name}")
 
 
 @contextmanager

@@ -401,13 +401,14 @@ class SweepTracker:
             if not page_token:
                 return children
 
-    def record_outcome(self, run_id: str, state: str, fail_reason: Optional[str]) -> None:
-        """Tag the child run with the trial's state; a FAIL trial's run ends FAILED even if the task returned."""
+    def record_outcome(self, run_id: str, state: str, fail_reason: Optional[str], interrupted: bool = False) -> None:
+        """Tag the child run with the trial's state; a FAIL trial's run ends FAILED even if the task returned (KILLED
+        when the trial was interrupted: its sweep stopped, or its worker died)."""
         self.client.set_tag(run_id, TAG_TRIAL_STATE, state)
         if fail_reason is not None:
             self.client.set_tag(run_id, TAG_FAIL_REASON, fail_reason[:_MAX_TAG_LEN])
             if self.client.get_run(run_id).info.status in ("FINISHED", "RUNNING"):
-                self.client.set_terminated(run_id, "FAILED")
+                self.client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
 
     def tag_best(self, run_ids: Mapping[int, str], best_numbers: set[int]) -> None:
         for number, run_id in run_ids.items():
