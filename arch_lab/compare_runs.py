@@ -1,12 +1,13 @@
-"""Training curves of MLflow runs side by side: `python -m arch_lab.compare_runs URI RUN [RUN ...]`.
+"""Training curves of MLflow runs side by side: `python -m arch_lab.compare_runs [--tracking-uri URI] RUN [RUN ...]`.
 
 A RUN is a run id, or `tag=value` naming the one run of the experiment with that tag (e.g. `case=ddp`). Prints the
 metric (`--key`, default train/loss) of every run at every step any of them logged it, the largest absolute
 difference of each later run from the first over the steps both logged, and for each run its first and last value,
 training throughput and peak GPU memory. With `--tolerance T` the exit status is 1 when a difference exceeds T (or
-no step is shared). `--experiment` (where tag=value selectors look) defaults to the lab's (logger.experiment_name).
+no step is shared). `--tracking-uri` defaults to sqlite:///mlruns.db and `--experiment` (where tag=value selectors
+look) to the lab's (logger.experiment_name), as for report.
 
-    python -m arch_lab.compare_runs sqlite:///ddp.db case=single case=ddp --tolerance 0.05
+    python -m arch_lab.compare_runs --tracking-uri sqlite:///ddp.db case=single case=ddp --tolerance 0.05
 """
 from __future__ import annotations
 
@@ -92,14 +93,14 @@ def positive_int(text: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arch_lab.compare_runs", description=__doc__.split("\n")[0])
-    parser.add_argument("tracking_uri")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlruns.db", help="default: %(default)s")
     parser.add_argument("runs", nargs="+", help="run ids or tag=value selectors")
     parser.add_argument("--key", default="train/loss")
     parser.add_argument("--experiment", default=lab_experiment(), help="default: %(default)s")
     parser.add_argument("--every", type=positive_int, default=1, help="print every n-th step (the last always)")
     parser.add_argument("--tolerance", type=float, default=None)
     args = parser.parse_args(argv)
-    diffs = compare(existing_store(args.tracking_uri, "tracking_uri"), args.runs, args.key, args.experiment,
+    diffs = compare(existing_store(args.tracking_uri, "--tracking-uri"), args.runs, args.key, args.experiment,
                     args.every)
     if args.tolerance is None:
         return 0

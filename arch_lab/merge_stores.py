@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .tracking import existing_store, lab_experiment, sqlite_path
+from .tracking import RESUMED_FROM_TAG, existing_store, lab_experiment, sqlite_path
 
 SOURCE_TAG = "arch_lab.source_run"
 PARENT_TAG = "mlflow.parentRunId"
@@ -113,6 +113,11 @@ def merge_stores(sources: Sequence[str], destination: str, experiment: str) -> i
                 parent = run.data.tags.get(PARENT_TAG)
                 done[run.info.run_id] = _copy_run(source, dest, run, experiment_id, done.get(parent, parent))
                 copied += 1
+    # A resumed run names the run it resumed, whose copy here has a new id (and may come from a later source).
+    for run in _all_runs(dest, experiment_id):
+        origin = run.data.tags.get(RESUMED_FROM_TAG)
+        if origin in done:
+            dest.set_tag(run.info.run_id, RESUMED_FROM_TAG, done[origin])
     return copied
 
 

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+RESUMED_FROM_TAG = "resumed_from_run"  # a resumed run's tag: the id of the run whose checkpoint it resumed
 _MAX_PARAM_LEN = 500  # MLflow's limit on a param value is larger; long lists are truncated for readability
 
 

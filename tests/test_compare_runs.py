@@ -31,41 +31,41 @@ def store(tmp_path, monkeypatch) -> str:
 
 
 def test_runs_within_the_tolerance_pass_and_beyond_it_fail(store, capsys):
-    assert main([store, "case=single", "case=ddp", "--tolerance", "0.06"]) == 0
+    assert main(["--tracking-uri", store, "case=single", "case=ddp", "--tolerance", "0.06"]) == 0
     out = capsys.readouterr().out
     assert "max |case=ddp - case=single| over shared steps: 0.05" in out and "PASS" in out
     assert "train/loss 3.0000 (step 0) -> 1.5000 (step 2)" in out and "train/tokens_per_s=1000" in out
-    assert main([store, "case=single", "case=ddp", "--tolerance", "0.04"]) == 1
+    assert main(["--tracking-uri", store, "case=single", "case=ddp", "--tolerance", "0.04"]) == 1
     assert "FAIL: curves within 0.04 of case=single" in capsys.readouterr().out
 
 
 def test_a_tag_must_name_one_run_and_the_store_must_exist(store, tmp_path):
     with pytest.raises(SystemExit, match=r"^case=none: expected one run with that tag, found 0$"):
-        main([store, "case=single", "case=none"])
-    with pytest.raises(SystemExit, match=r"^tracking_uri sqlite:///.*typo\.db: no MLflow store there"):
-        main([f"sqlite:///{tmp_path / 'typo.db'}", "case=single", "case=ddp"])
+        main(["--tracking-uri", store, "case=single", "case=none"])
+    with pytest.raises(SystemExit, match=r"^--tracking-uri sqlite:///.*typo\.db: no MLflow store there"):
+        main(["--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}", "case=single", "case=ddp"])
     assert not (tmp_path / "typo.db").exists()
     bare = store.removeprefix("sqlite:///")  # the store's file without its scheme: MLflow would take a directory
-    with pytest.raises(SystemExit, match=rf"^tracking_uri {re.escape(bare)}: expected an MLflow store URI, e\.g\. "):
-        main([bare, "case=single", "case=ddp"])
+    with pytest.raises(SystemExit, match=rf"^--tracking-uri {re.escape(bare)}: expected an MLflow store URI, e\.g\. "):
+        main(["--tracking-uri", bare, "case=single", "case=ddp"])
 
 
 def test_an_unknown_run_id_is_named(store):
     with pytest.raises(SystemExit, match=r"^0123abcd: no run with that id in this store \(or name one by tag, "
                                          r"e\.g\. case=ddp\)$"):
-        main([store, "case=single", "0123abcd"])
+        main(["--tracking-uri", store, "case=single", "0123abcd"])
 
 
 def test_a_key_no_run_logged_is_named_with_the_keys_they_have(store, capsys):
     with pytest.raises(SystemExit, match=r"^--key train/los: none of these runs logged it; their metric keys: "
                                          r"train/loss, train/tokens_per_s$"):
-        main([store, "case=single", "case=ddp", "--key", "train/los"])
+        main(["--tracking-uri", store, "case=single", "case=ddp", "--key", "train/los"])
 
 
 @pytest.mark.parametrize("every", ["0", "-2", "x"])
 def test_every_must_be_a_positive_integer(store, capsys, every):
     with pytest.raises(SystemExit) as stop:
-        main([store, "case=single", "case=ddp", "--every", every])
+        main(["--tracking-uri", store, "case=single", "case=ddp", "--every", every])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m arch_lab.compare_runs ")  # how it is run, not compare_runs.py

@@ -151,3 +151,16 @@ def test_existing_store_reads_sqlite_file_and_directory_uris(tmp_path):
     for uri in (f"sqlite:///{tmp_path / 'b.db'}", f"file://{tmp_path / 'runs'}", str(tmp_path / "runs")):
         with pytest.raises(SystemExit, match="no MLflow store there"):
             existing_store(uri, "--from")
+
+
+def test_a_resumed_runs_origin_points_at_the_origins_copy(tmp_path, sources):
+    import mlflow
+
+    mlflow.set_tracking_uri(sources["b"])
+    mlflow.set_experiment("roadmap")
+    with mlflow.start_run(run_name="row-e", tags={"resumed_from_run": sources["plain"]}) as resumed:
+        mlflow.log_metric("train/loss", 1.4, step=3)
+    dest = _store(tmp_path, "study.db")
+    assert main(["--from", sources["b"], sources["a"], "--to", dest, "--experiment", "roadmap"]) == 0  # origin last
+    copies = _copies(dest)
+    assert copies[resumed.info.run_id].data.tags["resumed_from_run"] == copies[sources["plain"]].info.run_id

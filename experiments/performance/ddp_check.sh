@@ -36,7 +36,7 @@ if [[ $phase == ddp || $phase == all ]]; then
          eval.decode.enabled=false eval.analysis.enabled=false)
   lab single ${RUN_TIMEOUT_S:-180} "${SMALL[@]}" trainer=gpu data.batch_size=64
   lab ddp ${RUN_TIMEOUT_S:-180} "${SMALL[@]}" trainer=ddp trainer.devices=2 data.batch_size=32
-  python3 -m arch_lab.compare_runs "$DB" case=single case=ddp --every 10 --tolerance 0.05 2>&1 \
+  python3 -m arch_lab.compare_runs --tracking-uri "$DB" case=single case=ddp --every 10 --tolerance 0.05 2>&1 \
     | tee "$OUT/ddp_compare.txt"
 fi
 if [[ $phase == fsdp || $phase == all ]]; then
@@ -53,6 +53,6 @@ if [[ $phase == fsdp || $phase == all ]]; then
     lab single_1p5b ${FSDP_TIMEOUT_S:-220} "${BIG[@]}" trainer=gpu data.batch_size=8
     refs=(case=single_1p5b case=fsdp --tolerance 0.05)
   fi
-  python3 -m arch_lab.compare_runs "$DB" "${refs[@]}" --every 1 2>&1 | tee "$OUT/fsdp.txt"
+  python3 -m arch_lab.compare_runs --tracking-uri "$DB" "${refs[@]}" --every 1 2>&1 | tee "$OUT/fsdp.txt"
 fi
 ls -la "$OUT"
