@@ -49,8 +49,9 @@ def _block_mask(seq_len: int, window: int, num_meta: int, device: str):
 
 
 # FlexAttention's Triton kernels keep a (block x head_dim) tile of V in shared memory; wider heads (the hybrid rows
-# tie v_head_dim to ssm_inner / n_heads) exceed it, so they take masked SDPA (memory-efficient kernel) instead.
-FLEX_MAX_HEAD_DIM = 128
+# tie v_head_dim to ssm_inner / n_heads) exceed it, and Inductor refuses heads narrower than 16 (a tiny model's
+# value heads of 8), so those take masked SDPA (memory-efficient kernel) instead.
+FLEX_MIN_HEAD_DIM, FLEX_MAX_HEAD_DIM = 16, 128
 
 
 def _dense_mask(seq_len: int, window: int, num_meta: int, device: str) -> torch.Tensor:
@@ -88,7 +89,8 @@ def _compiled_flex():
 def kernel_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int],
                               num_meta: int) -> torch.Tensor:
     """The fast path of :func:`sequence_attention`: causal SDPA for global layers (or a window covering the
-    sequence), FlexAttention with a block mask for local ones, masked SDPA for heads too wide for FlexAttention."""
+    sequence), FlexAttention with a block mask for local ones, masked SDPA for heads too wide or too narrow for
+    FlexAttention."""
     gqa = q.shape[1] != k.shape[1]
     if window is None or window >= q.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -96,7 +98,7 @@ def kernel_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # the masks are built in the graph, and flex_attention is called as is, compiled with the model.
     compiling = torch.compiler.is_compiling()
     shape = (q.shape[2], window, num_meta, str(q.device))
-    if max(q.shape[-1], v.shape[-1]) > FLEX_MAX_HEAD_DIM:
+    if not FLEX_MIN_HEAD_DIM <= min(q.shape[-1], v.shape[-1]) <= max(q.shape[-1], v.shape[-1]) <= FLEX_MAX_HEAD_DIM:
         mask = _dense_mask(*shape) if compiling else _cached_dense_mask(*shape)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if compiling:
