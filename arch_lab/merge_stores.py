@@ -7,9 +7,11 @@ still has them) into the destination, keeping sweep trials nested under their pa
     python -m arch_lab.merge_stores --from sqlite:///stores/a.db sqlite:///stores/b.db --to sqlite:///study.db
     mlflow ui --backend-store-uri sqlite:///study.db        # binds 127.0.0.1
 
-Merging again adds nothing twice: a copied run carries the tag `arch_lab.source_run`, and runs already copied are
-skipped. Stores are MLflow tracking URIs (a SQLite file is `sqlite:///mlruns.db`, not `mlruns.db`); the destination
-must not be one of the sources. The experiment defaults to the lab's (`logger.experiment_name` in
+Merging again adds nothing twice: a copied run carries the tag `arch_lab.source_run` once its copy is complete, and
+runs already copied are skipped. A copy cut short (an error, Ctrl-C) is deleted; one left by a killed merge still
+carries the tag `arch_lab.copying`, and the next merge deletes it and copies its run again. Stores are MLflow
+tracking URIs (a SQLite file is `sqlite:///mlruns.db`, not `mlruns.db`); the destination must not be one of the
+sources. The experiment defaults to the lab's (`logger.experiment_name` in
 conf/logger/mlflow.yaml); the roadmap study scripts log to `--experiment roadmap`.
 """
 from __future__ import annotations
@@ -21,9 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .tracking import RESUMED_FROM_TAG, existing_store, lab_experiment, sqlite_path
+from .tracking import RESUMED_FROM_TAG, check_sqlite_store, existing_store, lab_experiment, sqlite_path
 
 SOURCE_TAG = "arch_lab.source_run"
+COPYING_TAG = "arch_lab.copying"  # on a copy while it is made: one that still has it was cut short
 PARENT_TAG = "mlflow.parentRunId"
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
 
@@ -41,14 +44,29 @@ def _all_runs(client, experiment_id: str) -> list:
 
 
 def _copy_run(source, dest, run, experiment_id: str, parent: str | None) -> str:
-    from mlflow.entities import Metric, Param
-
-    tags = {k: v for k, v in run.data.tags.items() if k != PARENT_TAG}
-    tags[SOURCE_TAG] = run.info.run_id
+    """The copy's id. It is marked copied (SOURCE_TAG) only once complete; a copy cut short by an error or Ctrl-C
+    is deleted, since the next merge would otherwise never finish it."""
+    tags = {k: v for k, v in run.data.tags.items() if k not in (PARENT_TAG, SOURCE_TAG, COPYING_TAG)}
+    tags[COPYING_TAG] = run.info.run_id
     if parent is not None:
         tags[PARENT_TAG] = parent
-    new = dest.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
-    new_id = new.info.run_id
+    new_id = dest.create_run(experiment_id, start_time=run.info.start_time, tags=tags,
+                             run_name=run.info.run_name).info.run_id
+    try:
+        _copy_contents(source, dest, run, new_id)
+        dest.set_terminated(new_id, status=run.info.status, end_time=run.info.end_time)
+        dest.set_tag(new_id, SOURCE_TAG, run.info.run_id)
+        dest.delete_tag(new_id, COPYING_TAG)
+    except BaseException:
+        dest.delete_run(new_id)
+        raise
+    return new_id
+
+
+def _copy_contents(source, dest, run, new_id: str) -> None:
+    """Params, full metric histories and artifacts of `run` into the run `new_id`."""
+    from mlflow.entities import Metric, Param
+
     params = [Param(k, v) for k, v in run.data.params.items()]
     for i in range(0, len(params), _PARAMS_PER_BATCH):
         dest.log_batch(new_id, params=params[i:i + _PARAMS_PER_BATCH])
@@ -59,8 +77,6 @@ def _copy_run(source, dest, run, experiment_id: str, parent: str | None) -> str:
     if source.list_artifacts(run.info.run_id):
         with tempfile.TemporaryDirectory() as tmp:
             dest.log_artifacts(new_id, source.download_artifacts(run.info.run_id, "", tmp))
-    dest.set_terminated(new_id, status=run.info.status, end_time=run.info.end_time)
-    return new_id
 
 
 @contextmanager
@@ -101,8 +117,13 @@ def merge_stores(sources: Sequence[str], destination: str, experiment: str) -> i
     dest = MlflowClient(destination)
     target = dest.get_experiment_by_name(experiment)
     experiment_id = target.experiment_id if target else dest.create_experiment(experiment)
-    done = {run.data.tags[SOURCE_TAG]: run.info.run_id for run in _all_runs(dest, experiment_id)
-            if SOURCE_TAG in run.data.tags}
+    done = {}
+    for run in _all_runs(dest, experiment_id):
+        if COPYING_TAG in run.data.tags:  # left by a merge that was killed while copying it: copied again below
+            if run.info.lifecycle_stage == "active":
+                dest.delete_run(run.info.run_id)
+        elif SOURCE_TAG in run.data.tags:
+            done[run.data.tags[SOURCE_TAG]] = run.info.run_id
     copied = 0
     with _no_artifact_progress_bars():
         for source, source_experiment in found:
@@ -116,7 +137,7 @@ def merge_stores(sources: Sequence[str], destination: str, experiment: str) -> i
     # A resumed run names the run it resumed, whose copy here has a new id (and may come from a later source).
     for run in _all_runs(dest, experiment_id):
         origin = run.data.tags.get(RESUMED_FROM_TAG)
-        if origin in done:
+        if origin in done and run.info.lifecycle_stage == "active":  # MLflow refuses tags on deleted runs
             dest.set_tag(run.info.run_id, RESUMED_FROM_TAG, done[origin])
     return copied
 
@@ -159,7 +180,9 @@ def main(argv=None) -> int:
                         help="the experiment to copy (default: %(default)s, the lab's; the roadmap study: roadmap)")
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
-    copied = merge_stores([existing_store(uri, "--from") for uri in args.sources], args.destination, args.experiment)
+    sources = [existing_store(uri, "--from") for uri in args.sources]
+    check_sqlite_store(args.destination, "--to", empty_ok=True)  # a new store is made in an empty file
+    copied = merge_stores(sources, args.destination, args.experiment)
     print(f"copied {copied} run(s) of experiment {args.experiment!r} into {args.destination}")
     return 0
 

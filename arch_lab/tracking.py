@@ -111,7 +111,27 @@ def existing_store(uri: str, flag: str) -> str:
         return uri
     if path is not None and not path.exists():
         raise SystemExit(f"{flag} {uri}: no MLflow store there ({path} does not exist)")
+    check_sqlite_store(uri, flag)
     return uri
+
+
+def check_sqlite_store(uri: str, flag: str, empty_ok: bool = False) -> None:
+    """Refuse a SQLite file of `uri` that is not an MLflow store: MLflow fails on one that is not a database with a
+    raw DatabaseError, and writes its tables into one without them (fine only for a new store: `empty_ok`)."""
+    import sqlite3
+    from contextlib import closing
+
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if path is None or not path.is_file():
+        return
+    try:  # read-only: a store being checked is not changed
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise SystemExit(f"{flag} {uri}: {path} is not an MLflow SQLite store ({error})") from None
+    if "experiments" not in tables and (tables or not empty_ok):
+        held = f"its tables: {', '.join(sorted(tables))}" if tables else "an empty database"
+        raise SystemExit(f"{flag} {uri}: {path} is not an MLflow SQLite store ({held})")
 
 
 def git_commit() -> str:

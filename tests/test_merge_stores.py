@@ -140,17 +140,58 @@ def test_a_missing_store_is_named_and_nothing_is_created(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_existing_store_reads_sqlite_file_and_directory_uris(tmp_path):
+def test_existing_store_reads_sqlite_file_and_directory_uris(tmp_path, sources):
     from arch_lab.tracking import existing_store
 
-    (tmp_path / "a.db").touch()
-    (tmp_path / "mlruns").mkdir()
-    for uri in (f"sqlite:///{tmp_path / 'a.db'}", f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    for uri in (sources["a"], f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
                 "http://127.0.0.1:5000"):  # a server: left to MLflow
         assert existing_store(uri, "--from") == uri
-    for uri in (f"sqlite:///{tmp_path / 'b.db'}", f"file://{tmp_path / 'runs'}", str(tmp_path / "runs")):
+    for uri in (f"sqlite:///{tmp_path / 'c.db'}", f"file://{tmp_path / 'runs'}", str(tmp_path / "runs")):
         with pytest.raises(SystemExit, match="no MLflow store there"):
             existing_store(uri, "--from")
+
+
+NOT_A_STORE = {"text": r"\(file is not a database\)", "empty": r"\(an empty database\)",
+               "other-tables": r"\(its tables: notes\)"}
+
+
+def _not_a_store(tmp_path, kind: str) -> Path:
+    """bad.db, a file that is not an MLflow SQLite store: text, an empty file, or a SQLite database of other tables."""
+    import sqlite3
+
+    path = tmp_path / "bad.db"
+    path.unlink(missing_ok=True)
+    if kind == "other-tables":
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE notes (text)")
+    else:
+        path.write_text("garbage" if kind == "text" else "")
+    return path
+
+
+@pytest.mark.parametrize("kind", NOT_A_STORE)
+def test_a_source_that_is_not_an_mlflow_store_is_named_and_left_as_it_was(tmp_path, sources, kind):
+    """MLflow raised sqlalchemy's DatabaseError for a file that is not a database, and wrote its tables into an
+    empty one (a reading tool must not change a file it was given)."""
+    bad = _not_a_store(tmp_path, kind)
+    before = bad.read_bytes()
+    with pytest.raises(SystemExit, match=rf"^--from sqlite:///.*bad\.db: .*bad\.db is not an MLflow SQLite store "
+                                         rf"{NOT_A_STORE[kind]}$"):
+        main(["--from", sources["a"], f"sqlite:///{bad}", "--to", _store(tmp_path, "study.db")])
+    assert bad.read_bytes() == before and not (tmp_path / "study.db").exists()
+
+
+def test_a_destination_that_is_not_an_mlflow_store_is_named_and_an_empty_file_becomes_one(tmp_path, sources):
+    dest = _store(tmp_path, "bad.db")
+    for kind in ("text", "other-tables"):
+        _not_a_store(tmp_path, kind)
+        with pytest.raises(SystemExit, match=rf"^--to sqlite:///.*bad\.db: .*bad\.db is not an MLflow SQLite store "
+                                             rf"{NOT_A_STORE[kind]}$"):
+            main(["--from", sources["a"], "--to", dest, "--experiment", "roadmap"])
+    _not_a_store(tmp_path, "empty")
+    assert main(["--from", sources["a"], "--to", dest, "--experiment", "roadmap"]) == 0
+    assert set(_copies(dest)) == {sources["plain"]}
 
 
 def test_a_resumed_runs_origin_points_at_the_origins_copy(tmp_path, sources):
@@ -164,3 +205,39 @@ def test_a_resumed_runs_origin_points_at_the_origins_copy(tmp_path, sources):
     assert main(["--from", sources["b"], sources["a"], "--to", dest, "--experiment", "roadmap"]) == 0  # origin last
     copies = _copies(dest)
     assert copies[resumed.info.run_id].data.tags["resumed_from_run"] == copies[sources["plain"]].info.run_id
+
+
+def _active_runs(uri: str) -> list:
+    return [run for run in _runs(uri) if run.info.lifecycle_stage == "active"]
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["ctrl-c", "killed"])
+def test_a_merge_cut_short_leaves_no_partial_copy_and_merging_again_completes_it(tmp_path, sources, monkeypatch,
+                                                                                  killed):
+    """Ctrl-C while copying the second run deletes its partial copy; a merge killed outright (no clean-up) leaves it
+    tagged arch_lab.copying, and the next merge deletes it: either way, re-merging gives one complete copy of each
+    run (the partial copy used to carry arch_lab.source_run from the start, so it stayed RUNNING and empty)."""
+    from mlflow import MlflowClient
+
+    dest = _store(tmp_path, "study.db")
+    terminated = MlflowClient.set_terminated
+
+    def interrupt_the_second(self, run_id, *args, **kwargs):
+        if len(_active_runs(dest)) == 2:
+            raise KeyboardInterrupt
+        return terminated(self, run_id, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(MlflowClient, "set_terminated", interrupt_the_second)
+        if killed:  # no clean-up: the process is gone
+            patch.setattr(MlflowClient, "delete_run", lambda self, run_id: None)
+        main(["--from", sources["a"], sources["b"], "--to", dest, "--experiment", "roadmap"])
+    assert len(_active_runs(dest)) == (2 if killed else 1)
+    assert main(["--from", sources["a"], sources["b"], "--to", dest, "--experiment", "roadmap"]) == 0
+    runs = _active_runs(dest)
+    assert sorted(run.data.tags[SOURCE_TAG] for run in runs) == sorted((sources["plain"], sources["parent"],
+                                                                        sources["trial"]))
+    assert all("arch_lab.copying" not in run.data.tags and run.info.status != "RUNNING" for run in runs)
+    trial = _copies(dest)[sources["trial"]]
+    assert trial.data.metrics == {"recall/mqar_acc": 0.25}
+    assert trial.data.tags["mlflow.parentRunId"] == _copies(dest)[sources["parent"]].info.run_id
