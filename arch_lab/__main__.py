@@ -22,7 +22,11 @@ def main(cfg: DictConfig):
     from components.config import ConfigError
 
     output_dir = HydraConfig.get().runtime.output_dir
+    search = HydraConfig.get().runtime.choices.get("hparams_search")
     try:
+        if search and HydraConfig.get().mode == RunMode.RUN:  # it would quietly be one run with the study's settings
+            raise ConfigError(f"hparams_search={search} is an Optuna study: run it with -m "
+                              f"(python -m arch_lab -m hparams_search={search} ...)")
         metrics = train(cfg, output_dir=output_dir)
     except (KeyboardInterrupt, SystemExit) as stop:  # in fit, Lightning turns a SIGTERM and a second Ctrl-C into these
         if HydraConfig.get().mode == RunMode.MULTIRUN:

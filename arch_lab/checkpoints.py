@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,18 +84,27 @@ def read_lab_checkpoint(path: str, key: str, mmap: bool = False) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... by the file's content
         raise CheckpointError(f"{key}: {path} is not a checkpoint (torch cannot load it)") from None
+    with zipfile.ZipFile(path) as archive:  # torch does not check the CRCs: damaged bytes would load as weights
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise CheckpointError(f"{key}: {path} is damaged ({damaged} fails its CRC check)")
     if not isinstance(ckpt, dict) or "model_cfg" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
         raise CheckpointError(f"{key}: {path} is not a checkpoint written by `python -m arch_lab` "
                               "(no hyper_parameters.model_cfg or state_dict)")
     return ckpt
 
 
-def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule,
+                    max_steps: int) -> None:
     """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint is one `python -m arch_lab`
-    wrote (read lazily) and holds this run's model, optimizer and data settings (the checks that Lightning's
-    restore repeats inside fit)."""
+    wrote (read lazily), stops short of trainer.max_steps and holds this run's model, optimizer and data settings
+    (the checks that Lightning's restore repeats inside fit)."""
     if path is None:
         return
     ckpt = read_lab_checkpoint(path, "ckpt_path", mmap=True)
+    step = ckpt.get("global_step", 0)
+    if step >= max_steps:
+        raise CheckpointError(f"ckpt_path: the checkpoint is at step {step} and trainer.max_steps={max_steps}: "
+                              f"nothing is left to train; raise trainer.max_steps to train on")
     lit.check_resumable(ckpt)
     datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__) or {})

@@ -6,11 +6,11 @@ from typing import Any, Optional
 
 from components.config import ConfigError, MissingInputError
 
+from .data import DATA_KINDS
 from .data.datamodule import MQARDataModule, TextDataModule
 from .data.tokenizers import Tokenizer
 from .data.tokenizers import build_tokenizer as make_tokenizer
 
-DATA_KINDS = ("mqar", "text")
 
 
 def tokenizer_spec(data_cfg: dict[str, Any], out_dir: Path) -> Optional[dict[str, Any]]:

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from components.analysis import attention_entropy_per_layer, attention_share, effective_receptive_field
 from components.attention_maps import collect_attention_maps
 from components.cache_accounting import paper_cache_mb
+from components.config import ConfigError
 
 from .data.mqar import mqar_slice_counts
-from .data.passkey import make_passkey_examples, passkey_accuracy_by_depth
+from .data.passkey import PasskeyExample, make_passkey_examples, passkey_accuracy_by_depth
 
 
 def _model_fn(model):
@@ -74,13 +75,21 @@ def _read_text(path: str, max_chars: int = 2_000_000) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {path}")
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-        return f.read(max_chars)
+    try:
+        with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read(max_chars)
+    except (OSError, EOFError) as error:  # a .gz that is not gzip, a truncated one
+        raise ConfigError(f"eval.passkey.haystack_path: cannot read {path}: {error}") from None
 
 
-def passkey_metrics(model, tokenizer, cfg: dict[str, Any], seed: int) -> dict[str, float]:
-    examples = make_passkey_examples(_read_text(cfg["haystack_path"]), tokenizer, cfg["seq_len"],
-                                     list(cfg["depths"]), cfg["num_per_depth"], seed)
+def passkey_examples(cfg: dict[str, Any], tokenizer, seed: int) -> list[PasskeyExample]:
+    """The passkey prompts of cfg (eval.passkey), built before training: a haystack or a length that cannot make
+    them fails then, not after the run has trained."""
+    return make_passkey_examples(_read_text(cfg["haystack_path"]), tokenizer, cfg["seq_len"], list(cfg["depths"]),
+                                 cfg["num_per_depth"], seed)
+
+
+def passkey_metrics(model, examples: list[PasskeyExample]) -> dict[str, float]:
     by_depth = passkey_accuracy_by_depth(_model_fn(model), examples)
     metrics = {"recall/passkey_acc": sum(by_depth.values()) / len(by_depth)}
     metrics.update({f"recall/passkey_acc_depth{int(round(d * 100)):03d}": v for d, v in sorted(by_depth.items())})

@@ -12,6 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from components.config import ConfigError, MissingInputError
 from components.ops.backend import BACKENDS
 
+from .data import DATA_KINDS
+from .data.text import TEXT_SOURCES
+from .data.tokenizers import TOKENIZER_KINDS
 from .optim import SCHEDULES
 
 
@@ -43,6 +46,12 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_pr
 Rule = tuple[str, Callable[[Any], bool], str]
 RULES: list[Rule] = [
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("compile", _boolean, "true or false"),
+    ("run_name", lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a name, or null"),
+    ("tags", lambda v: isinstance(v, dict), "a mapping of tag names to values, e.g. +tags.row=E"),
+    ("logger.experiment_name", lambda v: isinstance(v, str) and v.strip() != "", "a name"),
+    ("logger.log_checkpoints", _boolean, "true or false"),
+    ("data.kind", lambda v: v in DATA_KINDS, f"one of {', '.join(DATA_KINDS)}"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
@@ -55,16 +64,29 @@ RULES: list[Rule] = [
     ("optim.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("optim.decay_fraction", _fraction, "a number in [0, 1]"),
     ("trainer.val_check_interval", _val_interval, "steps as an integer >= 1, or a fraction of an epoch in (0, 1]"),
-    ("trainer.max_steps", lambda v: _integer(v) and v >= 0,
-     "an integer >= 0 (the learning-rate schedule is laid out over it; trainer.max_time may stop a run sooner)"),
+    ("trainer.max_steps", lambda v: _integer(v) and v >= 1,
+     "an integer >= 1 (the learning-rate schedule is laid out over it; trainer.max_time may stop a run sooner)"),
     ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("trainer.log_every_n_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     ("eval.mqar", _boolean, "true or false"),
     ("eval.perplexity", _boolean, "true or false"),
+    *((f"eval.{name}.enabled", _boolean, "true or false") for name in ("decode", "analysis", "commonsense")),
+    ("eval.passkey.enabled", lambda v: v in (True, False, "auto"), "true, false or auto (on for text data)"),
     ("eval.cache_lengths", lambda v: isinstance(v, list) and all(_integer(n) and n >= 1 for n in v),
      "a list of token counts >= 1, e.g. [8192, 16384]"),
 ]
+_POSITIVE: tuple[Callable[[Any], bool], str] = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
+# each data kind's own keys (the data modules check how they fit together: pairs per length, vocabulary halves)
+DATA_RULES: dict[str, list[Rule]] = {
+    "mqar": [*((f"data.{key}", *_POSITIVE) for key in ("vocab_size", "train_examples", "test_examples")),
+             ("data.power_a", lambda v: _number(v) and v > 0, "a number > 0 (1.0: uniform gaps)"),
+             ("data.random_non_queries", _boolean, "true or false")],
+    "text": [("data.tokenizer", lambda v: v in TOKENIZER_KINDS, f"one of {', '.join(TOKENIZER_KINDS)}"),
+             ("data.source", lambda v: v in TEXT_SOURCES, f"one of {', '.join(TEXT_SOURCES)}"),
+             *((f"data.{key}", lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1, or null for all")
+               for key in ("max_train_tokens", "max_eval_tokens"))],
+}
 DECODE_RULES: list[Rule] = [(f"eval.decode.{key}", lambda v: _integer(v) and v >= 1, "an integer >= 1")
                             for key in ("batch", "context", "new_tokens")]
 ANALYSIS_RULES: list[Rule] = [("eval.analysis.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1")]
@@ -78,7 +100,7 @@ COMMONSENSE_RULES: list[Rule] = [("eval.commonsense.limit", lambda v: v is None 
                                   "an integer >= 1, or null for every item")]
 
 
-def _evaluations(cfg: DictConfig) -> dict[str, bool]:
+def evaluations_on(cfg: DictConfig) -> dict[str, bool]:
     """Which of the evaluations with settings of their own the run will do."""
     text = OmegaConf.select(cfg, "data.kind") == "text"
     return {"decode": bool(OmegaConf.select(cfg, "eval.decode.enabled")),
@@ -94,8 +116,9 @@ EVALUATION_RULES = {"decode": DECODE_RULES, "analysis": ANALYSIS_RULES, "passkey
 def check_values(cfg: DictConfig) -> None:
     """Every rule's key (RULES, and those of the evaluations the run will do) holds an allowed value, and what the
     evaluations feed the model fits model.max_seq_len."""
-    on = _evaluations(cfg)
+    on = evaluations_on(cfg)
     rules = RULES + [rule for name, group in EVALUATION_RULES.items() if on[name] for rule in group]
+    rules += DATA_RULES.get(OmegaConf.select(cfg, "data.kind"), [])
     for key, allowed, description in rules:
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -144,9 +167,12 @@ def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
 
         unknown = [t for t in cfg.eval.commonsense.tasks if t not in COMMONSENSE_TASKS]
         if unknown:
-            raise ConfigError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: {sorted(COMMONSENSE_TASKS)}")
+            raise ConfigError(f"eval.commonsense.tasks: unknown task(s) {unknown}; allowed: "
+                              f"{sorted(COMMONSENSE_TASKS)}")
         if not Path(cfg.eval.commonsense.data_dir).is_dir():
             raise MissingInputError(f"eval.commonsense.data_dir: no such directory {cfg.eval.commonsense.data_dir}")
+        for task in cfg.eval.commonsense.tasks:  # each task's files, read up to their first item
+            COMMONSENSE_TASKS[task].build(Path(cfg.eval.commonsense.data_dir), 1)
 
 
 def changed_settings(prefix: str, checkpoint: dict[str, Any], run: dict[str, Any]) -> list[str]:

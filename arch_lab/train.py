@@ -15,7 +15,7 @@ from components.config import ConfigError, ModelConfig
 
 from . import evaluate, tracking
 from .data_factory import build_datamodule, build_tokenizer, data_vocab_size, tokenizer_spec
-from .run_checks import check_compatible, check_inputs_exist, check_values
+from .run_checks import check_compatible, check_inputs_exist, check_values, evaluations_on
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,23 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def _check_trainer_settings(cfg: DictConfig) -> None:
+    """Lightning's own checks of trainer.* (accelerator, devices, precision, strategy, max_time, a key the Trainer
+    does not take) run on a throwaway Trainer, so that a bad value fails before the MLflow run opens."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    device_report = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    device_report.disabled = True  # "GPU available: ..." is printed by the run's own Trainer
+    try:
+        L.Trainer(**{**_trainer_kwargs(cfg), "logger": False, "enable_checkpointing": False, "max_epochs": -1,
+                     "use_distributed_sampler": False})
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from None
+    finally:
+        device_report.disabled = False
+
+
 def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str, scan_kernel: str):
     """The trained HybridLM on rank 0's device for the final evaluation; None on the other ranks.
 
@@ -137,11 +154,16 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     tokenizer = build_tokenizer(data_cfg, spec)
     check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
     check_inputs_exist(cfg, data_cfg)
+    passkey = evaluate.passkey_examples(OmegaConf.to_container(cfg.eval.passkey, resolve=True), tokenizer, cfg.seed) \
+        if evaluations_on(cfg)["passkey"] else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
                       cfg.scan_kernel)
-    check_resumable(cfg.ckpt_path, lit, datamodule)
+    check_resumable(cfg.ckpt_path, lit, datamodule, cfg.trainer.max_steps)
+    _check_trainer_settings(cfg)
+    datamodule.setup("fit")  # the data is read, and the batch size checked, before the MLflow run opens
+    datamodule.train_dataloader()
     model = lit.model
     trial = current_trial()
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "data_config": _data_config_name(cfg),
@@ -192,7 +214,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                        "train/steps": trainer.global_step,  # below trainer.max_steps when max_time stopped the run
                        **throughput.metrics()}
             record(trained)
-            metrics = {**trained, **_evaluate(cfg, model, datamodule, tokenizer, data_cfg, record)}
+            metrics = {**trained, **_evaluate(cfg, model, datamodule, tokenizer, data_cfg, passkey, record)}
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots",
                           attention_maps=cfg.eval.analysis.enabled)
             stopper.raise_if_requested()
@@ -233,9 +255,10 @@ def _log_setup(cfg: DictConfig, model, seq_len: int) -> dict[str, float]:
     return metrics
 
 
-def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str, Any],
+def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str, Any], passkey: Optional[list],
               record: Callable[[dict[str, float]], None]) -> dict[str, float]:
-    """The evaluations cfg.eval enables, each stage's metrics handed to `record` as soon as it ends."""
+    """The evaluations cfg.eval enables (with the passkey prompts built before training), each stage's metrics
+    handed to `record` as soon as it ends."""
     from .bench.measure import measure_cached_decode
 
     model.eval()
@@ -255,9 +278,8 @@ def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str,
     else:
         if ev.perplexity:
             stage(evaluate.perplexity_metrics(model, datamodule, max_batches))
-        if ev.passkey.enabled in (True, "auto"):
-            stage(evaluate.passkey_metrics(model, tokenizer, OmegaConf.to_container(ev.passkey, resolve=True),
-                                           cfg.seed))
+        if passkey is not None:
+            stage(evaluate.passkey_metrics(model, passkey))
         if ev.commonsense.enabled:
             from .evaluation.lm_eval_adapter import run_commonsense_suite
 

@@ -120,6 +120,8 @@ class ModelConfig:
         need(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
         need(self.d_model > 0, "d_model", f"must be > 0, got {self.d_model}")
         need(self.n_layers > 0, "n_layers", f"must be > 0, got {self.n_layers}")
+        for key in ("rope_theta", "norm_eps", "init_std"):  # a base, a divisor guard, a standard deviation
+            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         if isinstance(self.layers, str):
             need(self.layers in LAYER_PATTERNS, "layers",
                  f"unknown pattern {self.layers!r}; allowed: {', '.join(LAYER_PATTERNS)} or a list of {LAYER_KINDS}")

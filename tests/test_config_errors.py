@@ -39,6 +39,9 @@ def test_config_error_is_a_value_error():
                                        "first_last, first_middle_last or a list of layer indices"]),
     (dict(window=0), ["model.window", "int >= 1 or null", "got 0"]),
     (dict(window=-2), ["model.window", "int >= 1 or null", "got -2"]),
+    (dict(rope_theta=-1.0), ["model.rope_theta", "must be > 0", "got -1.0"]),  # trained to NaN
+    (dict(norm_eps=0.0), ["model.norm_eps", "must be > 0", "got 0.0"]),
+    (dict(init_std=-0.02), ["model.init_std", "must be > 0", "got -0.02"]),  # torch's "normal expects std >= 0.0"
     (dict(n_heads=4, n_kv_heads=3, ssm_inner=32), ["model.n_kv_heads", "must divide model.n_heads=4", "got 3"]),
     (dict(ssm_inner=0), ["model.ssm_inner", "leaves no SSM width", "lower model.n_heads"]),
     (dict(layers=["hybrid", "mlp", "ssm", "ssm", "ssm", "attention"]),

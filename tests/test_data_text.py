@@ -205,7 +205,9 @@ def test_packing_produces_exactly_shifted_labels_and_covers_every_token():
 def test_text_blocks_max_tokens_and_too_short_corpus():
     tokens = torch.arange(1000)
     assert len(TextBlocks(tokens, 10, max_tokens=101)) == 10
-    with pytest.raises(ValueError, match=re.escape("data.seq_len=10 needs at least 11 tokens, the corpus has 5")):
+    with pytest.raises(ValueError, match=re.escape("data.path: the corpus gives 5 tokens (data.max_train_tokens / "
+                                                   "max_eval_tokens cap them), fewer than one example of "
+                                                   "data.seq_len=10 needs (11)")):
         TextBlocks(tokens, 10, max_tokens=5)
 
 

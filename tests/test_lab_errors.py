@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from components.config import ConfigError
-from lab_helpers import (CONF_DIR, TINY, TINY_TEXT, client, error_messages, lab_runs, metric_history, only_run,
+from lab_helpers import (CONF_DIR, TINY, TINY_TEXT, client, error_messages, lab_runs, metric_history,
                          run_lab, start_lab)
 
 EMPTY_CORPUS = "empty.txt"
@@ -37,6 +37,11 @@ CASES: dict[str, list[str]] = {
                               "trainer.log_every_n_steps=50"],
     "fails_in_evaluation": [*TINY_TEXT, "trainer.max_steps=2", "trainer.val_check_interval=2",
                             "trainer.limit_val_batches=1", "eval.passkey.haystack_path=/nope"],
+    # Lightning's and the data's own checks, run before the MLflow run opens (each used to leave a FAILED run)
+    "trainer_refused": [*TINY, "trainer.accelerator=tpuu"],
+    "batch_too_large": [*TINY, "data.batch_size=100000"],
+    "passkey_too_short": [*TINY_TEXT, "eval.passkey.seq_len=64"],
+    "search_without_multirun": ["hparams_search=head_ratio"],
 }
 INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
 INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
@@ -157,18 +162,10 @@ def test_key_typo_names_the_key(outcomes):
     assert lab_runs(workdir) == []
 
 
-# --------------------------------------------------------------------- failing after the MLflow run opened
-
-
-def test_empty_corpus_is_rejected_and_its_run_fails(outcomes):
-    workdir, proc = _result(outcomes, "empty_corpus")
-    assert _only_error(proc).endswith(f"{workdir / EMPTY_CORPUS} contains no text")
-    assert only_run(workdir).info.status == "FAILED"  # the corpus is read when training starts
-
-
-def test_empty_corpus_error_names_the_config_key(outcomes):
-    _, proc = _result(outcomes, "empty_corpus")
-    assert "data.train_path" in _only_error(proc)
+def test_empty_corpus_is_rejected_naming_the_key_before_the_run_opens(outcomes):
+    workdir, proc = _result(outcomes, "empty_corpus")  # the corpus is read before the run opens, as in training
+    assert _only_error(proc) == f"data.train_path: {workdir / EMPTY_CORPUS} contains no text"
+    assert lab_runs(workdir) == []
 
 
 def test_missing_checkpoint_names_ckpt_path(outcomes):
@@ -183,10 +180,29 @@ def test_unknown_commonsense_task_is_caught_before_training(outcomes):
     assert lab_runs(workdir) == []
 
 
+@pytest.mark.parametrize("case, message", [
+    ("trainer_refused", "trainer: Lightning refuses these settings: You selected an invalid accelerator name: "
+                        "`accelerator='tpuu'`. Available names are: "),
+    ("batch_too_large", "the training set (192 examples, set by data.train_examples) holds no full batch of "
+                        "data.batch_size=100000 per device on 1 device(s): lower data.batch_size"),
+    ("passkey_too_short", "eval.passkey.seq_len must be >= 104 to hold the needle, the question, the answer and "
+                          "some filler, got 64"),
+    ("search_without_multirun", "hparams_search=head_ratio is an Optuna study: run it with -m (python -m arch_lab -m "
+                                "hparams_search=head_ratio ...)"),
+])
+def test_what_lightning_the_data_or_the_search_refuse_fails_before_the_run_opens(outcomes, case, message):
+    workdir, proc = _result(outcomes, case)
+    assert _only_error(proc).startswith(message)
+    assert lab_runs(workdir) == []
+
+
 def test_missing_passkey_haystack_is_caught_before_training(outcomes):
     workdir, proc = _result(outcomes, "fails_in_evaluation")
     assert _only_error(proc) == "eval.passkey.haystack_path: no such file /nope"
     assert lab_runs(workdir) == []  # evaluation inputs are checked up front, not after a wasted training run
+
+
+# --------------------------------------------------------------------- failing after the MLflow run opened
 
 
 @pytest.mark.parametrize("case, steps", [("diverges", r"\d"), ("diverges_between_logs", "6")])

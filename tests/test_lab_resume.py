@@ -183,3 +183,29 @@ def test_a_checkpoint_gets_the_permissions_of_any_file_the_user_writes(tmp_path)
     finally:
         os.umask(previous)
     assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644  # mkstemp alone leaves 0o600
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(runs, tmp_path):
+    # the zip index intact, a tensor's bytes zeroed: torch loads it without a word (its reader skips the CRCs)
+    from arch_lab.checkpoints import CheckpointError, read_lab_checkpoint
+
+    (a, _), _ = runs
+    data = bytearray((_checkpoints(a) / "last.ckpt").read_bytes())
+    start = data.index(b"archive/data/0") + 200  # inside the first tensor's bytes, past its local header
+    data[start:start + 64] = bytes(64)
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    assert torch.load(damaged, weights_only=True)["state_dict"]  # what the check guards against
+    with pytest.raises(CheckpointError, match=r"^ckpt_path: .*damaged.ckpt is damaged \(archive/data/\d+ fails its "
+                                              r"CRC check\)$"):
+        read_lab_checkpoint(str(damaged), "ckpt_path")
+
+
+def test_resuming_a_checkpoint_at_max_steps_is_refused(runs, tmp_path):
+    (a, _), _ = runs
+    intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"
+    args = [*COMMON, f"ckpt_path='{intermediate}'", f"trainer.max_steps={EVERY}"]  # it used to finish, NaN loss
+    proc = run_lab(args, tmp_path, check=False)
+    assert error_messages(proc) == [f"ckpt_path: the checkpoint is at step {EVERY} and trainer.max_steps={EVERY}: "
+                                    f"nothing is left to train; raise trainer.max_steps to train on"]
+    assert lab_runs(tmp_path) == []

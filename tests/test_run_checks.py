@@ -39,14 +39,25 @@ def test_every_shipped_experiment_passes():
     ("trainer.val_check_interval=0",
      "trainer.val_check_interval must be steps as an integer >= 1, or a fraction of an epoch in (0, 1], got 0"),
     ("eval.decode.batch=0", "eval.decode.batch must be an integer >= 1, got 0"),
-    ("trainer.max_steps=abc", "trainer.max_steps must be an integer >= 0 (the learning-rate schedule is laid out "
-                              "over it; trainer.max_time may stop a run sooner), got 'abc'"),
+    ("trainer.max_steps=0", "trainer.max_steps must be an integer >= 1 (the learning-rate schedule is laid out "
+                            "over it; trainer.max_time may stop a run sooner), got 0"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
     ("backend=cuda", "backend must be one of auto, reference, kernel, got 'cuda'"),
     ("eval.mqar=maybe", "eval.mqar must be true or false, got 'maybe'"),
     ("eval.cache_lengths=[-1]", "eval.cache_lengths must be a list of token counts >= 1, e.g. [8192, 16384], got [-1]"),
     ("eval.analysis.seq_len=0", "eval.analysis.seq_len must be an integer >= 1, got 0"),
     ("data.seq_len=0", "data.seq_len must be an integer >= 1, got 0"),
+    # switches that took any string as true (compile=maybe compiled; passkey's "maybe" turned it off)
+    ("compile=maybe", "compile must be true or false, got 'maybe'"),
+    ("eval.decode.enabled=maybe", "eval.decode.enabled must be true or false, got 'maybe'"),
+    ("eval.passkey.enabled=maybe", "eval.passkey.enabled must be true, false or auto (on for text data), got 'maybe'"),
+    ("logger.log_checkpoints=1", "logger.log_checkpoints must be true or false, got 1"),
+    ("logger.experiment_name=''", "logger.experiment_name must be a name, got ''"),
+    ("tags=abc", "tags must be a mapping of tag names to values, e.g. +tags.row=E, got 'abc'"),
+    # the data's own keys, by kind (they failed in Python's words: "'>' not supported", "NoneType")
+    ("data.kind=foo", "data.kind must be one of mqar, text, got 'foo'"),
+    ("data.vocab_size=abc", "data.vocab_size must be an integer >= 1, got 'abc'"),
+    ("data.power_a=0", "data.power_a must be a number > 0 (1.0: uniform gaps), got 0"),
     ("eval.decode.new_tokens=1000", "eval.decode.context + eval.decode.new_tokens = 1128 is longer than the model "
                                     "supports (model.max_seq_len=1024): lower them or raise model.max_seq_len"),
 ])

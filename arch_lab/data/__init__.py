@@ -24,7 +24,10 @@ from arch_lab.data.text import (
 )
 from arch_lab.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer
 
+DATA_KINDS = ("mqar", "text")  # data.kind: the synthetic recall task, or a text corpus
+
 __all__ = [
+    "DATA_KINDS",
     "BPETokenizer",
     "ByteTokenizer",
     "MQARConfig",

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from arch_lab.data.mqar import MQARConfig, count_shared_examples, generate_mqar
 from arch_lab.data.sampler import ResumableShuffleSampler
 from arch_lab.data.text import (
+    TEXT_SOURCES,
     PackedTokenStream,
     TextBlocks,
     iter_documents,
@@ -38,7 +39,6 @@ from components.config import ConfigError
 # user would pick next to `seed`, so the three sets never share a random stream.
 MQAR_VAL_SEED_OFFSET = 1_000_003
 MQAR_TEST_SEED_OFFSET = 2_000_006
-TEXT_SOURCES = ("files", "hf")
 
 
 def data_parallel_shard(datamodule: L.LightningDataModule) -> tuple[int, int]:

@@ -184,6 +184,9 @@ def pack_tokens(
             return
 
 
+TEXT_SOURCES = ("files", "hf")  # data.source: local files, or a Hugging Face dataset streamed
+
+
 def _check_seq_len(seq_len: int) -> None:
     if seq_len < 1:
         raise ConfigError(f"data.seq_len must be >= 1, got {seq_len}")
@@ -200,8 +203,9 @@ class TextBlocks(Dataset):
         self.tokens = tokens[:max_tokens].long()
         self.seq_len = seq_len
         if len(self.tokens) < seq_len + 1:
-            raise ConfigError(
-                f"data.seq_len={seq_len} needs at least {seq_len + 1} tokens, the corpus has {len(self.tokens)}"
+            raise ConfigError(  # "data.path" becomes the key that named the corpus (TextDataModule._file_blocks)
+                f"data.path: the corpus gives {len(self.tokens)} tokens (data.max_train_tokens / max_eval_tokens "
+                f"cap them), fewer than one example of data.seq_len={seq_len} needs ({seq_len + 1})"
             )
 
     @classmethod

@@ -94,7 +94,8 @@ class CommonsenseDataError(ConfigError):
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
     if not path.is_file():
         raise CommonsenseDataError(
-            f"missing commonsense file {path}; data_dir must be the shared/data/commonsense folder"
+            f"eval.commonsense.data_dir: missing commonsense file {path}; the folder must be "
+            f"shared/data/commonsense's copy"
         )
     rows = []
     with path.open(encoding="utf-8") as lines:
