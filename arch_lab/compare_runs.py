@@ -91,6 +91,17 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_float(text: str) -> float:
+    """--tolerance: no difference is within a negative one (or nan), and text that is no number is named alike."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arch_lab.compare_runs", description=__doc__.split("\n")[0])
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns.db", help="default: %(default)s")
@@ -98,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--key", default="train/loss")
     parser.add_argument("--experiment", default=lab_experiment(), help="default: %(default)s")
     parser.add_argument("--every", type=positive_int, default=1, help="print every n-th step (the last always)")
-    parser.add_argument("--tolerance", type=float, default=None)
+    parser.add_argument("--tolerance", type=non_negative_float, default=None)
     args = parser.parse_args(argv)
     diffs = compare(existing_store(args.tracking_uri, "--tracking-uri"), args.runs, args.key, args.experiment,
                     args.every)

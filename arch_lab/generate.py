@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -80,11 +81,45 @@ def token_ids(text: str) -> list[int]:
 def positive(kind: type):
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
+        if not value > 0:  # nan too
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value):  # an infinite temperature turns the logits into nan
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its message for a value it cannot convert
     return parse
+
+
+def device_name(text: str) -> str:
+    """--device: cpu, cuda or cuda:<index> (torch's own error for a typo lists twenty device types)."""
+    if text not in ("cpu", "cuda") and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<index>, got {text!r}")
+    return text
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """A CUDA device this machine has (torch fails on the first tensor moved there with an AssertionError)."""
+    if device == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        parser.error(f"--device {device}: no CUDA device is visible here; use --device cpu")
+    if device != "cuda" and int(device[5:]) >= count:
+        parser.error(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def check_lengths(parser: argparse.ArgumentParser, prompts: list[list[int]], max_new_tokens: int,
+                  max_seq_len: int) -> None:
+    """Prompt and generated tokens must fit the model's max_seq_len (positions past it were never trained, and
+    generation went on past it without a word)."""
+    longest = max(len(ids) for ids in prompts)
+    if longest >= max_seq_len:
+        parser.error(f"a prompt of {longest} tokens leaves no room to generate within the model's "
+                     f"max_seq_len={max_seq_len}; shorten it")
+    if longest + max_new_tokens > max_seq_len:
+        parser.error(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) plus {max_new_tokens} "
+                     f"is {longest + max_new_tokens}, more than the model's max_seq_len={max_seq_len}; give at most "
+                     f"--max-new-tokens {max_seq_len - longest}")
 
 
 def main(argv=None) -> int:
@@ -102,11 +137,13 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=positive(float), default=1.0)
     parser.add_argument("--top-k", type=positive(int), default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:<index> (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="run each decode step through torch.compile (fuses its small kernels; compiling takes "
                              "tens of seconds, so it pays off for long generations on a GPU)")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if not Path(args.checkpoint).is_file():
         parser.error(f"checkpoint: no such file {args.checkpoint} (give the path of a .ckpt that `python -m arch_lab` "
                      "wrote, e.g. outputs/<date>/<time>/checkpoints/last.ckpt)")
@@ -128,6 +165,7 @@ def main(argv=None) -> int:
     prompts = encoded + args.ids
     if not prompts:
         parser.error("give at least one --prompt or --ids")
+    check_lengths(parser, prompts, args.max_new_tokens, model.cfg.max_seq_len)
     out = Generator(model, compile=args.compile).generate(prompts, args.max_new_tokens, greedy=not args.sample,
                                     temperature=args.temperature, top_k=args.top_k,
                                     eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed,

@@ -70,3 +70,23 @@ def test_every_must_be_a_positive_integer(store, capsys, every):
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m arch_lab.compare_runs ")  # how it is run, not compare_runs.py
     assert f"error: argument --every: must be an integer >= 1, got {every}" in err
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "nan", "x"])
+def test_tolerance_must_be_a_number_at_least_zero(store, capsys, tolerance):
+    """--tolerance -1 printed "PASS: curves within -1.0" for runs no tolerance below 0 can pass."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--tracking-uri", store, "case=single", "case=ddp", "--tolerance", tolerance])
+    assert stop.value.code == 2
+    assert f"error: argument --tolerance: must be a number >= 0, got {tolerance}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, why", [("garbage", "file is not a database"), ("", "an empty database")])
+def test_a_file_that_is_not_an_mlflow_store_is_named_and_left_as_it_was(tmp_path, content, why):
+    """sqlalchemy's DatabaseError for a file that is not a database; MLflow's tables written into an empty one."""
+    bad = tmp_path / "bad.db"
+    bad.write_text(content)
+    with pytest.raises(SystemExit, match=rf"^--tracking-uri sqlite:///.*bad\.db: .*bad\.db is not an MLflow SQLite "
+                                         rf"store \({why}\)$"):
+        main(["--tracking-uri", f"sqlite:///{bad}", "case=single"])
+    assert bad.read_text() == content

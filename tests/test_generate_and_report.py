@@ -57,17 +57,43 @@ def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_check
     (["--ids", "3,99999"], "--ids: token id 99999 is outside the model's vocabulary (0..{last})"),
     (["--ids", "3", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
     (["--ids", "3", "--sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+    (["--ids", "3", "--sample", "--temperature", "nan"], "argument --temperature: must be > 0, got nan"),
+    (["--ids", "3", "--sample", "--temperature", "inf"], "argument --temperature: must be finite, got inf"),
+    (["--ids", "3,5", "--max-new-tokens", "5000"], "--max-new-tokens 5000: the longest prompt (2 tokens) plus 5000 is "
+                                                   "5002, more than the model's max_seq_len={max_len}; give at most "
+                                                   "--max-new-tokens {room}"),
+    (["--prompt", "x" * 5000], "a prompt of 5000 tokens leaves no room to generate within the model's "
+                               "max_seq_len={max_len}; shorten it"),
+    (["--ids", "3", "--device", "foo"], "argument --device: expected cpu, cuda or cuda:<index>, got 'foo'"),
     (["--ids", "3", "--top-k", "99999"], "--top-k 99999 is larger than the model's vocabulary ({vocab} ids)"),
     (["--prompt", ""], "--prompt '': encodes to no tokens; give some text"),  # not generation's ValueError
     (["--ids", "3", "--tokenizer", "t.json"], "--tokenizer: only a checkpoint trained with a BPE tokenizer takes one "
                                               "(this one uses the byte one)"),
 ])
 def test_generate_cli_names_a_bad_argument(text_checkpoint, capsys, args, message):
-    vocab = load_checkpoint(str(text_checkpoint), "cpu")[0].cfg.vocab_size
-    with pytest.raises(SystemExit) as stop:  # argparse's usage error, not a traceback from the embedding
+    """Not a traceback from the embedding, torch.device or multinomial, nor 5000 tokens past max_seq_len."""
+    cfg = load_checkpoint(str(text_checkpoint), "cpu")[0].cfg
+    with pytest.raises(SystemExit) as stop:
         generate_main([str(text_checkpoint), "--device", "cpu", *args])
     assert stop.value.code == 2
-    assert message.format(last=vocab - 1, vocab=vocab) in capsys.readouterr().err
+    assert message.format(last=cfg.vocab_size - 1, vocab=cfg.vocab_size, max_len=cfg.max_seq_len,
+                          room=cfg.max_seq_len - 2) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "no CUDA device is visible here; use --device cpu"),
+    ("cuda:1", 0, "no CUDA device is visible here; use --device cpu"),
+    ("cuda:1", 1, "this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+])
+def test_generate_cli_names_a_cuda_device_this_machine_lacks(text_checkpoint, capsys, monkeypatch, device, gpus,
+                                                             message):
+    """torch's AssertionError ("Torch not compiled with CUDA enabled") came from moving the model there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(SystemExit) as stop:
+        generate_main([str(text_checkpoint), "--ids", "3", "--device", device])
+    assert stop.value.code == 2
+    assert f"error: --device {device}: {message}" in capsys.readouterr().err
 
 
 def test_generate_cli_names_a_missing_checkpoint(tmp_path):
@@ -222,6 +248,45 @@ def test_report_takes_a_runs_task_from_its_data_tag(tmp_path):
     assert rows[1].startswith("| Transformer (Llama) | 1.00 | 4.000 |")  # MQAR val loss, text val loss
     mamba = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| Mamba")]
     assert mamba[1].startswith("| Mamba | 2.00 | – |")
+
+
+@pytest.fixture
+def small_store(tmp_path) -> str:
+    """One finished run in the lab's experiment."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("arch_lab")
+    with mlflow.start_run(tags={"model": "transformer_tiny", "data": "mqar"}):
+        mlflow.log_metrics({"val/loss": 1.0})
+    return uri
+
+
+def test_report_names_an_out_folder_it_cannot_write(tmp_path, small_store):
+    """--out under a file (or /proc): one line naming --out, not a FileNotFoundError traceback."""
+    from arch_lab import report
+
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "report"
+    with pytest.raises(SystemExit, match=rf"^--out {out}: cannot write the report there \(Not a directory: "):
+        report.main(["--tracking-uri", small_store, "--out", str(out)])
+
+
+@pytest.mark.parametrize("content, why", [("garbage", "file is not a database"), ("", "an empty database")])
+@pytest.mark.parametrize("flag", ["--tracking-uri", "--bench-uri"])
+def test_report_names_a_file_that_is_not_an_mlflow_store_and_leaves_it_as_it_was(tmp_path, small_store, flag,
+                                                                                 content, why):
+    """sqlalchemy's DatabaseError for a file that is not a database; MLflow's tables written into an empty one."""
+    from arch_lab import report
+
+    bad = tmp_path / "bad.db"
+    bad.write_text(content)
+    stores = {"--tracking-uri": small_store, "--bench-uri": small_store, flag: f"sqlite:///{bad}"}
+    with pytest.raises(SystemExit, match=rf"^{flag} sqlite:///.*bad\.db: .*bad\.db is not an MLflow SQLite "
+                                         rf"store \({why}\)$"):
+        report.main([arg for item in stores.items() for arg in item] + ["--out", str(tmp_path / "report")])
+    assert bad.read_text() == content and not (tmp_path / "report").exists()
 
 
 @pytest.fixture
