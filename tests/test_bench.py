@@ -175,11 +175,35 @@ def test_a_list_key_given_one_bare_value_is_a_one_item_list():
     ("new_tokens=1", "new_tokens must be >= 2 when measure includes hf"),
     ("cuda_graph=sometimes", "cuda_graph must be auto, true or false; got 'sometimes'"),
     ("decode_pdl=yes", "decode_pdl must be true or false; got 'yes'"),
+    ("compile_decode=maybe", "compile_decode must be true or false; got 'maybe'"),  # bool('maybe') was true
+    ("halve_on_oom=maybe", "halve_on_oom must be true or false; got 'maybe'"),
+    ("compile=1", "compile must be true or false; got 1"),
 ])
 def test_bad_bench_keys_are_named(override: str, message: str):
     with pytest.raises(BenchConfigError) as error:
         _settings(override)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("override, message", [("batch=0", "batch must be an integer >= 1, got 0"),
+                                               ("model.window=-3", "model.window: must be an int >= 1 or null")])
+@pytest.mark.parametrize("full_error", [False, True])
+def test_a_bad_key_is_one_line_unless_hydra_full_error(tmp_path: Path, override: str, message: str,
+                                                       full_error: bool):
+    """As `python -m arch_lab`: a BenchConfigError or the lab's ConfigError is logged as its message with exit
+    status 1 (Hydra printed it with a traceback of 14 to 35 lines); HYDRA_FULL_ERROR=1 keeps the traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               **({"HYDRA_FULL_ERROR": "1"} if full_error else {}))
+    proc = subprocess.run([sys.executable, "-m", "arch_lab.bench", override, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"logger.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    output = proc.stdout + proc.stderr
+    assert message in output
+    assert ("Traceback" in output) == full_error
+    if not full_error:
+        assert len(output.strip().splitlines()) == 1
 
 
 def test_sequences_longer_than_the_model_are_refused():

@@ -39,6 +39,13 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
     return value
 
 
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):  # bool() would take any string (maybe, no) for true
+        raise BenchConfigError(f"{key} must be true or false; got {value!r}")
+    return value
+
+
 def _auto_or_positive(cfg: DictConfig, key: str) -> Optional[float]:
     value = cfg[key]
     if value == "auto":
@@ -106,22 +113,20 @@ class BenchSettings:
             _positive_int(cfg, "prefill_chunk")
         if cfg.cuda_graph not in ("auto", True, False):
             raise BenchConfigError(f"cuda_graph must be auto, true or false; got {cfg.cuda_graph!r}")
-        if not isinstance(cfg.decode_pdl, bool):
-            raise BenchConfigError(f"decode_pdl must be true or false; got {cfg.decode_pdl!r}")
         lengths = _as_tuple(cfg.cache_lengths)
         if any(not isinstance(n, int) or n < 1 for n in lengths):
             raise BenchConfigError(f"cache_lengths must be a list of positive token counts, got {list(lengths)}")
         settings = cls(
             device=device, dtype=dtype, context=_positive_int(cfg, "context"), batch=_positive_int(cfg, "batch"),
             new_tokens=_positive_int(cfg, "new_tokens"), prefill_chunk=cfg.prefill_chunk,
-            warmup_steps=_positive_int(cfg, "warmup_steps", 0), halve_on_oom=bool(cfg.halve_on_oom),
+            warmup_steps=_positive_int(cfg, "warmup_steps", 0), halve_on_oom=_bool(cfg, "halve_on_oom"),
             measure=measure, recompute_new_tokens=_positive_int(cfg, "recompute_new_tokens"),
             train_seq_len=_positive_int(cfg, "train_seq_len"), train_batch=_positive_int(cfg, "train_batch"),
             train_steps=_positive_int(cfg, "train_steps"),
             train_warmup_steps=_positive_int(cfg, "train_warmup_steps", 0),
             peak_tflops=_auto_or_positive(cfg, "peak_tflops"), bandwidth_gbs=_auto_or_positive(cfg, "bandwidth_gbs"),
-            cache_lengths=lengths, compile=bool(cfg.compile), compile_decode=bool(cfg.compile_decode),
-            decode_pdl=cfg.decode_pdl,
+            cache_lengths=lengths, compile=_bool(cfg, "compile"), compile_decode=_bool(cfg, "compile_decode"),
+            decode_pdl=_bool(cfg, "decode_pdl"),
             cuda_graph=None if cfg.cuda_graph == "auto" else cfg.cuda_graph,
             profile_steps=_positive_int(cfg, "profile_steps"),
         )
@@ -390,10 +395,18 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 def main(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
 
+    from components.config import ConfigError
+
     # Read when CUDA first allocates. Without it, the caching allocator's fragmentation decides the halved batch:
     # on an H100 at 8k context, HF generate then fits batch 32 instead of 64 (61.8 GiB peak either way).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    return run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        return run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (BenchConfigError, ConfigError) as error:  # the bad key and what it allows are the news
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", error)
+        raise SystemExit(1) from None  # as `python -m arch_lab` and Hydra's own override errors
 
 
 if __name__ == "__main__":
