@@ -119,6 +119,10 @@ def check_values(cfg: DictConfig) -> None:
     on = evaluations_on(cfg)
     rules = RULES + [rule for name, group in EVALUATION_RULES.items() if on[name] for rule in group]
     rules += DATA_RULES.get(OmegaConf.select(cfg, "data.kind"), [])
+    known = {key.split(".", 1)[1] for key, _, _ in RULES if key.startswith("optim.")}  # every key AdamW's setup reads
+    unknown = sorted(set(cfg.optim) - known)
+    if unknown:  # `+optim.eps=1e-8` would be ignored without a word
+        raise ConfigError(f"optim: unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}")
     for key, allowed, description in rules:
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

@@ -58,6 +58,8 @@ def test_every_shipped_experiment_passes():
     ("data.kind=foo", "data.kind must be one of mqar, text, got 'foo'"),
     ("data.vocab_size=abc", "data.vocab_size must be an integer >= 1, got 'abc'"),
     ("data.power_a=0", "data.power_a must be a number > 0 (1.0: uniform gaps), got 0"),
+    ("+optim.eps=1e-8", "optim: unknown key(s) ['eps']; allowed: betas, decay_fraction, lr, min_lr_ratio, schedule, "
+                        "warmup_steps, weight_decay"),
     ("eval.decode.new_tokens=1000", "eval.decode.context + eval.decode.new_tokens = 1128 is longer than the model "
                                     "supports (model.max_seq_len=1024): lower them or raise model.max_seq_len"),
 ])
