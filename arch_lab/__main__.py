@@ -17,7 +17,7 @@ def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from arch_lab.interrupts import interrupt_exit_status
+    from arch_lab.interrupts import InterruptedBeforeRun, interrupt_exit_status, is_interrupt
     from arch_lab.train import train
     from components.config import ConfigError
 
@@ -29,12 +29,14 @@ def main(cfg: DictConfig):
                               f"(python -m arch_lab -m hparams_search={search} ...)")
         metrics = train(cfg, output_dir=output_dir)
     except (KeyboardInterrupt, SystemExit) as stop:  # in fit, Lightning turns a SIGTERM and a second Ctrl-C into these
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if HydraConfig.get().mode == RunMode.MULTIRUN or not is_interrupt(stop):
             raise  # the sweeper marks the trial and its study's parent run KILLED
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         resume = f"; resume with ckpt_path='{last}'" if last.is_file() else ""
         status = interrupt_exit_status(stop)
-        log.error("interrupted (%s): the MLflow run ended KILLED%s", "SIGTERM" if status == 143 else "Ctrl-C", resume)
+        outcome = "before the MLflow run opened" if isinstance(stop, InterruptedBeforeRun) else \
+            f"the MLflow run ended KILLED{resume}"
+        log.error("interrupted (%s): %s", "SIGTERM" if status == 143 else "Ctrl-C", outcome)
         raise SystemExit(status) from None  # the shell's codes for them, without a traceback
     except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
         if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":

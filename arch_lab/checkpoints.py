@@ -84,8 +84,12 @@ def read_lab_checkpoint(path: str, key: str, mmap: bool = False) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... by the file's content
         raise CheckpointError(f"{key}: {path} is not a checkpoint (torch cannot load it)") from None
-    with zipfile.ZipFile(path) as archive:  # torch does not check the CRCs: damaged bytes would load as weights
-        damaged = archive.testzip()
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch does not check the CRCs: damaged bytes would load as weights
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:  # torch.save's format before 1.6, which torch still reads
+        raise CheckpointError(f"{key}: {path} is in torch.save's legacy format; re-save it with a torch >= 1.6 "
+                              f"(a zip file)") from None
     if damaged is not None:
         raise CheckpointError(f"{key}: {path} is damaged ({damaged} fails its CRC check)")
     if not isinstance(ckpt, dict) or "model_cfg" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:

@@ -111,6 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--every", type=positive_int, default=1, help="print every n-th step (the last always)")
     parser.add_argument("--tolerance", type=non_negative_float, default=None)
     args = parser.parse_args(argv)
+    stores = [ref for ref in args.runs if "://" in ref]
+    if stores:  # the store used to be the first positional argument
+        parser.error(f"{stores[0]} is a store, not a run: give it as --tracking-uri {stores[0]}")
     diffs = compare(existing_store(args.tracking_uri, "--tracking-uri"), args.runs, args.key, args.experiment,
                     args.every)
     if args.tolerance is None:

@@ -113,13 +113,13 @@ def check_lengths(parser: argparse.ArgumentParser, prompts: list[list[int]], max
     """Prompt and generated tokens must fit the model's max_seq_len (positions past it were never trained, and
     generation went on past it without a word)."""
     longest = max(len(ids) for ids in prompts)
-    if longest >= max_seq_len:
-        parser.error(f"a prompt of {longest} tokens leaves no room to generate within the model's "
-                     f"max_seq_len={max_seq_len}; shorten it")
-    if longest + max_new_tokens > max_seq_len:
-        parser.error(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) plus {max_new_tokens} "
-                     f"is {longest + max_new_tokens}, more than the model's max_seq_len={max_seq_len}; give at most "
-                     f"--max-new-tokens {max_seq_len - longest}")
+    if longest > max_seq_len:
+        parser.error(f"a prompt of {longest} tokens is longer than the model's max_seq_len={max_seq_len}; shorten it")
+    # the model reads the prompt and every generated token but the last: longest + max_new_tokens - 1 positions
+    if longest + max_new_tokens - 1 > max_seq_len:
+        parser.error(f"--max-new-tokens {max_new_tokens}: after the longest prompt ({longest} tokens) the model "
+                     f"reads {longest + max_new_tokens - 1} positions, more than its max_seq_len={max_seq_len}; give "
+                     f"at most --max-new-tokens {max_seq_len - longest + 1}")
 
 
 def main(argv=None) -> int:

@@ -46,6 +46,19 @@ class StopRequested(L.Callback):
             raise KeyboardInterrupt("another rank was signalled")
 
 
+class InterruptedBeforeRun(KeyboardInterrupt):
+    """Ctrl-C while a run checked its inputs, before its MLflow run opened: nothing was logged."""
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, also as Lightning reports them from inside fit: a SIGTERMException, or its exit(1) while
+    handling a KeyboardInterrupt (a second Ctrl-C); any other SystemExit is a program's own exit."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(error, (KeyboardInterrupt, SIGTERMException)) or (
+        isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt))
+
+
 def interrupt_exit_status(stop: BaseException) -> int:
     """The shell's exit status for what stopped a run: 143 for SIGTERM (Lightning turns one in fit into
     SIGTERMException), else 130 (Ctrl-C; a second one in fit becomes Lightning's exit(1))."""

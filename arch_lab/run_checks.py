@@ -47,7 +47,7 @@ Rule = tuple[str, Callable[[Any], bool], str]
 RULES: list[Rule] = [
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("compile", _boolean, "true or false"),
-    ("run_name", lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a name, or null"),
+    ("run_name", lambda v: v is None or (isinstance(v, (str, int)) and str(v).strip() != ""), "a name, or null"),
     ("tags", lambda v: isinstance(v, dict), "a mapping of tag names to values, e.g. +tags.row=E"),
     ("logger.experiment_name", lambda v: isinstance(v, str) and v.strip() != "", "a name"),
     ("logger.log_checkpoints", _boolean, "true or false"),
@@ -72,7 +72,7 @@ RULES: list[Rule] = [
     ("eval.mqar", _boolean, "true or false"),
     ("eval.perplexity", _boolean, "true or false"),
     *((f"eval.{name}.enabled", _boolean, "true or false") for name in ("decode", "analysis", "commonsense")),
-    ("eval.passkey.enabled", lambda v: v in (True, False, "auto"), "true, false or auto (on for text data)"),
+    ("eval.passkey.enabled", lambda v: _boolean(v) or v == "auto", "true, false or auto (on for text data)"),
     ("eval.cache_lengths", lambda v: isinstance(v, list) and all(_integer(n) and n >= 1 for n in v),
      "a list of token counts >= 1, e.g. [8192, 16384]"),
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -33,7 +34,7 @@ def _data_config_name(cfg: DictConfig) -> str:
 
 
 def _run_name(cfg: DictConfig, trial) -> str:
-    name = cfg.run_name or f"{cfg.model.name}-{_data_config_name(cfg)}-s{cfg.seed}"
+    name = str(cfg.run_name or f"{cfg.model.name}-{_data_config_name(cfg)}-s{cfg.seed}")  # run_name=2024 too
     return f"{name}-trial{trial.number}" if trial else name
 
 
@@ -79,21 +80,91 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _check_trainer_settings(cfg: DictConfig) -> None:
-    """Lightning's own checks of trainer.* (accelerator, devices, precision, strategy, max_time, a key the Trainer
-    does not take) run on a throwaway Trainer, so that a bad value fails before the MLflow run opens."""
+def _new_trainer(trainer_cfg: dict[str, Any], out: Path, logger, callbacks: list):
+    """The run's Trainer, and the throwaway one its settings are checked on: built alike, so that both refuse alike."""
     import lightning as L
+
+    from .checkpoints import AtomicCheckpointIO
+
+    return L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
+                     plugins=[AtomicCheckpointIO()], max_epochs=-1, use_distributed_sampler=False)
+
+
+def _step_checkpoint(trainer_cfg: dict[str, Any], out: Path):
+    from .checkpoints import StepCheckpoint
+
+    return StepCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
+                          every_n_train_steps=trainer_cfg["val_check_interval"])
+
+
+def _probe_trainer(cfg: DictConfig, out: Path):
+    """A throwaway Trainer: Lightning's own checks of trainer.* (accelerator, devices, precision, strategy,
+    max_time, a key the Trainer does not take) run on it, so that a bad value fails before the MLflow run opens;
+    its world size tells how the data will be sharded."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     device_report = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     device_report.disabled = True  # "GPU available: ..." is printed by the run's own Trainer
     try:
-        L.Trainer(**{**_trainer_kwargs(cfg), "logger": False, "enable_checkpointing": False, "max_epochs": -1,
-                     "use_distributed_sampler": False})
+        trainer_cfg = _trainer_kwargs(cfg)
+        return _new_trainer(trainer_cfg, out, False, [_step_checkpoint(trainer_cfg, out)])
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as error:
         raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from None
     finally:
         device_report.disabled = False
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What a run builds and checks before its MLflow run opens."""
+
+    data_cfg: dict[str, Any]
+    model_cfg: dict[str, Any]
+    tokenizer: Any
+    passkey: Optional[list]  # the passkey prompts (text data), built up front so a bad setting fails now
+    datamodule: Any
+    lit: Any
+    trial: Any
+
+
+def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
+    """Every check that can fail on the run's inputs, before the run opens: a refused run leaves no FAILED run."""
+    import lightning as L
+
+    from .checkpoints import check_resumable
+    from .lit_module import LitHybridLM
+    from .sweep import current_trial
+
+    if cfg.get("gpu_only") and not torch.cuda.is_available():
+        raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
+                               f"device is visible")
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    ModelConfig.from_dict(model_cfg).validate()
+    check_values(cfg)
+    spec = tokenizer_spec(data_cfg, out)
+    tokenizer = build_tokenizer(data_cfg, spec)
+    check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
+    check_inputs_exist(cfg, data_cfg)
+    passkey = evaluate.passkey_examples(OmegaConf.to_container(cfg.eval.passkey, resolve=True), tokenizer, cfg.seed) \
+        if evaluations_on(cfg)["passkey"] else None
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
+    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
+                      cfg.scan_kernel)
+    check_resumable(cfg.ckpt_path, lit, datamodule, cfg.trainer.max_steps)
+    probe = _probe_trainer(cfg, out)
+    trial = current_trial()
+    if trial and probe.world_size > 1:
+        raise ConfigError("trainer.devices: sweeps train each trial in one process: use a single-device "
+                          "trainer (trainer=cpu or trainer=gpu) with -m")
+    datamodule.setup("fit")  # the data is read, and a batch per device checked, as the run's Trainer will shard it
+    datamodule.trainer = probe
+    try:
+        datamodule.train_dataloader()
+    finally:
+        datamodule.trainer = None
+    return _Prepared(data_cfg, model_cfg, tokenizer, passkey, datamodule, lit, trial)
 
 
 def _model_for_evaluation(trainer, lit, model_cfg: dict[str, Any], backend: str, scan_kernel: str):
@@ -129,43 +200,22 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     Multi-GPU (trainer.strategy=ddp/fsdp): Lightning re-runs this command for ranks > 0. Every rank trains; only
     rank 0 opens the MLflow run, logs, writes checkpoints and evaluates; the other ranks return {} after fit.
     """
-    import lightning as L
-
-    from .checkpoints import AtomicCheckpointIO, StepCheckpoint, check_resumable
     from .console import progress_bar, quiet_lightning_console
-    from .interrupts import graceful_stop
-    from .lit_module import DivergenceCheck, LitHybridLM, TrainingThroughput
+    from .interrupts import InterruptedBeforeRun, graceful_stop
+    from .lit_module import DivergenceCheck, TrainingThroughput
     from .reporting import log_run_plots
     from .run_logger import OpenRunMLFlowLogger
-    from .sweep import current_trial, start_run_for_job
+    from .sweep import start_run_for_job
     from .sweep_callbacks import TrialPruningCallback
 
     quiet_lightning_console()
-
-    if cfg.get("gpu_only") and not torch.cuda.is_available():
-        raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
-                               f"device is visible")
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    ModelConfig.from_dict(model_cfg).validate()
-    check_values(cfg)
     out = Path(output_dir or tempfile.mkdtemp(prefix="arch_lab_"))
-    spec = tokenizer_spec(data_cfg, out)
-    tokenizer = build_tokenizer(data_cfg, spec)
-    check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
-    check_inputs_exist(cfg, data_cfg)
-    passkey = evaluate.passkey_examples(OmegaConf.to_container(cfg.eval.passkey, resolve=True), tokenizer, cfg.seed) \
-        if evaluations_on(cfg)["passkey"] else None
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
-    lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
-                      cfg.scan_kernel)
-    check_resumable(cfg.ckpt_path, lit, datamodule, cfg.trainer.max_steps)
-    _check_trainer_settings(cfg)
-    datamodule.setup("fit")  # the data is read, and the batch size checked, before the MLflow run opens
-    datamodule.train_dataloader()
-    model = lit.model
-    trial = current_trial()
+    try:
+        prepared = _prepare(cfg, out)
+    except KeyboardInterrupt:
+        raise InterruptedBeforeRun() from None
+    data_cfg, model_cfg, datamodule, lit = prepared.data_cfg, prepared.model_cfg, prepared.datamodule, prepared.lit
+    tokenizer, trial, model = prepared.tokenizer, prepared.trial, prepared.lit.model
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "data_config": _data_config_name(cfg),
             "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
             "backend": cfg.backend,  # the choice; the `backends` tag says which kernels could run here
@@ -183,8 +233,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                                                               tracking_uri=cfg.logger.tracking_uri,
                                                               run_id=run.info.run_id)
             trainer_cfg = _trainer_kwargs(cfg)
-            checkpoint = StepCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
-                                        every_n_train_steps=trainer_cfg["val_check_interval"])
+            checkpoint = _step_checkpoint(trainer_cfg, out)
             throughput = TrainingThroughput(skip=max(0, min(10, trainer_cfg["max_steps"] // 5)))
             callbacks = [checkpoint, stopper, throughput, DivergenceCheck()]
             if trial and cfg.prune_metric:
@@ -192,11 +241,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
             bar = progress_bar(trainer_cfg.get("enable_progress_bar", True))
             if bar:
                 callbacks.append(bar)
-            trainer = L.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out),
-                                plugins=[AtomicCheckpointIO()], max_epochs=-1, use_distributed_sampler=False)
-            if trial and trainer.world_size > 1:
-                raise ConfigError("trainer.devices: sweeps train each trial in one process: use a single-device "
-                                  "trainer (trainer=cpu or trainer=gpu) with -m")
+            trainer = _new_trainer(trainer_cfg, out, logger, callbacks)
             trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             stopper.raise_if_requested()  # interrupted: the run ends KILLED, without evaluating a partial model
             stopper.stage = "evaluation stage"
@@ -214,7 +259,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
                        "train/steps": trainer.global_step,  # below trainer.max_steps when max_time stopped the run
                        **throughput.metrics()}
             record(trained)
-            metrics = {**trained, **_evaluate(cfg, model, datamodule, tokenizer, data_cfg, passkey, record)}
+            metrics = {**trained, **_evaluate(cfg, model, datamodule, tokenizer, data_cfg, prepared.passkey, record)}
             log_run_plots(run.info.run_id, model, datamodule, data_cfg, metrics, out / "plots",
                           attention_maps=cfg.eval.analysis.enabled)
             stopper.raise_if_requested()

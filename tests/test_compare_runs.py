@@ -90,3 +90,10 @@ def test_a_file_that_is_not_an_mlflow_store_is_named_and_left_as_it_was(tmp_path
                                          rf"store \({why}\)$"):
         main(["--tracking-uri", f"sqlite:///{bad}", "case=single"])
     assert bad.read_text() == content
+
+
+def test_a_store_given_where_runs_go_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["sqlite:///ddp.db", "case=single", "case=ddp"])  # the command line before --tracking-uri
+    assert stop.value.code == 2
+    assert "sqlite:///ddp.db is a store, not a run: give it as --tracking-uri sqlite:///ddp.db" in capsys.readouterr().err

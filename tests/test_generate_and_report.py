@@ -59,11 +59,10 @@ def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_check
     (["--ids", "3", "--sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
     (["--ids", "3", "--sample", "--temperature", "nan"], "argument --temperature: must be > 0, got nan"),
     (["--ids", "3", "--sample", "--temperature", "inf"], "argument --temperature: must be finite, got inf"),
-    (["--ids", "3,5", "--max-new-tokens", "5000"], "--max-new-tokens 5000: the longest prompt (2 tokens) plus 5000 is "
-                                                   "5002, more than the model's max_seq_len={max_len}; give at most "
-                                                   "--max-new-tokens {room}"),
-    (["--prompt", "x" * 5000], "a prompt of 5000 tokens leaves no room to generate within the model's "
-                               "max_seq_len={max_len}; shorten it"),
+    (["--ids", "3,5", "--max-new-tokens", "5000"], "--max-new-tokens 5000: after the longest prompt (2 tokens) the "
+                                                   "model reads 5001 positions, more than its max_seq_len={max_len}; "
+                                                   "give at most --max-new-tokens {room}"),
+    (["--prompt", "x" * 5000], "a prompt of 5000 tokens is longer than the model's max_seq_len={max_len}; shorten it"),
     (["--ids", "3", "--device", "foo"], "argument --device: expected cpu, cuda or cuda:<index>, got 'foo'"),
     (["--ids", "3", "--top-k", "99999"], "--top-k 99999 is larger than the model's vocabulary ({vocab} ids)"),
     (["--prompt", ""], "--prompt '': encodes to no tokens; give some text"),  # not generation's ValueError
@@ -77,7 +76,7 @@ def test_generate_cli_names_a_bad_argument(text_checkpoint, capsys, args, messag
         generate_main([str(text_checkpoint), "--device", "cpu", *args])
     assert stop.value.code == 2
     assert message.format(last=cfg.vocab_size - 1, vocab=cfg.vocab_size, max_len=cfg.max_seq_len,
-                          room=cfg.max_seq_len - 2) in capsys.readouterr().err
+                          room=cfg.max_seq_len - 1) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device, gpus, message", [

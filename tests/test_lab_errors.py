@@ -271,3 +271,19 @@ def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_wha
         set(run.data.metrics)
     assert "analysis/erf" not in run.data.metrics  # the stage after decode timing never ran
     assert "stopping after this evaluation stage" in (workdir / "lab.log").read_text()
+
+
+def test_only_ctrl_c_and_sigterm_count_as_interrupts():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from arch_lab.interrupts import is_interrupt
+
+    assert is_interrupt(KeyboardInterrupt()) and is_interrupt(SIGTERMException())
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1)  # what Lightning's fit does on a second Ctrl-C
+    except SystemExit as lightning_exit:
+        assert is_interrupt(lightning_exit)
+    assert not is_interrupt(SystemExit(1))  # a program's own exit (a bench trial's config error): not Ctrl-C

@@ -394,6 +394,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from components.config import ConfigError
 
@@ -403,8 +404,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     try:
         return run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (BenchConfigError, ConfigError) as error:  # the bad key and what it allows are the news
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a multirun goes on to its other jobs
         log.error("%s", error)
         raise SystemExit(1) from None  # as `python -m arch_lab` and Hydra's own override errors
 

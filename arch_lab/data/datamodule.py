@@ -14,7 +14,7 @@ examples, and validation metrics come out the same, as on one device at batch_si
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import lightning as L
@@ -172,6 +172,14 @@ class MQARDataModule(SettingsInCheckpoints, L.LightningDataModule):
         return self._eval_loader("test")
 
 
+def _naming(key: str, read: Callable[[], TextBlocks]) -> TextBlocks:
+    """`read()`, its errors naming the config key that gave the corpus (the text readers say data.path)."""
+    try:
+        return read()
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(str(err).replace("data.path", key, 1)) from None  # one message, the right key
+
+
 class TextDataModule(SettingsInCheckpoints, L.LightningDataModule):
     """Next-token prediction on plain text.
 
@@ -237,14 +245,8 @@ class TextDataModule(SettingsInCheckpoints, L.LightningDataModule):
 
     def _file_blocks(self, path: str, max_tokens: int | None, key: str) -> TextBlocks:
         """Blocks of one corpus; reader errors name the config key (`key`) that pointed at it."""
-        try:
-            return self._read_blocks(path, max_tokens)
-        except (FileNotFoundError, ValueError) as err:
-            raise type(err)(str(err).replace("data.path", key, 1)) from None  # one message, the right key
-
-    def _read_blocks(self, path: str, max_tokens: int | None) -> TextBlocks:
-        docs = iter_documents(path, text_field=self.text_field)
-        return TextBlocks(tokenize_corpus(docs, self.tokenizer, max_tokens), self.seq_len)
+        return _naming(key, lambda: TextBlocks(tokenize_corpus(iter_documents(path, text_field=self.text_field),
+                                                               self.tokenizer, max_tokens), self.seq_len))
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.val_set is None:
@@ -257,7 +259,7 @@ class TextDataModule(SettingsInCheckpoints, L.LightningDataModule):
                 valid_tokens = tokenize_corpus(
                     self._hf_documents(self.hf_valid_split), self.tokenizer, self.max_eval_tokens
                 )
-                self.val_set = TextBlocks(valid_tokens, self.seq_len)
+                self.val_set = _naming("data.hf_valid_split", lambda: TextBlocks(valid_tokens, self.seq_len))
         if stage in (None, "test") and not self.test_sets:
             self.test_sets = {
                 name: self._file_blocks(path, self.max_eval_tokens, f"data.test_paths.{name}")

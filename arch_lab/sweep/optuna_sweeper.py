@@ -217,6 +217,7 @@ class OptunaSweeper(Sweeper):
         self.config: Optional[DictConfig] = None
         self.launcher: Optional[Launcher] = None
         self._in_flight: dict[int, optuna.Trial] = {}
+        self._stale: list[int] = []  # trials of dead workers that this process failed (Optuna's stale callback)
         self._heartbeats: Optional[_Heartbeats] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -237,8 +238,10 @@ class OptunaSweeper(Sweeper):
             log.error("%s", error)
             raise SystemExit(1) from None
         except (KeyboardInterrupt, SystemExit) as stop:
-            from arch_lab.interrupts import interrupt_exit_status
+            from arch_lab.interrupts import interrupt_exit_status, is_interrupt
 
+            if not is_interrupt(stop):
+                raise
             status = interrupt_exit_status(stop)
             log.error("interrupted (%s): the trials in flight are recorded interrupted; resume the study with the "
                       "same command", "SIGTERM" if status == 143 else "Ctrl-C")
@@ -268,7 +271,8 @@ class OptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         storage_url = resolve_storage_url(self.storage, Path.cwd())
-        storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period)
+        storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period,
+                               on_stale=lambda trial: self._stale.append(trial.number))
         study, created = self._open_study(storage, sampler, pruner, objectives, fixed_arguments)
         tracker = SweepTracker(resolve_tracking_uri(self.tracking_uri, Path.cwd()))
         parent_run_id = self._parent_run(study, created, tracker, storage_url, space, objectives, target)
@@ -292,8 +296,9 @@ class OptunaSweeper(Sweeper):
                 )
                 status, loop_done = ("FINISHED" if stop_reason is None else "FAILED"), True
             except BaseException as error:
-                # Lightning turns a SIGTERM in a trial's fit into SIGTERMException and a second Ctrl-C into exit(1)
-                interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+                from arch_lab.interrupts import is_interrupt
+
+                interrupted = is_interrupt(error)
                 status = "KILLED" if interrupted else "FAILED"
                 reason = f"{'interrupted by' if interrupted else 'the sweep failed:'} {type(error).__name__}: {error}"
                 self._fail_in_flight(study, tracker, parent_run_id, reason, interrupted)
@@ -400,7 +405,7 @@ class OptunaSweeper(Sweeper):
         failures: list[str] = []
         waiting_logged = False
         while True:
-            _fail_stale_trials(study, tracker, parent_run_id)
+            self._fail_stale_trials(study, tracker, parent_run_id)
             trials = study.get_trials(deepcopy=False)
             done = sum(t.state in _COUNTED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -503,6 +508,25 @@ class OptunaSweeper(Sweeper):
                 log.error("could not mark trial %d FAIL: %s", trial.number, error)
         self._in_flight.clear()
 
+    def _fail_stale_trials(self, study: optuna.Study, tracker: SweepTracker, parent_run_id: str) -> None:
+        """Optuna fails the trials whose worker died (no heartbeat for the grace period) and queues a retry; their
+        child runs, which no process will end, end KILLED with the reason as a tag (Optuna keeps none on a trial it
+        failed)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        stale, self._stale = self._stale, []
+        if not stale:
+            return
+        try:
+            runs = tracker.child_runs(parent_run_id)
+            for number in sorted(set(stale) & set(runs)):
+                log.warning("trial %d: its worker stopped sending heartbeats (killed?); its run ends KILLED", number)
+                tracker.record_outcome(runs[number], TrialState.FAIL.name, "its worker died (no heartbeat)",
+                                       interrupted=True)
+        except Exception as error:  # the trials are failed and retried all the same; only their runs stay open
+            log.error("could not end the runs of stale trials %s: %s", stale, error)
+
     @staticmethod
     def _is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
         """Two workers may ask at the same moment; the later trial number gives way."""
@@ -514,7 +538,7 @@ class OptunaSweeper(Sweeper):
         target: int, status: str, summarize: bool,
     ) -> None:
         """End the parent run, unless another worker still runs trials of the study (it will)."""
-        _fail_stale_trials(study, tracker, parent_run_id)
+        self._fail_stale_trials(study, tracker, parent_run_id)
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.RUNNING for t in trials):
             log.info("other workers still run trials of %s; leaving parent run %s open", self.study_name, parent_run_id)
@@ -692,22 +716,6 @@ def _duplicate_of(study: optuna.Study, trial: optuna.Trial, values: Mapping[str,
         if other.number != trial.number and other.params == dict(values):
             return f"duplicate of trial {other.number} (same parameters)"
     return ""
-
-
-def _fail_stale_trials(study: optuna.Study, tracker: SweepTracker, parent_run_id: str) -> None:
-    """Optuna fails the trials whose worker died (no heartbeat for the grace period); their child runs, which no
-    process will end, end KILLED with the reason as a tag (Optuna keeps no reason on a trial it failed)."""
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} & running
-    if not stale:
-        return
-    runs = tracker.child_runs(parent_run_id)
-    for number in sorted(stale & set(runs)):
-        log.warning("trial %d: its worker stopped sending heartbeats (killed?); its run ends KILLED", number)
-        tracker.record_outcome(runs[number], TrialState.FAIL.name, "its worker died (no heartbeat)", interrupted=True)
 
 
 class _Heartbeats:

@@ -21,9 +21,10 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import optuna
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 
 from arch_lab.sweep.search_space import SweepConfigError
@@ -70,13 +71,14 @@ def resolve_tracking_uri(tracking_uri: Optional[str], base_dir: Path) -> str:
     return _anchor_sqlite_url(uri, base_dir) if uri.startswith("sqlite:") else uri
 
 
-def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None) -> Any:
+def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None,
+                 on_stale: Optional[Callable[[FrozenTrial], None]] = None) -> Any:
     """An Optuna RDBStorage that several processes can share.
 
     RDBStorage rather than JournalStorage because the embedded default is a SQLite file and
     URLs such as postgresql:// must work the same way; it also supports heartbeats, so a trial
     of a worker that died (SIGKILL, lost node) turns FAIL after `grace_period` and is re-run
-    with the same parameters (RetryHeartbeatStaleTrialCallback). For SQLite, `timeout` makes a
+    with the same parameters (RetryHeartbeatStaleTrialCallback; `on_stale` is told of each). For SQLite, `timeout` makes a
     writer wait for the file lock instead of failing with "database is locked", and creating
     the schema of a fresh file is serialised with a file lock: Optuna's alembic initialisation
     is not safe when two processes create the same file at once (UNIQUE constraint failed:
@@ -88,11 +90,15 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_perio
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental" since 2.9
         heartbeat: dict[str, Any] = {}
         if heartbeat_interval is not None:
-            heartbeat = {
-                "heartbeat_interval": heartbeat_interval,
-                "grace_period": grace_period,
-                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            }
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+            def stale(study: optuna.Study, trial: FrozenTrial) -> None:
+                retry(study, trial)
+                if on_stale is not None:
+                    on_stale(trial)
+
+            heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                         "heartbeat_stale_trial_callback": stale}
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 
 
