@@ -96,4 +96,5 @@ def test_a_store_given_where_runs_go_names_the_flag(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["sqlite:///ddp.db", "case=single", "case=ddp"])  # the command line before --tracking-uri
     assert stop.value.code == 2
-    assert "sqlite:///ddp.db is a store, not a run: give it as --tracking-uri sqlite:///ddp.db" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "sqlite:///ddp.db is a store, not a run: give it as --tracking-uri sqlite:///ddp.db" in error
