@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, self.group_size))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        grouped = self.group_size < xf.shape[-1]  # without groups, the statistics as they always were computed
+        xf = xf.unflatten(-1, (-1, self.group_size)) if grouped else xf
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.flatten(-2).to(x.dtype) * self.weight.to(x.dtype)
+        return (xf.flatten(-2) if grouped else xf).to(x.dtype) * self.weight.to(x.dtype)
