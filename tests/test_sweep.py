@@ -517,11 +517,11 @@ def test_current_trial_is_none_outside_a_sweep(monkeypatch: pytest.MonkeyPatch) 
 
 def test_a_signal_while_trials_are_recorded_interrupts_once_they_are() -> None:
     # A Ctrl-C inside the recording of a finished trial (MLflow queries take a while) used to discard its result.
-    recorded = []
+    recorded, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
         with _signals_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)  # the handler runs between bytecodes: recording goes on
             recorded.append("trial 0")
     assert recorded == ["trial 0"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
