@@ -19,7 +19,7 @@ from .kv_cache import StepInfo
 from .layer_plan import LayerPlan, LayerSpec, resolve_layer_plan
 from .meta_tokens import MetaTokens
 from .norms import RMSNorm
-from .ops.backend import BackendError, describe_backends
+from .ops.backend import BACKENDS, BackendError, describe_backends
 from .ops.selective_scan import DEFAULT_SCAN_KERNEL, check_scan_kernel
 
 
@@ -66,6 +66,8 @@ class HybridLM(nn.Module):
         """Choose "auto" (kernels on CUDA when installed), "reference" or "kernel" for every compute op, the
         Mamba-1 selective scan's kernel ("mamba_ssm" or "triton": ops/selective_scan.py), and whether a hybrid
         layer's branches decode side by side on the GPU ("concurrent") or one after the other ("sequential")."""
+        if backend not in BACKENDS:  # an op would only fail when it resolves the name, mid-run
+            raise BackendError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         check_scan_kernel(scan_kernel)
         if decode_branches not in DECODE_BRANCHES:
             raise BackendError(f"decode_branches must be one of {list(DECODE_BRANCHES)}, got {decode_branches!r}")

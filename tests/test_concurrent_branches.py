@@ -85,3 +85,6 @@ def test_unknown_decode_branches_is_named() -> None:
     with pytest.raises(BackendError, match=r"decode_branches must be one of \['concurrent', 'sequential'\], got "
                                            r"'parallel'"):
         model.set_backend("auto", "triton", "parallel")
+    # so is an unknown backend (the bench's backend=cuda ran until an op resolved the name)
+    with pytest.raises(BackendError, match=r"^backend must be one of \['auto', 'reference', 'kernel'\], got 'cuda'$"):
+        model.set_backend("cuda")
