@@ -142,6 +142,9 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ModelConfig.from_dict(model_cfg).validate()
     check_values(cfg)
+    if cfg.optim.warmup_steps > cfg.trainer.max_steps:  # a debug-sized run with the recipe's warmup, say
+        log.warning("optim.warmup_steps=%d > trainer.max_steps=%d: the learning rate never reaches optim.lr=%g",
+                    cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.lr)
     spec = tokenizer_spec(data_cfg, out)
     tokenizer = build_tokenizer(data_cfg, spec)
     check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))

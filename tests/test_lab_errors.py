@@ -174,6 +174,11 @@ def test_missing_checkpoint_names_ckpt_path(outcomes):
     assert lab_runs(workdir) == []  # checked before the run opens: no half-made run
 
 
+def test_a_warmup_longer_than_the_run_is_pointed_out(outcomes):
+    _, proc = _result(outcomes, "missing_checkpoint")  # TINY: 6 steps, the recipe's 30 warmup steps
+    assert "optim.warmup_steps=30 > trainer.max_steps=6: the learning rate never reaches optim.lr=0.003" in proc.stdout
+
+
 def test_unknown_commonsense_task_is_caught_before_training(outcomes):
     workdir, proc = _result(outcomes, "unknown_commonsense_task")
     assert _only_error(proc).startswith("eval.commonsense.tasks: unknown task(s) ['nope']; allowed: [")
