@@ -68,6 +68,7 @@ RULES: list[Rule] = [
      "an integer >= 1 (the learning-rate schedule is laid out over it; trainer.max_time may stop a run sooner)"),
     ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("trainer.log_every_n_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.gradient_clip_val", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0, or null (0: off)"),
     ("backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     ("eval.mqar", _boolean, "true or false"),
     ("eval.perplexity", _boolean, "true or false"),

@@ -33,6 +33,13 @@ def _data_config_name(cfg: DictConfig) -> str:
     return choice or cfg.data.kind
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _run_name(cfg: DictConfig, trial) -> str:
     name = str(cfg.run_name or f"{cfg.model.name}-{_data_config_name(cfg)}-s{cfg.seed}")  # run_name=2024 too
     return f"{name}-trial{trial.number}" if trial else name
@@ -148,18 +155,18 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     spec = tokenizer_spec(data_cfg, out)
     tokenizer = build_tokenizer(data_cfg, spec)
     check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)  # names a missing corpus (under data_root) first
     check_inputs_exist(cfg, data_cfg)
     passkey = evaluate.passkey_examples(OmegaConf.to_container(cfg.eval.passkey, resolve=True), tokenizer, cfg.seed) \
         if evaluations_on(cfg)["passkey"] else None
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(data_cfg, cfg.seed, tokenizer)
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
                       cfg.scan_kernel)
     check_resumable(cfg.ckpt_path, lit, datamodule, cfg.trainer.max_steps)
     probe = _probe_trainer(cfg, out)
     trial = current_trial()
-    if trial and probe.world_size > 1:
-        raise ConfigError("trainer.devices: sweeps train each trial in one process: use a single-device "
+    if probe.world_size > 1 and _in_multirun():  # Lightning's launcher would re-run the whole multirun command
+        raise ConfigError("trainer.devices: a multirun (-m) trains each job in one process: use a single-device "
                           "trainer (trainer=cpu or trainer=gpu) with -m")
     datamodule.setup("fit")  # the data is read, and a batch per device checked, as the run's Trainer will shard it
     datamodule.trainer = probe

@@ -42,6 +42,7 @@ CASES: dict[str, list[str]] = {
     "batch_too_large": [*TINY, "data.batch_size=100000"],
     "passkey_too_short": [*TINY_TEXT, "eval.passkey.seq_len=64"],
     "search_without_multirun": ["hparams_search=head_ratio"],
+    "multirun_on_two_devices": ["-m", "seed=0", "trainer.devices=2", *TINY],
 }
 INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
 INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
@@ -172,6 +173,12 @@ def test_missing_checkpoint_names_ckpt_path(outcomes):
     workdir, proc = _result(outcomes, "missing_checkpoint")
     assert _only_error(proc) == "ckpt_path: no checkpoint at /nope/last.ckpt"
     assert lab_runs(workdir) == []  # checked before the run opens: no half-made run
+
+
+def test_a_multirun_job_on_two_devices_is_refused_before_lightning_relaunches_the_command(outcomes):
+    workdir, proc = _result(outcomes, "multirun_on_two_devices")
+    assert "trainer.devices: a multirun (-m) trains each job in one process" in proc.stderr
+    assert lab_runs(workdir) == [] and not list(workdir.rglob("train_ddp_process_1.log"))
 
 
 def test_a_warmup_longer_than_the_run_is_pointed_out(outcomes):

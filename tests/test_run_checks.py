@@ -42,6 +42,7 @@ def test_every_shipped_experiment_passes():
     ("trainer.max_steps=0", "trainer.max_steps must be an integer >= 1 (the learning-rate schedule is laid out "
                             "over it; trainer.max_time may stop a run sooner), got 0"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be a number >= 0, or null (0: off), got -1"),
     ("backend=cuda", "backend must be one of auto, reference, kernel, got 'cuda'"),
     ("eval.mqar=maybe", "eval.mqar must be true or false, got 'maybe'"),
     ("eval.cache_lengths=[-1]", "eval.cache_lengths must be a list of token counts >= 1, e.g. [8192, 16384], got [-1]"),
