@@ -1,6 +1,5 @@
 """`python -m arch_lab [overrides]`: train, evaluate and log one run (or a sweep with -m)."""
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -17,6 +16,7 @@ def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from arch_lab.errors import exit_with_message
     from arch_lab.interrupts import InterruptedBeforeRun, interrupt_exit_status, is_interrupt
     from arch_lab.train import train
     from components.config import ConfigError
@@ -39,10 +39,9 @@ def main(cfg: DictConfig):
         log.error("interrupted (%s): %s", "SIGTERM" if status == 143 else "Ctrl-C", outcome)
         raise SystemExit(status) from None  # the shell's codes for them, without a traceback
     except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
-        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial's reason
-        log.error("%s", error)
-        raise SystemExit(1) from None  # as Hydra's own override errors
+        exit_with_message(log, error)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

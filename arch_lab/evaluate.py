@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from components.analysis import attention_entropy_per_layer, attention_share, effective_receptive_field
 from components.attention_maps import collect_attention_maps
 from components.cache_accounting import paper_cache_mb
-from components.config import ConfigError
+from components.config import ConfigError, MissingInputError
 
 from .data.mqar import mqar_slice_counts
 from .data.passkey import PasskeyExample, make_passkey_examples, passkey_accuracy_by_depth
@@ -73,7 +73,7 @@ def perplexity_metrics(model, datamodule, max_batches: Optional[int]) -> dict[st
 def _read_text(path: str, max_chars: int = 2_000_000) -> str:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"eval.passkey.haystack_path: no such file {path}")
+        raise MissingInputError(f"eval.passkey.haystack_path: no such file {path}")
     opener = gzip.open if p.suffix == ".gz" else open
     try:
         with opener(p, "rt", encoding="utf-8", errors="replace") as f:

@@ -44,6 +44,7 @@ def _val_interval(v: Any) -> bool:
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
 Rule = tuple[str, Callable[[Any], bool], str]
+_POSITIVE: tuple[Callable[[Any], bool], str] = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
 RULES: list[Rule] = [
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("compile", _boolean, "true or false"),
@@ -52,8 +53,8 @@ RULES: list[Rule] = [
     ("logger.experiment_name", lambda v: isinstance(v, str) and v.strip() != "", "a name"),
     ("logger.log_checkpoints", _boolean, "true or false"),
     ("data.kind", lambda v: v in DATA_KINDS, f"one of {', '.join(DATA_KINDS)}"),
-    ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("data.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.batch_size", *_POSITIVE),
+    ("data.seq_len", *_POSITIVE),
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("float32_matmul_precision", lambda v: v in MATMUL_PRECISIONS, f"one of {', '.join(MATMUL_PRECISIONS)}"),
     ("optim.lr", lambda v: _number(v) and v > 0, "a number > 0"),
@@ -66,8 +67,8 @@ RULES: list[Rule] = [
     ("trainer.val_check_interval", _val_interval, "steps as an integer >= 1, or a fraction of an epoch in (0, 1]"),
     ("trainer.max_steps", lambda v: _integer(v) and v >= 1,
      "an integer >= 1 (the learning-rate schedule is laid out over it; trainer.max_time may stop a run sooner)"),
-    ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("trainer.log_every_n_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.accumulate_grad_batches", *_POSITIVE),
+    ("trainer.log_every_n_steps", *_POSITIVE),
     ("trainer.gradient_clip_val", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0, or null (0: off)"),
     ("backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     ("eval.mqar", _boolean, "true or false"),
@@ -77,7 +78,6 @@ RULES: list[Rule] = [
     ("eval.cache_lengths", lambda v: isinstance(v, list) and all(_integer(n) and n >= 1 for n in v),
      "a list of token counts >= 1, e.g. [8192, 16384]"),
 ]
-_POSITIVE: tuple[Callable[[Any], bool], str] = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
 # each data kind's own keys (the data modules check how they fit together: pairs per length, vocabulary halves)
 DATA_RULES: dict[str, list[Rule]] = {
     "mqar": [*((f"data.{key}", *_POSITIVE) for key in ("vocab_size", "train_examples", "test_examples")),
@@ -88,14 +88,13 @@ DATA_RULES: dict[str, list[Rule]] = {
              *((f"data.{key}", lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1, or null for all")
                for key in ("max_train_tokens", "max_eval_tokens"))],
 }
-DECODE_RULES: list[Rule] = [(f"eval.decode.{key}", lambda v: _integer(v) and v >= 1, "an integer >= 1")
-                            for key in ("batch", "context", "new_tokens")]
-ANALYSIS_RULES: list[Rule] = [("eval.analysis.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1")]
+DECODE_RULES: list[Rule] = [(f"eval.decode.{key}", *_POSITIVE) for key in ("batch", "context", "new_tokens")]
+ANALYSIS_RULES: list[Rule] = [("eval.analysis.seq_len", *_POSITIVE)]
 PASSKEY_RULES: list[Rule] = [
-    ("eval.passkey.seq_len", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("eval.passkey.seq_len", *_POSITIVE),
     ("eval.passkey.depths", lambda v: isinstance(v, list) and v and all(_fraction(d) for d in v),
      "a list of needle depths in [0, 1], e.g. [0.0, 0.5, 1.0]"),
-    ("eval.passkey.num_per_depth", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("eval.passkey.num_per_depth", *_POSITIVE),
 ]
 COMMONSENSE_RULES: list[Rule] = [("eval.commonsense.limit", lambda v: v is None or (_integer(v) and v >= 1),
                                   "an integer >= 1, or null for every item")]
@@ -145,14 +144,15 @@ def check_compatible(model_cfg: dict[str, Any], data_cfg: dict[str, Any], vocab:
         smaller = {"mqar": " or lower data.vocab_size", "bpe": " or lower data.bpe_vocab_size"}.get(
             "mqar" if data_cfg["kind"] == "mqar" else data_cfg.get("tokenizer"), "")
         raise ConfigError(f"the data vocabulary ({vocab} ids) is larger than model.vocab_size="
-                         f"{model_cfg['vocab_size']}; raise model.vocab_size (to {vocab} or more){smaller}")
+                          f"{model_cfg['vocab_size']}; raise model.vocab_size (to {vocab} or more){smaller}")
     if data_cfg["seq_len"] > model_cfg["max_seq_len"]:
         raise ConfigError(f"data.seq_len={data_cfg['seq_len']} is longer than the model supports "
-                         f"(model.max_seq_len={model_cfg['max_seq_len']})")
+                          f"(model.max_seq_len={model_cfg['max_seq_len']})")
 
 
 def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
-    """Files read only after training must exist before it starts, so a typo cannot waste a run."""
+    """Files read only after training must exist before it starts, so a typo cannot waste a run (the passkey
+    haystack is read when its prompts are built, before training too)."""
     if cfg.ckpt_path == "last":
         # Lightning's "last" means this Trainer's own checkpoint folder, and every lab run writes a new one
         found = sorted(Path("outputs").glob("*/*/checkpoints/last.ckpt"))
@@ -163,10 +163,7 @@ def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
         raise MissingInputError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
     if cfg.ckpt_path is not None and not zipfile.is_zipfile(cfg.ckpt_path):
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is not a checkpoint (torch.save's zip format): truncated, or "
-                         f"another kind of file")
-    passkey = cfg.eval.passkey
-    if data_cfg["kind"] == "text" and passkey.enabled in (True, "auto") and not Path(passkey.haystack_path).is_file():
-        raise MissingInputError(f"eval.passkey.haystack_path: no such file {passkey.haystack_path}")
+                          f"another kind of file")
     if data_cfg["kind"] == "text" and cfg.eval.commonsense.enabled:
         from .evaluation.commonsense import COMMONSENSE_TASKS
 

@@ -396,6 +396,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from arch_lab.errors import exit_with_message
     from components.config import ConfigError
 
     # Read when CUDA first allocates. Without it, the caching allocator's fragmentation decides the halved batch:
@@ -404,10 +405,9 @@ def main(cfg: DictConfig) -> dict[str, float]:
     try:
         return run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (BenchConfigError, ConfigError) as error:  # the bad key and what it allows are the news
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # a multirun goes on to its other jobs
-        log.error("%s", error)
-        raise SystemExit(1) from None  # as `python -m arch_lab` and Hydra's own override errors
+        exit_with_message(log, error)
 
 
 if __name__ == "__main__":

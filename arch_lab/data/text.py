@@ -203,7 +203,7 @@ class TextBlocks(Dataset):
         self.tokens = tokens[:max_tokens].long()
         self.seq_len = seq_len
         if len(self.tokens) < seq_len + 1:
-            raise ConfigError(  # "data.path" becomes the key that named the corpus (TextDataModule._file_blocks)
+            raise ConfigError(  # "data.path" becomes the key that named the corpus (datamodule._naming)
                 f"data.path: the corpus gives {len(self.tokens)} tokens (data.max_train_tokens / max_eval_tokens "
                 f"cap them), fewer than one example of data.seq_len={seq_len} needs ({seq_len + 1})"
             )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from arch_lab.errors import exit_with_message
 from arch_lab.sweep.pareto import Objective, describe_trial, log_front
 from arch_lab.sweep.search_space import (
     PARAMS_KEY,
@@ -232,11 +232,8 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         try:
             return self._sweep(arguments)
-        except (SweepConfigError, SweepFailedError) as error:  # the message says it all: no traceback
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            log.error("%s", error)
-            raise SystemExit(1) from None
+        except (SweepConfigError, SweepFailedError) as error:  # the message says it all
+            exit_with_message(log, error)
         except (KeyboardInterrupt, SystemExit) as stop:
             from arch_lab.interrupts import interrupt_exit_status, is_interrupt
 

@@ -79,10 +79,10 @@ def open_storage(url: str, heartbeat_interval: Optional[int] = None, grace_perio
     URLs such as postgresql:// must work the same way; it also supports heartbeats, so a trial
     of a worker that died (SIGKILL, lost node) turns FAIL after `grace_period` and is re-run
     with the same parameters (RetryHeartbeatStaleTrialCallback; `on_stale` is told of each). For
-    SQLite, `timeout` makes a writer wait for the file lock instead of failing with "database is locked", and creating
-    the schema of a fresh file is serialised with a file lock: Optuna's alembic initialisation
-    is not safe when two processes create the same file at once (UNIQUE constraint failed:
-    alembic_version.version_num).
+    SQLite, `timeout` makes a writer wait for the file lock instead of failing with "database is
+    locked", and creating the schema of a fresh file is serialised with a file lock: Optuna's
+    alembic initialisation is not safe when two processes create the same file at once (UNIQUE
+    constraint failed: alembic_version.version_num).
     """
     database = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if database else {"pool_pre_ping": True}
