@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from arch_lab.sweep import register_sweeper
+from arch_lab.sweep import current_trial, register_sweeper
 
 register_sweeper()  # `-m hparams_search=...` uses arch_lab's Optuna sweeper
 log = logging.getLogger("arch_lab")
@@ -16,7 +16,7 @@ def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from arch_lab.errors import exit_with_message
+    from arch_lab.errors import exit_with_message, failed_job
     from arch_lab.interrupts import InterruptedBeforeRun, interrupt_exit_status, is_interrupt
     from arch_lab.train import train
     from components.config import ConfigError
@@ -39,8 +39,10 @@ def main(cfg: DictConfig):
         log.error("interrupted (%s): %s", "SIGTERM" if status == 143 else "Ctrl-C", outcome)
         raise SystemExit(status) from None  # the shell's codes for them, without a traceback
     except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if current_trial() is not None:
             raise  # the sweeper records the trial's reason
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise failed_job(log, error) from None  # the other jobs still run; Hydra raises it once they have
         exit_with_message(log, error)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

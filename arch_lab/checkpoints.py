@@ -55,6 +55,12 @@ class StepCheckpoint(ModelCheckpoint):
     writes last.ckpt only when nothing was saved before, which left generate, resume and log_checkpoints a stale
     model, and Lightning ends a fit on SIGTERM by raising at a step boundary, past on_train_end."""
 
+    @property
+    def state_key(self) -> str:
+        """A run has one StepCheckpoint: its state is restored on a resume with another trainer.val_check_interval,
+        where Lightning's key (which holds the interval) would match no callback and warn that one is missing."""
+        return type(self).__name__
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._save_where_training_ended(trainer):
             super().on_train_end(trainer, pl_module)

@@ -42,7 +42,7 @@ CASES: dict[str, list[str]] = {
     "batch_too_large": [*TINY, "data.batch_size=100000"],
     "passkey_too_short": [*TINY_TEXT, "eval.passkey.seq_len=64"],
     "search_without_multirun": ["hparams_search=head_ratio"],
-    "multirun_on_two_devices": ["-m", "seed=0", "trainer.devices=2", *TINY],
+    "multirun_on_two_devices": ["-m", "trainer.devices=2,1", *TINY],  # job 0 is refused, job 1 runs
 }
 INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
 INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
@@ -176,9 +176,14 @@ def test_missing_checkpoint_names_ckpt_path(outcomes):
 
 
 def test_a_multirun_job_on_two_devices_is_refused_before_lightning_relaunches_the_command(outcomes):
+    """The refused job gets one line and no run; the next job still runs; the multirun exits 1 with the job named."""
     workdir, proc = _result(outcomes, "multirun_on_two_devices")
-    assert "trainer.devices: a multirun (-m) trains each job in one process" in proc.stderr
-    assert lab_runs(workdir) == [] and not list(workdir.rglob("train_ddp_process_1.log"))
+    refusal = "trainer.devices: a multirun (-m) trains each job in one process: use a single-device trainer"
+    messages = error_messages(proc)
+    assert proc.returncode == 1 and len(messages) == 1 and messages[0].startswith(f"job 0 failed: {refusal}")
+    assert f"job 0 failed: {refusal}" in proc.stderr.splitlines()[-3]  # Hydra's last words: the message, no traceback
+    assert [(r.data.params["trainer.devices"], r.info.status) for r in lab_runs(workdir)] == [("1", "FINISHED")]
+    assert not list(workdir.rglob("train_ddp_process_1.log"))
 
 
 def test_a_warmup_longer_than_the_run_is_pointed_out(outcomes):

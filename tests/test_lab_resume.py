@@ -58,6 +58,19 @@ def test_resumed_run_repeats_the_uninterrupted_losses(runs):
     assert run_c.data.tags["resumed_from_run"] == run_a.info.run_id
 
 
+def test_a_resume_may_change_how_often_it_checkpoints(runs, tmp_path):
+    """The checkpoint callback's state is restored whatever its interval: no warning that a callback is missing, and
+    the new interval's checkpoints are written."""
+    (a, run_a), _ = runs
+    intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"
+    proc = run_lab([*COMMON, "trainer.val_check_interval=2", f"ckpt_path='{intermediate}'"], tmp_path)
+    assert "callbacks used to create the checkpoint" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in _checkpoints(tmp_path).iterdir()) == [
+        "epoch=0-step=6.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"]
+    assert only_run(tmp_path).data.metrics["train/final_loss"] == pytest.approx(
+        run_a.data.metrics["train/final_loss"], rel=REL)
+
+
 def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, tmp_path):
     (a, _), _ = runs
     intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"

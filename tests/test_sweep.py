@@ -346,6 +346,25 @@ def test_a_study_resumed_with_other_overrides_or_an_unknown_search_key_is_refuse
     assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")] == ["single"]
 
 
+@pytest.mark.slow
+def test_a_study_without_results_is_started_again_with_corrected_overrides(workdir: Path) -> None:
+    """Every trial of the first command fails by its fixed overrides; the corrected command keeps the study name."""
+    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.n_trials=1", "knobs.fail_if_trial=0")
+    assert result.returncode == 1 and "1 trials failed in this sweep" in result.stdout, result.stderr[-4000:]
+    old_parent = parent_run(mlflow_client(workdir), "single")
+    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.n_trials=1")
+    assert_ok(result)
+    assert ("study 'single' in its storage ran its trials with the overrides ['hparams_search=single', "
+            "'knobs.fail_if_trial=0'], this sweep has ['hparams_search=single'], and holds no result (1 trial(s), "
+            "all FAIL): it is started again") in result.stdout
+    assert [t.state for t in load_study(workdir, "single").trials] == [TrialState.COMPLETE]
+    client = mlflow_client(workdir)
+    old = client.get_run(old_parent.info.run_id)
+    new_id = old.data.tags["sweep.superseded_by"]
+    assert old.info.status == "FAILED" and client.get_run(new_id).info.status == "FINISHED"
+    assert [run.data.tags["trial.state"] for run in child_runs(client, new_id).values()] == ["COMPLETE"]
+
+
 def test_a_grid_point_whose_trial_was_interrupted_is_sampled_again() -> None:
     space = build_search_space({"model.n_heads": {"type": "categorical", "choices": [0, 4, 8]}}, [], [], set())
     study = optuna.create_study(sampler=make_sampler(SamplerConf(kind="grid", seed=0), space))

@@ -11,6 +11,8 @@ instantiates sweepers from the `hydra_plugins` namespace: the package installs
 Study and storage. `n_trials` is the study's target of COMPLETE + PRUNED trials: re-running the
 command with the same `study_name` resumes and runs only the missing trials; several workers
 (processes, machines) started on one storage share the work and stop together at the target.
+A study whose trials all failed holds no result: a command with other fixed overrides (or objectives) starts
+it again instead of being refused, and the old parent run gets the tag `sweep.superseded_by`.
 The storage defaults to the SQLite file `optuna.db` in the launch directory (beside MLflow's
 `mlruns.db`); any SQLAlchemy URL works (`hydra.sweeper.storage=postgresql://...`). A trial whose
 job raises, returns NaN or lacks an objective metric, breaks a constraint or repeats the values of

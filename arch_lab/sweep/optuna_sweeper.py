@@ -219,6 +219,7 @@ class OptunaSweeper(Sweeper):
         self._in_flight: dict[int, optuna.Trial] = {}
         self._stale: list[int] = []  # trials of dead workers that this process failed (Optuna's stale callback)
         self._heartbeats: Optional[_Heartbeats] = None
+        self._superseded_parent: Optional[str] = None  # the parent run of a study without results, started again
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -335,36 +336,50 @@ class OptunaSweeper(Sweeper):
     ) -> tuple[optuna.Study, bool]:
         """Create the study, or join it; `created` is True for exactly one of racing workers. A study joined
         must have been run with the same objectives and the same fixed overrides: resuming head_ratio for
-        another experiment or data set would otherwise mix its trials with the old ones."""
+        another experiment or data set would otherwise mix its trials with the old ones. A study that holds no
+        result (every trial FAIL, e.g. its overrides were refused) is started again instead, so a corrected command
+        can keep the study's name; its old parent run stays, tagged with the new one."""
         fixed = sorted(_without_password(argument) for argument in fixed_arguments)  # stored and printed
-        try:
-            study = optuna.create_study(
-                storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
-                directions=objectives.directions,
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(objectives.names)
-            study.set_user_attr(FIXED_OVERRIDES_ATTR, fixed)
-            return study, True
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner)
+        while True:
+            try:
+                study = optuna.create_study(
+                    storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
+                    directions=objectives.directions,
+                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(objectives.names)
+                study.set_user_attr(FIXED_OVERRIDES_ATTR, fixed)
+                return study, True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner)
+            mismatch = self._mismatch(study, objectives, fixed)
+            if mismatch is None:
+                return study, False
+            trials = study.get_trials(deepcopy=False)
+            if any(t.state != TrialState.FAIL for t in trials):
+                raise SweepConfigError(f"study '{self.study_name}' in its storage {mismatch}: resume it with the "
+                                       "same overrides and directions, or start another study with "
+                                       "hydra.sweeper.study_name=<name>")
+            log.warning("study '%s' in its storage %s, and holds no result (%d trial(s), all FAIL): it is started "
+                        "again", self.study_name, mismatch, len(trials))
+            self._superseded_parent = study.user_attrs.get(PARENT_RUN_ATTR)
+            try:
+                storage.delete_study(study._study_id)  # by id: a racing worker may have restarted it already
+            except KeyError:
+                pass
+
+    def _mismatch(self, study: optuna.Study, objectives: Objectives, fixed: list[str]) -> Optional[str]:
+        """How a stored study differs from this sweep's objectives and fixed overrides (None: it does not)."""
         existing = [d.name.lower() for d in study.directions]
         names = study.metric_names
         if existing != objectives.directions or (names is not None and names != objectives.names):
-            raise SweepConfigError(
-                f"hydra.sweeper.directions {dict(zip(objectives.names, objectives.directions))} does not match "
-                f"study '{self.study_name}' in its storage (metrics {names}, directions {existing}); "
-                "use another hydra.sweeper.study_name"
-            )
+            return (f"has the metrics {names} and directions {existing}, this sweep has hydra.sweeper.directions "
+                    f"{dict(zip(objectives.names, objectives.directions))}")
         before = study.user_attrs.get(FIXED_OVERRIDES_ATTR)
         if before is not None and before != fixed:
-            raise SweepConfigError(
-                f"study '{self.study_name}' in its storage ran its trials with the overrides {before}, this sweep "
-                f"has {fixed}: resume it with the same overrides, or start another study with "
-                f"hydra.sweeper.study_name=<name>"
-            )
-        return study, False
+            return f"ran its trials with the overrides {before}, this sweep has {fixed}"
+        return None
 
     def _parent_run(
         self, study: optuna.Study, created: bool, tracker: SweepTracker, storage_url: str,
@@ -387,6 +402,8 @@ class OptunaSweeper(Sweeper):
         }
         run_id = tracker.create_parent(tracker.experiment_id(self.experiment_name), self.study_name, tags)
         tracker.client.log_dict(run_id, _space_summary(space, objectives), "sweep/search_space.json")
+        if self._superseded_parent is not None:
+            tracker.mark_superseded(self._superseded_parent, run_id)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
 

@@ -47,6 +47,7 @@ TAG_TRIAL_NUMBER = "trial.number"
 TAG_TRIAL_STATE = "trial.state"
 TAG_FAIL_REASON = "fail_reason"
 TAG_BEST = "sweep.best"
+TAG_SUPERSEDED_BY = "sweep.superseded_by"  # on the parent run of a study started again, its new parent run
 TAG_PARENT = "mlflow.parentRunId"
 
 DEFAULT_STORAGE_FILE = "optuna.db"
@@ -385,6 +386,17 @@ class SweepTracker:
             self.client.set_tag(run_id, "sweep.resumed_from_status", run.info.status)
             self.client.update_run(run_id, status="RUNNING")
         return True
+
+    def mark_superseded(self, run_id: str, new_run_id: str) -> None:
+        """Point the parent run of a study that was started again (it held no result) at the new parent run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_tag(run_id, TAG_SUPERSEDED_BY, new_run_id)
+        except MlflowException:  # deleted meanwhile: nothing to point from
+            return
+        if self.client.get_run(run_id).info.status == "RUNNING":  # its worker died
+            self.client.set_terminated(run_id, "KILLED")
 
     def parent_experiment_id(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.experiment_id
