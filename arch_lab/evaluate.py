@@ -100,7 +100,7 @@ def cache_metrics(model, lengths: list[int]) -> dict[str, float]:
     return {f"cache/mb_{n // 1024}k": paper_cache_mb(model, n) for n in lengths}
 
 
-def analysis_metrics(model, input_ids: torch.Tensor) -> tuple[dict[str, float], Any]:
+def analysis_metrics(model, input_ids: torch.Tensor) -> dict[str, float]:
     """ERF, attention entropy and attention share (paper §2.2.2, Fig. 8, Fig. 9) on one batch."""
     maps = collect_attention_maps(model, input_ids)
     metrics: dict[str, float] = {}
@@ -118,4 +118,4 @@ def analysis_metrics(model, input_ids: torch.Tensor) -> tuple[dict[str, float], 
         shares = [attention_share(maps.ssm[i], maps.num_meta) for i in sorted(maps.ssm)]
         for key in shares[0]:
             metrics[f"analysis/ssm_share_{key}"] = sum(s[key] for s in shares) / len(shares)
-    return metrics, maps
+    return metrics

@@ -11,7 +11,8 @@ Bench runs tagged `study=head_ratio` (with `n_heads`) feed Table 9's throughput 
 
 Writes `tables.md` (Table 1 and Table 9 beside the paper's numbers, MQAR by slice with the losses and the attention
 analysis; mean ± spread over seeds) and the plots
-`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig9_entropy_per_layer_<task>.png` (mqar, text),
+`fig1_accuracy_throughput_cache.png`, `fig3_erf_vs_cache.png`, `fig8_attention_share_<task>.png` and
+`fig9_entropy_per_layer_<task>.png` (mqar, text),
 and, per MQAR run, its validation accuracy by step (`mqar_learning_curves.png` and a table): MQAR is learned in a
 sudden jump whose timing varies by seed, so a mean over seeds can hide whether any run learned at all. Table 1
 counts the runs that learned, with the 95% Wilson interval of that success rate.
@@ -381,6 +382,29 @@ def plot_erf_vs_cache(runs, bench, path: Path) -> Optional[Path]:
     return draw(points, path) if points else None
 
 
+def attention_shares(runs, task: str) -> dict[str, dict[str, float]]:
+    """The mean share of attention on meta, BOS, self and cross keys (over seeds) of each Table 1 row's attention
+    heads and SSM heads on one task (Fig. 8), in the paper's row order; rows or kinds without the metrics are left
+    out."""
+    from .evaluation.plots import SHARE_CATEGORIES
+
+    shares: dict[str, dict[str, float]] = {}
+    for row in PAPER_TABLE1:
+        for kind, heads in (("attn", "attention"), ("ssm", "SSM")):
+            means = {c: mean_spread(collect(runs, f"analysis/{kind}_share_{c}", task).get(row, []))[0]
+                     for c in SHARE_CATEGORIES}
+            if not any(math.isnan(mean) for mean in means.values()):
+                shares[f"{_short_label(row)}\n{heads}"] = means  # two lines: the bars are narrow
+    return shares
+
+
+def plot_attention_shares(runs, task: str, path: Path) -> Optional[Path]:
+    from .evaluation.plots import plot_attention_share
+
+    shares = attention_shares(runs, task)
+    return plot_attention_share(shares, path) if shares else None
+
+
 def plot_entropy(runs, task: str, path: Path) -> Optional[Path]:
     """Attention entropy per layer of the trained E (meta tokens) and D (none) models on one task (Fig. 9)."""
     import pandas as pd
@@ -445,6 +469,7 @@ def main(argv=None) -> int:
     plot_erf_vs_cache(runs, bench, out / "fig3_erf_vs_cache.png")
     plot_curves(curves, out / "mqar_learning_curves.png")
     for task in ("mqar", "text"):
+        plot_attention_shares(runs, task, out / f"fig8_attention_share_{task}.png")
         plot_entropy(runs, task, out / f"fig9_entropy_per_layer_{task}.png")
     print("\n".join(text))
     return 0

@@ -153,13 +153,13 @@ def backends_tag() -> str:
     return ", ".join(f"{name}={outcome.split(' ')[0]}" for name, outcome in describe_backends().items())
 
 
-def log_text_artifact(text: str, file_name: str, artifact_path: Optional[str] = None) -> None:
+def log_text_artifact(text: str, file_name: str) -> None:
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / file_name
         path.write_text(text)
-        mlflow.log_artifact(str(path), artifact_path)
+        mlflow.log_artifact(str(path))
 
 
 def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:

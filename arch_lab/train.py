@@ -346,5 +346,5 @@ def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str,
         stage(measure_cached_decode(model, ev.decode.batch, ev.decode.context, ev.decode.new_tokens).as_metrics())
     if ev.analysis.enabled:
         batch = next(iter(datamodule.val_dataloader()))["input_ids"][:2, :ev.analysis.seq_len]
-        stage(evaluate.analysis_metrics(model, batch.to(next(model.parameters()).device))[0])
+        stage(evaluate.analysis_metrics(model, batch.to(next(model.parameters()).device)))
     return metrics

@@ -15,11 +15,11 @@ class AttentionMaps:
 
 
 @torch.no_grad()
-def collect_attention_maps(model, input_ids: torch.Tensor, include_ssm: bool = True) -> AttentionMaps:
+def collect_attention_maps(model, input_ids: torch.Tensor) -> AttentionMaps:
     recorders = {}
     for i, layer in enumerate(model.layers):
         for kind, heads in (("attention", layer.mixer.attn), ("ssm", layer.mixer.ssm)):
-            if heads is not None and hasattr(heads, "captured_maps") and (kind == "attention" or include_ssm):
+            if heads is not None and hasattr(heads, "captured_maps"):
                 heads.captured_maps = []
                 recorders[(kind, i)] = heads
     try:

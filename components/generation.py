@@ -129,10 +129,10 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
                  temperature: float = 1.0, top_k: Optional[int] = None, eos_id: Optional[int] = None,
-                 pad_id: int = 0, seed: Optional[int] = None, keep_logits: bool = False,
+                 seed: Optional[int] = None, keep_logits: bool = False,
                  prefill_chunk: Optional[int] = None, vocab_limit: Optional[int] = None) -> GenerationOutput:
         """`vocab_limit`: only ids below it may be produced (a tokenizer smaller than the embedding table)."""
-        ids, pad = left_pad(prompts, pad_id, self.device)
+        ids, pad = left_pad(prompts, 0, self.device)  # any id: the padding is masked out
         state = self.new_state(len(prompts), ids.shape[1] + max_new_tokens)
         decode = self.decoder(state)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None

@@ -37,7 +37,6 @@ def build_ssm_heads(cfg: ModelConfig) -> nn.Module:
 class HybridHeadMixer(nn.Module):
     def __init__(self, spec: LayerSpec, cfg: ModelConfig):
         super().__init__()
-        self.spec = spec
         self.attn = (AttentionHeads(spec, cfg.n_heads, cfg.n_kv_heads, cfg.qk_head_dim,
                                     cfg.resolved_v_head_dim(spec.kind), cfg.window, cfg.n_meta_tokens,
                                     cfg.rope_theta)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .analysis import normalize_implicit_attention
 from .kv_cache import StepInfo
 from .norms import RMSNorm
 from .ops.backend import resolve_backend
@@ -165,8 +166,8 @@ class Mamba1Heads(nn.Module):
 
     def _implicit_attention(self, dt, A, B, C) -> torch.Tensor:
         """|implicit attention| averaged over channels, row-normalized: (b, 1, l, l), one "head" per layer."""
-        alpha = selective_scan_implicit_attention(dt, A, B, C, self.dt_proj.bias.float(), True).abs().mean(1)
-        return (alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-12))[:, None]
+        alpha = selective_scan_implicit_attention(dt, A, B, C, self.dt_proj.bias.float(), True)
+        return normalize_implicit_attention(alpha.abs().mean(1, keepdim=True))
 
 
 class Mamba2Heads(nn.Module):

@@ -178,6 +178,7 @@ def test_a_list_key_given_one_bare_value_is_a_one_item_list():
     ("compile_decode=maybe", "compile_decode must be true or false; got 'maybe'"),  # bool('maybe') was true
     ("halve_on_oom=maybe", "halve_on_oom must be true or false; got 'maybe'"),
     ("compile=1", "compile must be true or false; got 1"),
+    ("logger.log_checkpoints=true", "logger.log_checkpoints: the bench trains no model to checkpoint; leave it false"),
 ])
 def test_bad_bench_keys_are_named(override: str, message: str):
     with pytest.raises(BenchConfigError) as error:

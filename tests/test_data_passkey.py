@@ -104,5 +104,5 @@ def test_too_short_seq_len_names_the_key_and_minimum():
 def test_bad_depths_and_short_haystack_raise():
     with pytest.raises(ValueError, match=re.escape("eval.passkey.depths must be a non-empty list of values in [0, 1], got [1.5]")):
         make_passkey_examples(HAYSTACK, BYTE, SEQ_LEN, [1.5], num_per_depth=1, seed=0)
-    with pytest.raises(ValueError, match=re.escape("data.passkey: the haystack text has 11 tokens")):
+    with pytest.raises(ValueError, match=re.escape("eval.passkey.haystack_path: the haystack text has 11 tokens")):
         make_passkey_examples("Short text.", BYTE, SEQ_LEN, [0.5], num_per_depth=1, seed=0)

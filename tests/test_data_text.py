@@ -202,13 +202,13 @@ def test_packing_produces_exactly_shifted_labels_and_covers_every_token():
     assert all(torch.equal(blocks[i]["labels"], ex["labels"]) for i, ex in enumerate(examples))
 
 
-def test_text_blocks_max_tokens_and_too_short_corpus():
+def test_text_blocks_count_and_too_short_corpus():
     tokens = torch.arange(1000)
-    assert len(TextBlocks(tokens, 10, max_tokens=101)) == 10
+    assert len(TextBlocks(tokens[:101], 10)) == 10 and len(TextBlocks(tokens[:100], 10)) == 9
     with pytest.raises(ValueError, match=re.escape("data.path: the corpus gives 5 tokens (data.max_train_tokens / "
                                                    "max_eval_tokens cap them), fewer than one example of "
                                                    "data.seq_len=10 needs (11)")):
-        TextBlocks(tokens, 10, max_tokens=5)
+        TextBlocks(tokens[:5], 10)
 
 
 def test_stream_matches_blocks_and_splits_blocks_across_workers():

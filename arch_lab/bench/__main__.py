@@ -113,6 +113,8 @@ class BenchSettings:
             _positive_int(cfg, "prefill_chunk")
         if cfg.cuda_graph not in ("auto", True, False):
             raise BenchConfigError(f"cuda_graph must be auto, true or false; got {cfg.cuda_graph!r}")
+        if cfg.logger.get("log_checkpoints"):  # logger: mlflow brings the key; the bench saves no checkpoint
+            raise BenchConfigError("logger.log_checkpoints: the bench trains no model to checkpoint; leave it false")
         lengths = _as_tuple(cfg.cache_lengths)
         if any(not isinstance(n, int) or n < 1 for n in lengths):
             raise BenchConfigError(f"cache_lengths must be a list of positive token counts, got {list(lengths)}")

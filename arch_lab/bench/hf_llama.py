@@ -90,13 +90,13 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in sd.items()}
 
 
-def to_hf_llama(model, attn_implementation: str = "sdpa"):
+def to_hf_llama(model):
     """A `LlamaForCausalLM` (eval mode) on our model's device and dtype, holding copies of its weights."""
     from transformers import AutoModelForCausalLM
 
     param = next(model.parameters())
     with torch.device(param.device):
-        hf = AutoModelForCausalLM.from_config(llama_config(model.cfg), attn_implementation=attn_implementation)
+        hf = AutoModelForCausalLM.from_config(llama_config(model.cfg), attn_implementation="sdpa")
     hf.to(param.dtype).load_state_dict(llama_state_dict(model), strict=True)
     return hf.eval()
 

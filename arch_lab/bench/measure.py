@@ -85,11 +85,11 @@ class DecodeTiming:
     decode_ms_per_step: float
     state_bytes: int = 0  # InferenceState.nbytes() of the timed run
 
-    def as_metrics(self, prefix: str = "throughput") -> dict[str, float]:
-        return {f"{prefix}/prefill_tok_s": self.prefill_tokens_per_s,
-                f"{prefix}/decode_tok_s": self.decode_tokens_per_s,
-                f"{prefix}/decode_ms_per_step": self.decode_ms_per_step,
-                f"{prefix}/decode_batch": self.batch}
+    def as_metrics(self) -> dict[str, float]:
+        return {"throughput/prefill_tok_s": self.prefill_tokens_per_s,
+                "throughput/decode_tok_s": self.decode_tokens_per_s,
+                "throughput/decode_ms_per_step": self.decode_ms_per_step,
+                "throughput/decode_batch": self.batch}
 
 
 @torch.no_grad()
@@ -290,9 +290,9 @@ def measure_train_throughput(model, batch: int, seq_len: int, steps: int, warmup
 
 
 # ---- device ceilings --------------------------------------------------------------------------------------------
-def measure_copy_bandwidth_gbs(device: torch.device, nbytes: Optional[int] = None, repeats: int = 10) -> float:
+def measure_copy_bandwidth_gbs(device: torch.device) -> float:
     """Device memory bandwidth (1e9 B/s) of a large device-to-device copy, counting bytes read + written."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    nbytes, repeats = (1 << 30 if device.type == "cuda" else 1 << 26), 10
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -304,10 +304,9 @@ def measure_copy_bandwidth_gbs(device: torch.device, nbytes: Optional[int] = Non
     return 2 * nbytes * repeats / (time.perf_counter() - t0) / 1e9
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
-                          repeats: int = 10) -> float:
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense n x n x n matmul throughput in TFLOP/s (2 n^3 FLOPs each)."""
-    n = n or (8192 if device.type == "cuda" else 512)
+    n, repeats = (8192 if device.type == "cuda" else 512), 10
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b

@@ -194,13 +194,13 @@ def _check_seq_len(seq_len: int) -> None:
 
 class TextBlocks(Dataset):
     """Examples of seq_len tokens over a pre-tokenized 1-D LongTensor (see `pack_tokens` for the
-    block layout). `max_tokens` keeps only the first tokens of a big corpus for fast runs."""
+    block layout); `tokenize_corpus(max_tokens=)` caps a big corpus."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> None:
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
         _check_seq_len(seq_len)
         if tokens.dim() != 1:
             raise ValueError(f"TextBlocks needs a 1-D token tensor, got shape {tuple(tokens.shape)}")
-        self.tokens = tokens[:max_tokens].long()
+        self.tokens = tokens.long()
         self.seq_len = seq_len
         if len(self.tokens) < seq_len + 1:
             raise ConfigError(  # "data.path" becomes the key that named the corpus (datamodule._naming)
@@ -210,9 +210,9 @@ class TextBlocks(Dataset):
 
     @classmethod
     def from_documents(
-        cls, docs: Iterable[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int | None = None
+        cls, docs: Iterable[str], tokenizer: Tokenizer, seq_len: int
     ) -> TextBlocks:
-        return cls(tokenize_corpus(docs, tokenizer, max_tokens), seq_len)
+        return cls(tokenize_corpus(docs, tokenizer), seq_len)
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len

@@ -27,8 +27,6 @@ from typing import Literal
 from components.config import ConfigError
 
 TARGET_DELIMITER = " "
-# The lab's layout keeps shared data next to the repository: <repo>/../shared/data/commonsense.
-DEFAULT_COMMONSENSE_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "commonsense"
 
 
 @dataclass(frozen=True)
@@ -203,9 +201,6 @@ COMMONSENSE_TASKS: dict[str, CommonsenseTask] = {
         CommonsenseTask("boolq", "multiple_choice", load_boolq, ("acc",)),
     )
 }
-
-# The paper's commonsense tasks that exist offline (HellaSwag, SIQA and MMLU are not in shared/data).
-DEFAULT_COMMONSENSE_TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai")
 
 
 def get_commonsense_task(name: str) -> CommonsenseTask:

@@ -24,8 +24,6 @@ import torch
 
 from arch_lab.evaluation.commonsense import (
     COMMONSENSE_TASKS,
-    DEFAULT_COMMONSENSE_DIR,
-    DEFAULT_COMMONSENSE_TASKS,
     CommonsenseTask,
     ContinuationItem,
     MultipleChoiceItem,
@@ -306,14 +304,12 @@ def build_lm_eval_task(task: CommonsenseTask, data_dir: Path, limit: int | None 
 def run_commonsense_suite(
     model_fn: ModelFn,
     tokenizer: Tokenizer,
-    tasks: Sequence[str] = DEFAULT_COMMONSENSE_TASKS,
-    limit: int | None = None,
-    data_dir: str | Path = DEFAULT_COMMONSENSE_DIR,
+    tasks: Sequence[str],
+    limit: int | None,
+    data_dir: str | Path,
     *,
     max_length: int,
-    batch_size: int = 16,
     device: str | torch.device = "cpu",
-    add_bos_token: bool = True,
 ) -> dict[str, float]:
     """Zero-shot local commonsense tasks through lm-eval; returns flat metric names.
 
@@ -326,7 +322,7 @@ def run_commonsense_suite(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of items or None; got {limit}")
     specs = [get_commonsense_task(name) for name in tasks]
-    lm = ArchLabLM(model_fn, tokenizer, max_length, batch_size=batch_size, device=device, add_bos_token=add_bos_token)
+    lm = ArchLabLM(model_fn, tokenizer, max_length, device=device)
     from lm_eval.evaluator import evaluate
 
     task_dict = {spec.name: build_lm_eval_task(spec, Path(data_dir), limit) for spec in specs}

@@ -1,9 +1,9 @@
 """Choosing between the pure-PyTorch reference ops and the fused GPU kernels.
 
-The kernel packages (``mamba_ssm``, ``causal_conv1d``) only import on a machine with
-CUDA and their compiled extensions, so they are imported lazily, once, and any failure
-(ImportError, but also e.g. an OSError from a broken CUDA library inside
-``mamba_ssm/__init__``) simply marks the kernel as unavailable.
+An op's kernel package (``mamba_ssm``, ``causal_conv1d``, ``triton``, ``torch``) is imported lazily, once, and any
+failure (ImportError, but also e.g. an OSError from a broken CUDA library inside ``mamba_ssm/__init__``) marks the
+kernel as unavailable. mamba_ssm and causal_conv1d import only where CUDA and their compiled extensions are; a
+kernel also needs its tensors on CUDA, whatever imports.
 """
 
 from __future__ import annotations

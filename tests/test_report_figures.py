@@ -1,0 +1,34 @@
+"""The data behind the report's Fig. 8: each Table 1 row's attention shares, pooled over seeds, one bar per kind of
+head that the row has."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from arch_lab.report import attention_shares, plot_attention_shares
+
+CATEGORIES = ("meta", "bos", "self", "cross")
+
+
+def _run(model: str, task: str, attn: tuple[float, ...] | None, ssm: tuple[float, ...] | None, **tags) -> dict:
+    run = {"tags.model": model, "tags.task": task, **{f"tags.{k}": v for k, v in tags.items()}}
+    for kind, shares in (("attn", attn), ("ssm", ssm)):
+        run.update({f"metrics.analysis/{kind}_share_{c}": v for c, v in zip(CATEGORIES, shares or [float("nan")] * 4)})
+    return run
+
+
+def test_shares_are_seed_means_per_row_and_head_kind_in_the_papers_order(tmp_path) -> None:
+    runs = pd.DataFrame([
+        _run("roadmap_e_small", "text", (0.4, 0.0, 0.1, 0.5), (0.2, 0.0, 0.3, 0.5)),
+        _run("roadmap_e_small", "text", (0.2, 0.2, 0.1, 0.5), (0.2, 0.0, 0.1, 0.7)),  # a second seed
+        _run("transformer_small", "text", (0.0, 0.3, 0.2, 0.5), None),  # no SSM heads: no SSM bar
+        _run("roadmap_d_small", "mqar", (0.0, 0.1, 0.1, 0.8), (0.0, 0.1, 0.1, 0.8)),  # another task
+        _run("roadmap_b_small", "text", (0.0, 0.5, 0.0, 0.5), (0.0, 0.5, 0.0, 0.5), **{"sweep.study_name": "x"}),
+    ])
+    shares = attention_shares(runs, "text")
+    assert list(shares) == ["Transformer\nattention", "E\nattention", "E\nSSM"]
+    assert shares["E\nattention"] == pytest.approx({"meta": 0.3, "bos": 0.1, "self": 0.1, "cross": 0.5})
+    assert shares["E\nSSM"] == pytest.approx({"meta": 0.2, "bos": 0.0, "self": 0.2, "cross": 0.6})
+    assert plot_attention_shares(runs, "text", tmp_path / "fig8.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_attention_shares(runs.iloc[0:0], "text", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
