@@ -141,6 +141,7 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     from .checkpoints import check_resumable
     from .lit_module import LitHybridLM
     from .sweep import current_trial
+    from .sweep_callbacks import check_prune_metric
 
     if cfg.get("gpu_only") and not torch.cuda.is_available():
         raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
@@ -165,6 +166,7 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     check_resumable(cfg.ckpt_path, lit, datamodule, cfg.trainer.max_steps)
     probe = _probe_trainer(cfg, out)
     trial = current_trial()
+    check_prune_metric(cfg.prune_metric, data_cfg["kind"], trial.directions if trial else None)
     if probe.world_size > 1 and _in_multirun():  # Lightning's launcher would re-run the whole multirun command
         raise ConfigError("trainer.devices: a multirun (-m) trains each job in one process: use a single-device "
                           "trainer (trainer=cpu or trainer=gpu) with -m")

@@ -207,6 +207,11 @@ class SweepTrial:
         """The sampled values of this trial, {"model.n_heads": 8, ...}."""
         return dict(self._optuna_trial().params)
 
+    @property
+    def directions(self) -> list[str]:
+        """The study's directions, "minimize" or "maximize", one per objective."""
+        return [direction.name.lower() for direction in self._optuna_trial().study.directions]
+
     def report(self, value: float, step: int) -> None:
         """Record an intermediate objective value; raises optuna.TrialPruned when the pruner says so.
 
