@@ -1,6 +1,8 @@
 """Checkpoints that are never half-written (temp file + atomic rename) and load with weights_only=True."""
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
 import zipfile
@@ -10,10 +12,14 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from components.config import ConfigError
+
+from .optim import lr_multiplier
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -105,16 +111,37 @@ def read_lab_checkpoint(path: str, key: str, mmap: bool = False) -> dict:
 
 
 def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule,
-                    max_steps: int) -> None:
+                    trainer: L.Trainer) -> None:
     """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint is one `python -m arch_lab`
-    wrote (read lazily), stops short of trainer.max_steps and holds this run's model, optimizer and data settings
-    (the checks that Lightning's restore repeats inside fit)."""
+    wrote (read lazily), stops short of the run's trainer.max_steps and trainer.max_time, and holds this run's model,
+    optimizer and data settings (the checks that Lightning's restore repeats inside fit)."""
     if path is None:
         return
     ckpt = read_lab_checkpoint(path, "ckpt_path", mmap=True)
     step = ckpt.get("global_step", 0)
-    if step >= max_steps:
-        raise CheckpointError(f"ckpt_path: the checkpoint is at step {step} and trainer.max_steps={max_steps}: "
-                              f"nothing is left to train; raise trainer.max_steps to train on")
+    if step >= trainer.max_steps:
+        raise CheckpointError(f"ckpt_path: the checkpoint is at step {step} and trainer.max_steps={trainer.max_steps}"
+                              f": nothing is left to train; raise trainer.max_steps to train on")
+    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+    budget = timer.time_remaining() if timer is not None else None  # a Timer that has not started: all of it
+    trained = ckpt.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
+    if budget is not None and trained >= budget:  # Lightning's Timer resumes from the time already trained
+        raise CheckpointError(f"ckpt_path: the checkpoint has trained for {trained:.0f} s and trainer.max_time "
+                              f"allows {budget:.0f} s in all: nothing is left to train; raise trainer.max_time or "
+                              f"set it to null")
     lit.check_resumable(ckpt)
     datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__) or {})
+    _point_out_a_moved_schedule(ckpt, lit.hparams.optim_cfg, trainer.max_steps)
+
+
+def _point_out_a_moved_schedule(ckpt: dict, optim_cfg: dict, max_steps: int) -> None:
+    """The schedule is laid out over trainer.max_steps: a resume with another one (to train on, say) continues at
+    another learning rate than the checkpoint's run had reached, e.g. back at the peak after a finished decay."""
+    schedulers = ckpt.get("lr_schedulers") or [{}]
+    before = (schedulers[0].get("_last_lr") or [None])[0]
+    step = ckpt.get("global_step", 0)
+    now = optim_cfg["lr"] * lr_multiplier(step, max_steps, optim_cfg["schedule"], optim_cfg["warmup_steps"],
+                                          optim_cfg["decay_fraction"], optim_cfg["min_lr_ratio"])
+    if before is not None and not math.isclose(before, now, rel_tol=1e-6):
+        log.warning("trainer.max_steps=%d lays the %s schedule out anew: training resumes at step %d with lr %.3g, "
+                    "where the checkpoint's run was at %.3g", max_steps, optim_cfg["schedule"], step, now, before)

@@ -14,7 +14,6 @@ from components.config import ConfigError, ModelConfig
 from components.model import HybridLM
 from components.ops.selective_scan import DEFAULT_SCAN_KERNEL
 
-from .data.mqar import mqar_accuracy
 from .optim import build_optimizer
 from .run_checks import changed_settings, refuse_changed_resume
 from .tracking import RESUMED_FROM_TAG
@@ -38,14 +37,13 @@ class LitHybridLM(L.LightningModule):
         # Weight decay is chosen by parameter shape; FSDP flattens parameters before the optimizer is built.
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.model(batch["input_ids"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-        return loss, logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.trainer.world_size == 1:
-            loss, _ = self._loss(batch)
+            loss = self._loss(batch)
             logged = loss.detach()
         else:
             loss, logged = self._data_parallel_loss(batch)
@@ -69,11 +67,20 @@ class LitHybridLM(L.LightningModule):
         return summed * self.trainer.world_size / totals[1], totals[0] / totals[1]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        """val/loss (and val/mqar_acc) as token means over the labelled tokens of all validation batches on all
+        ranks, as the end-of-run evaluation computes them: MQAR batches label different numbers of tokens, and a
+        mean of batch means set the curve's last point apart from the evaluation's value of the same weights."""
+        logits = self.model(batch["input_ids"]).float().flatten(0, 1)
+        labels = batch["labels"].flatten()
+        labelled = labels != -100
+        sums = [F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), labelled.sum()]
         if "num_kv_pairs" in batch:
-            self.log("val/mqar_acc", mqar_accuracy(logits, batch["labels"]), prog_bar=True, on_epoch=True,
-                     sync_dist=True)
+            sums.append(((logits.argmax(-1) == labels) & labelled).sum())
+        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in sums]), reduce_op="sum")
+        tokens = int(sums[1].item())  # Lightning's epoch mean weights each batch's value by its batch_size
+        self.log("val/loss", sums[0] / sums[1], batch_size=tokens, prog_bar=True, on_epoch=True)
+        if "num_kv_pairs" in batch:
+            self.log("val/mqar_acc", sums[2] / sums[1], batch_size=tokens, prog_bar=True, on_epoch=True)
 
     def on_train_start(self) -> None:
         # Resumed: the shuffling sampler continues from the optimizer steps taken, not from Lightning's epoch

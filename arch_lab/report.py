@@ -126,7 +126,9 @@ def collect(runs, metric: str, task: str) -> dict[str, list[float]]:
             continue  # sweep trials belong to Table 9, not to the roadmap rows
         if isinstance(run_task, str) and run_task != task:
             continue  # runs with neither a task nor a data tag (bench runs) serve every table
-        out.setdefault(row, []).append(run[f"metrics.{metric}"])
+        value = run[f"metrics.{metric}"]
+        if not math.isnan(value):  # a run without the metric: counted in no column (Table 1's seeds included)
+            out.setdefault(row, []).append(value)
     return out
 
 

@@ -163,8 +163,8 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
         if evaluations_on(cfg)["passkey"] else None
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
                       cfg.scan_kernel)
-    check_resumable(cfg.ckpt_path, lit, datamodule, cfg.trainer.max_steps)
     probe = _probe_trainer(cfg, out)
+    check_resumable(cfg.ckpt_path, lit, datamodule, probe)
     trial = current_trial()
     check_prune_metric(cfg.prune_metric, data_cfg["kind"], trial.directions if trial else None)
     if probe.world_size > 1 and _in_multirun():  # Lightning's launcher would re-run the whole multirun command

@@ -28,9 +28,11 @@ class ParamCounts:
         return f"1:{self.ssm / self.attention:.2f}"
 
     def as_metrics(self) -> dict[str, float]:
+        """The counts, and attention over SSM parameters where the model has SSM heads (an infinite ratio would be
+        stored by MLflow's SQL stores as the largest float, 1.8e308)."""
+        ratio = {"params/attn_to_ssm": self.attention / self.ssm} if self.ssm else {}
         return {"params/total": self.total, "params/attention": self.attention, "params/ssm": self.ssm,
-                "params/ffn": self.ffn, "params/embedding": self.embedding,
-                "params/attn_to_ssm": self.attention / self.ssm if self.ssm else float("inf")}
+                "params/ffn": self.ffn, "params/embedding": self.embedding, **ratio}
 
 
 def build_on_meta(cfg: ModelConfig):

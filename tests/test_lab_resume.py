@@ -8,6 +8,7 @@ warmup-stable-decay schedule depends on it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -83,8 +84,11 @@ def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, t
     proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "data.batch_size=16"], tmp_path / "data", check=False)
     assert proc.returncode != 0
     assert error_messages(proc)[0].startswith("ckpt_path: this run changes data.batch_size=16 (checkpoint: 32); resume")
+    # and the seed, which also draws MQAR's examples and held-out sets
+    proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "seed=5"], tmp_path / "seed", check=False)
+    assert error_messages(proc)[0].startswith("ckpt_path: this run changes seed=5 (checkpoint: 0); resume")
     # refused before the MLflow run opens: no FAILED run left behind
-    assert lab_runs(tmp_path) == [] and lab_runs(tmp_path / "data") == []
+    assert lab_runs(tmp_path) == lab_runs(tmp_path / "data") == lab_runs(tmp_path / "seed") == []
 
 
 def test_a_saved_state_dict_is_not_a_checkpoint_to_resume(runs, tmp_path):
@@ -213,6 +217,36 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(runs, tmp_path):
     with pytest.raises(CheckpointError, match=r"^ckpt_path: .*damaged.ckpt is damaged \(archive/data/\d+ fails its "
                                               r"CRC check\)$"):
         read_lab_checkpoint(str(damaged), "ckpt_path")
+
+
+def test_resuming_a_run_whose_max_time_is_used_up_is_refused(tmp_path):
+    """Lightning's Timer resumes from the time the checkpoint trained: the same trainer.max_time has none left (the
+    resumed run used to train no step and end FINISHED with a NaN loss)."""
+    timed = [*COMMON, "trainer.max_steps=100000", "trainer.max_time=00:00:00:02"]
+    run_lab(timed, tmp_path / "timed")
+    last = _checkpoints(tmp_path / "timed") / "last.ckpt"
+    proc = run_lab([*timed, f"ckpt_path='{last}'"], tmp_path / "resumed", check=False)
+    messages = error_messages(proc)
+    assert len(messages) == 1 and re.fullmatch(
+        r"ckpt_path: the checkpoint has trained for \d+ s and trainer.max_time allows 2 s in all: nothing is left to "
+        r"train; raise trainer.max_time or set it to null", messages[0]), messages
+    assert lab_runs(tmp_path / "resumed") == []
+
+
+def test_a_resume_whose_max_steps_moves_the_schedule_says_so(runs, caplog):
+    from arch_lab.checkpoints import _point_out_a_moved_schedule
+
+    (a, _), _ = runs
+    ckpt = torch.load(_checkpoints(a) / "last.ckpt", weights_only=True)  # step 8 of 8, still warming up
+    optim = ckpt["hyper_parameters"]["optim_cfg"]
+    with caplog.at_level("WARNING", logger="arch_lab.checkpoints"):
+        _point_out_a_moved_schedule(ckpt, optim, N_STEPS)  # the checkpoint's own schedule: its own lr
+        _point_out_a_moved_schedule(ckpt, optim, 10 * N_STEPS)  # a longer run, still in its warmup: the same lr
+        assert caplog.messages == []
+        finished = {"global_step": 8, "lr_schedulers": [{"_last_lr": [0.0003, 0.0003]}]}  # decayed to 10%
+        _point_out_a_moved_schedule(finished, {**optim, "warmup_steps": 0, "schedule": "wsd"}, 16)
+    assert caplog.messages == ["trainer.max_steps=16 lays the wsd schedule out anew: training resumes at step 8 with "
+                               "lr 0.003, where the checkpoint's run was at 0.0003"]
 
 
 def test_resuming_a_checkpoint_at_max_steps_is_refused(runs, tmp_path):

@@ -82,16 +82,23 @@ def test_hymba_1_5b_count_by_hand():
 
 
 # ---- attention:SSM ratio knob (Table 9 rows 1-4) --------------------------------------------------------------
-def test_attn_to_ssm_ratio_string():
-    def counts(attention: float, ssm: float) -> ParamCounts:
-        return ParamCounts(total=0, attention=attention, ssm=ssm, ffn=0, embedding=0, other=0)
+def counts(attention: float, ssm: float) -> ParamCounts:
+    return ParamCounts(total=0, attention=attention, ssm=ssm, ffn=0, embedding=0, other=0)
 
+
+def test_attn_to_ssm_ratio_string():
     assert counts(100, 424).attn_to_ssm == "1:4.24"
     assert counts(100, 212.4).attn_to_ssm == "1:2.12"
     assert counts(0, 5).attn_to_ssm == "0:1"
     assert counts(5, 0).attn_to_ssm == "1:0"
     assert meta_counts("mamba", "tiny").attn_to_ssm == "0:1"
     assert meta_counts("transformer", "tiny").attn_to_ssm == "1:0"
+
+
+def test_the_ratio_metric_is_left_out_without_ssm_heads():
+    assert counts(100, 424).as_metrics()["params/attn_to_ssm"] == pytest.approx(100 / 424)
+    assert counts(0, 5).as_metrics()["params/attn_to_ssm"] == 0
+    assert "params/attn_to_ssm" not in counts(5, 0).as_metrics()  # inf: MLflow's SQL stores keep 1.8e308
 
 
 def test_ratio_knob_holds_the_budget_while_attention_heads_grow():

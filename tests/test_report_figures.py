@@ -32,3 +32,17 @@ def test_shares_are_seed_means_per_row_and_head_kind_in_the_papers_order(tmp_pat
     assert plot_attention_shares(runs, "text", tmp_path / "fig8.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_attention_shares(runs.iloc[0:0], "text", tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_run_without_the_metric_counts_in_no_column() -> None:
+    """A bench run (no task tag) serves every table with its own metrics, but is not one more seed of MQAR."""
+    from arch_lab.report import collect, table1
+
+    runs = pd.DataFrame([
+        {"tags.model": "roadmap_e_tiny", "tags.task": "mqar", "metrics.recall/mqar_acc": 0.25},
+        {"tags.model": "roadmap_e_tiny", "tags.task": "mqar", "metrics.recall/mqar_acc": 0.75},
+        {"tags.model": "roadmap_e_tiny", "metrics.recall/mqar_acc": float("nan")},  # the bench's
+    ])
+    assert collect(runs, "recall/mqar_acc", "mqar") == {"roadmap_e": [0.25, 0.75]}
+    row = next(line for line in table1(runs, None).splitlines() if line.startswith("| E + meta tokens"))
+    assert row.split(" | ")[1:3] == ["50.0 ± 25.0", "1/2 (9–91%)"] and row.split(" | ")[-2] == "2"

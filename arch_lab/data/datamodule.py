@@ -78,18 +78,23 @@ def _optional_list(values: Sequence | None) -> list | None:
 
 class SettingsInCheckpoints:
     """Mixed into the datamodules: the data settings that decide the batches (`settings`, set by the lab's
-    data_factory) go into every checkpoint, as Lightning saves a datamodule's state_dict, and resuming with other
-    settings is refused naming them: the resumed sampler would skip into another stream of examples."""
+    data_factory) and the seed go into every checkpoint, as Lightning saves a datamodule's state_dict, and resuming
+    with others is refused naming them: the resumed sampler would skip into another stream of examples (and the
+    seed also draws MQAR's examples and held-out sets)."""
 
     settings: dict = {}  # replaced per instance, never mutated
+    seed: int
 
     def state_dict(self) -> dict:
-        return {"settings": dict(self.settings)}
+        return {"settings": dict(self.settings), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         before = state.get("settings") or {}
         if before and self.settings:  # empty for a checkpoint or a datamodule from outside the lab's runs
-            refuse_changed_resume(changed_settings("data", before, self.settings))
+            changed = changed_settings("data", before, self.settings)
+            if state.get("seed", self.seed) != self.seed:
+                changed.insert(0, f"seed={self.seed} (checkpoint: {state['seed']})")
+            refuse_changed_resume(changed)
 
 
 class MQARDataModule(SettingsInCheckpoints, L.LightningDataModule):
