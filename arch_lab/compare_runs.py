@@ -36,8 +36,12 @@ def find_run(client, experiment_name: str, ref: str):
         raise SystemExit(f"no MLflow experiment {experiment_name!r}")
     key, value = ref.split("=", 1)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{key}` = '{value}'")
-    if len(runs) != 1:
-        raise SystemExit(f"{ref}: expected one run with that tag, found {len(runs)}")
+    if not runs:
+        raise SystemExit(f"{ref}: no run of experiment {experiment_name!r} has that tag")
+    if len(runs) > 1:  # say which, so that one can be named by its id
+        listed = ", ".join(f"{run.info.run_name} {run.info.run_id}" for run in runs[:5])
+        raise SystemExit(f"{ref}: {len(runs)} runs have that tag ({listed}{', ...' if len(runs) > 5 else ''}); "
+                         f"name one by its run id, or by a tag only it has")
     return runs[0]
 
 
@@ -80,7 +84,8 @@ def compare(tracking_uri: str, refs: Sequence[str], key: str = "train/loss", exp
     for ref, run, c in zip(refs, runs, curves):
         found = {k: v for k, v in run.data.metrics.items() if k.startswith(SUMMARY_KEYS)}
         ends = f"{key} {c[min(c)]:.4f} (step {min(c)}) -> {c[max(c)]:.4f} (step {max(c)})" if c else f"no {key}"
-        print(f"{ref} ({run.info.run_id}, {run.info.status}): {ends}; "
+        named = [run.info.run_name] + ([run.info.run_id] if ref != run.info.run_id else [])
+        print(f"{ref} ({', '.join(named)}, {run.info.status}): {ends}; "
               + (", ".join(f"{k}={v:.4g}" for k, v in sorted(found.items())) or "no throughput metrics"))
     return diffs
 

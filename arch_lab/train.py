@@ -150,9 +150,6 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ModelConfig.from_dict(model_cfg).validate()
     check_values(cfg)
-    if cfg.optim.warmup_steps > cfg.trainer.max_steps:  # a debug-sized run with the recipe's warmup, say
-        log.warning("optim.warmup_steps=%d > trainer.max_steps=%d: the learning rate never reaches optim.lr=%g",
-                    cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.lr)
     spec = tokenizer_spec(data_cfg, out)
     tokenizer = build_tokenizer(data_cfg, spec)
     check_compatible(model_cfg, data_cfg, data_vocab_size(data_cfg, tokenizer))
@@ -176,6 +173,9 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
         datamodule.train_dataloader()
     finally:
         datamodule.trainer = None
+    if cfg.optim.warmup_steps > cfg.trainer.max_steps:  # a debug-sized run with the recipe's warmup, say
+        log.warning("optim.warmup_steps=%d > trainer.max_steps=%d: the learning rate never reaches optim.lr=%g",
+                    cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.lr)
     return _Prepared(data_cfg, model_cfg, tokenizer, passkey, datamodule, lit, trial)
 
 
@@ -322,31 +322,36 @@ def _evaluate(cfg: DictConfig, model, datamodule, tokenizer, data_cfg: dict[str,
     ev = cfg.eval
     metrics: dict[str, float] = {}
 
-    def stage(stage_metrics: dict[str, float]) -> None:
+    def stage(what: str, compute: Callable[[], dict[str, float]]) -> None:
+        log.info("evaluating: %s", what)  # some stages take minutes on a CPU (a text test set, say)
+        stage_metrics = compute()
         metrics.update(stage_metrics)
         record(stage_metrics)
 
+    device = next(model.parameters()).device
     max_batches = cfg.trainer.limit_val_batches if isinstance(cfg.trainer.limit_val_batches, int) else None
     if data_cfg["kind"] == "mqar":
-        stage({"val/loss": evaluate.mean_loss(model, datamodule.val_dataloader(), max_batches)})
+        stage("validation loss", lambda: {"val/loss": evaluate.mean_loss(model, datamodule.val_dataloader(),
+                                                                          max_batches)})
         if ev.mqar:
             datamodule.setup("test")
-            stage(evaluate.mqar_metrics(model, datamodule.test_dataloader()))
+            stage("MQAR accuracy on the test set", lambda: evaluate.mqar_metrics(model, datamodule.test_dataloader()))
     else:
         if ev.perplexity:
-            stage(evaluate.perplexity_metrics(model, datamodule, max_batches))
+            stage("perplexity on the validation batches and the test sets",
+                  lambda: evaluate.perplexity_metrics(model, datamodule, max_batches))
         if passkey is not None:
-            stage(evaluate.passkey_metrics(model, passkey))
+            stage(f"passkey retrieval ({len(passkey)} prompts)", lambda: evaluate.passkey_metrics(model, passkey))
         if ev.commonsense.enabled:
             from .evaluation.lm_eval_adapter import run_commonsense_suite
 
-            device = next(model.parameters()).device
-            stage(run_commonsense_suite(lambda ids: model(ids.to(device)), tokenizer, list(ev.commonsense.tasks),
-                                        ev.commonsense.limit, ev.commonsense.data_dir,
-                                        max_length=cfg.model.max_seq_len, device=device))
+            stage(f"commonsense tasks {list(ev.commonsense.tasks)}", lambda: run_commonsense_suite(
+                lambda ids: model(ids.to(device)), tokenizer, list(ev.commonsense.tasks), ev.commonsense.limit,
+                ev.commonsense.data_dir, max_length=cfg.model.max_seq_len, device=device))
     if ev.decode.enabled:
-        stage(measure_cached_decode(model, ev.decode.batch, ev.decode.context, ev.decode.new_tokens).as_metrics())
+        stage(f"cached decoding (batch {ev.decode.batch}, context {ev.decode.context})", lambda: measure_cached_decode(
+            model, ev.decode.batch, ev.decode.context, ev.decode.new_tokens).as_metrics())
     if ev.analysis.enabled:
         batch = next(iter(datamodule.val_dataloader()))["input_ids"][:2, :ev.analysis.seq_len]
-        stage(evaluate.analysis_metrics(model, batch.to(next(model.parameters()).device)))
+        stage("attention analysis", lambda: evaluate.analysis_metrics(model, batch.to(device)))
     return metrics

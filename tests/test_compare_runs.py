@@ -40,7 +40,7 @@ def test_runs_within_the_tolerance_pass_and_beyond_it_fail(store, capsys):
 
 
 def test_a_tag_must_name_one_run_and_the_store_must_exist(store, tmp_path):
-    with pytest.raises(SystemExit, match=r"^case=none: expected one run with that tag, found 0$"):
+    with pytest.raises(SystemExit, match=r"^case=none: no run of experiment 'arch_lab' has that tag$"):
         main(["--tracking-uri", store, "case=single", "case=none"])
     with pytest.raises(SystemExit, match=r"^--tracking-uri sqlite:///.*typo\.db: no MLflow store there"):
         main(["--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}", "case=single", "case=ddp"])
@@ -48,6 +48,20 @@ def test_a_tag_must_name_one_run_and_the_store_must_exist(store, tmp_path):
     bare = store.removeprefix("sqlite:///")  # the store's file without its scheme: MLflow would take a directory
     with pytest.raises(SystemExit, match=rf"^--tracking-uri {re.escape(bare)}: expected an MLflow store URI, e\.g\. "):
         main(["--tracking-uri", bare, "case=single", "case=ddp"])
+
+
+def test_a_tag_that_several_runs_have_lists_them_and_a_run_id_names_one(store, capsys):
+    import mlflow
+
+    mlflow.set_experiment("arch_lab")
+    with mlflow.start_run(tags={"case": "single"}, run_name="second-single") as second:
+        mlflow.log_metric("train/loss", 3.0, step=0)
+    with pytest.raises(SystemExit) as error:
+        main(["--tracking-uri", store, "case=single", "case=ddp"])
+    assert re.fullmatch(rf"case=single: 2 runs have that tag \(second-single {second.info.run_id}, \S+ [0-9a-f]{{32}}\); "
+                        r"name one by its run id, or by a tag only it has", str(error.value)), error.value
+    assert main(["--tracking-uri", store, second.info.run_id, "case=ddp"]) == 0
+    assert f"\n{second.info.run_id} (second-single, FINISHED): train/loss 3.0000" in capsys.readouterr().out
 
 
 def test_an_unknown_run_id_is_named(store):

@@ -186,9 +186,12 @@ def test_a_multirun_job_on_two_devices_is_refused_before_lightning_relaunches_th
     assert not list(workdir.rglob("train_ddp_process_1.log"))
 
 
-def test_a_warmup_longer_than_the_run_is_pointed_out(outcomes):
-    _, proc = _result(outcomes, "missing_checkpoint")  # TINY: 6 steps, the recipe's 30 warmup steps
-    assert "optim.warmup_steps=30 > trainer.max_steps=6: the learning rate never reaches optim.lr=0.003" in proc.stdout
+def test_a_warmup_longer_than_the_run_is_pointed_out_once_the_run_passed_its_checks(outcomes):
+    warning = "optim.warmup_steps=30 > trainer.max_steps=6: the learning rate never reaches optim.lr=0.003"
+    _, proc = _result(outcomes, "multirun_on_two_devices")  # TINY: 6 steps, the recipe's 30 warmup steps
+    assert proc.stdout.count(warning) == 1  # job 1's; job 0 is refused before it, as a bad resume is
+    _, proc = _result(outcomes, "missing_checkpoint")
+    assert warning not in proc.stdout
 
 
 def test_unknown_commonsense_task_is_caught_before_training(outcomes):

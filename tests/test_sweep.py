@@ -9,6 +9,7 @@ from nothing, so that both workers race to create both schemas.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -231,6 +232,13 @@ def test_interrupted_then_killed_sweep_resumes_to_n_trials_without_repeating_tri
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["sweep.resumed_from_status"] == "KILLED"
     assert sorted(child_runs(client, parent.info.run_id)) == [t.number for t in study.trials]
+
+    # 4. The finished study's command, run again, runs nothing and logs its best trial once more, not twice
+    assert_ok(run_app(workdir, *overrides))
+    assert len(load_study(workdir, "single").trials) == len(study.trials)
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto/pareto_front.json",
+                                                      str(workdir / "front"))).read_text())
+    assert [row[table["columns"].index("trial")] for row in table["data"]] == [study.best_trial.number]
 
 
 def _reported_all_steps(workdir: Path, name: str, number: int) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import optuna
+import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 FRONT_DIR = "pareto"
@@ -117,12 +118,17 @@ def log_front(
     front = front_trials(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     table = front_table(front, objectives, run_ids)
+    logged_before = f"{FRONT_DIR}/{FRONT_TABLE}" in {f.path for f in client.list_artifacts(run_id, FRONT_DIR)}
     with tempfile.TemporaryDirectory() as tmp:
         write_csv(table, Path(tmp) / FRONT_CSV)
         plot_front(complete, front, objectives, Path(tmp) / FRONT_PNG)
         client.log_artifact(run_id, str(Path(tmp) / FRONT_CSV), FRONT_DIR)
         client.log_artifact(run_id, str(Path(tmp) / FRONT_PNG), FRONT_DIR)
-    client.log_table(run_id, data=table, artifact_file=f"{FRONT_DIR}/{FRONT_TABLE}")
+        if logged_before:  # a resumed study: log_table would append this front to the one logged before
+            pd.DataFrame(table).to_json(Path(tmp) / FRONT_TABLE, orient="split", index=False)  # log_table's format
+            client.log_artifact(run_id, str(Path(tmp) / FRONT_TABLE), FRONT_DIR)
+    if not logged_before:
+        client.log_table(run_id, data=table, artifact_file=f"{FRONT_DIR}/{FRONT_TABLE}")  # shown as a table by the UI
     return front
 
 
