@@ -402,6 +402,7 @@ def test_generate_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
         assert stop.value.code == 2 and f"error: checkpoint: {path} {message}" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # the plot of a run with no losses
 def test_attention_maps_are_plotted_only_with_the_analysis(text_checkpoint, tmp_path, monkeypatch):
     """eval.analysis.enabled=false (as the fixture's run) skips the maps; with the analysis on, they are drawn."""
     import mlflow
