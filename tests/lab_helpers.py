@@ -154,6 +154,18 @@ def last_logged(tmp_path: Path, run_id: str, key: str) -> float:
     return metric_history(tmp_path, run_id, key)[-1][1]
 
 
+def mqar_acc_from_slices(run) -> float:
+    """recall/mqar_acc recomputed from the run's logged per-slice accuracies (recall/mqar_acc_kv<k>): a slice weighs
+    by its supervised positions, k queries in each of its examples, data.test_examples split evenly over the
+    data.num_kv_pairs_test slices (the first slices take the remainder). Not the mean of the slices: an 8-pair
+    slice holds 8 times the queries of a 1-pair one."""
+    slices = [int(k) for k in run.data.params["data.num_kv_pairs_test"].strip("[]").split(",")]
+    examples = int(run.data.params["data.test_examples"])
+    rows = [examples // len(slices) + (i < examples % len(slices)) for i in range(len(slices))]
+    queries = {k: k * n for k, n in zip(slices, rows)}
+    return sum(run.data.metrics[f"recall/mqar_acc_kv{k}"] * q for k, q in queries.items()) / sum(queries.values())
+
+
 def artifact_paths(tmp_path: Path, run_id: str, path: Optional[str] = None) -> set[str]:
     """Every artifact file of a run, recursively, as paths relative to the run's artifact root."""
     c = client(tmp_path)

@@ -28,8 +28,10 @@ def plan_error(cfg: ModelConfig) -> str:
     return str(from_plan.value)
 
 
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
+def test_a_bad_value_is_caught_as_a_value_error_naming_its_key():
+    """Callers outside the lab catch ValueError (ConfigError's base): they get the same one-line message."""
+    with pytest.raises(ValueError, match=r"^model\.window: must be an int >= 1 or null \(all global\), got 0$"):
+        config(window=0).validate()
 
 
 @pytest.mark.parametrize("changes,expected", [

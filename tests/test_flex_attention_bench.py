@@ -18,8 +18,17 @@ def test_configs_parse_into_kernel_options():
     assert kernel_options("default") is None and kernel_options("max-autotune") is None
     assert kernel_options("fwd_BLOCK_M=128,fwd_num_warps=4,USE_TMA=true,PRESCALE_QK=False") == {
         "fwd_BLOCK_M": 128, "fwd_num_warps": 4, "USE_TMA": True, "PRESCALE_QK": False}
-    for config in CONFIGS:  # the defaults the device calls run
-        kernel_options(config)
+    # the defaults the device calls run: torch's own choice first (every config's output is compared with the
+    # first's), each named once
+    assert CONFIGS[0] == "default" and len(set(CONFIGS)) == len(CONFIGS)
+    for config in CONFIGS:
+        options = kernel_options(config)
+        if config in ("default", "max-autotune"):
+            assert options is None
+            continue
+        # every pair kept, in order, integers as ints and true/false as bools (not the strings FlexAttention rejects)
+        assert [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()] == config.split(",")
+        assert all(type(v) in (int, bool) for v in options.values())
 
 
 @pytest.mark.parametrize("config, message", [

@@ -1,6 +1,7 @@
 """`python -m arch_lab.generate` on a real checkpoint, and `python -m arch_lab.report` on a real MLflow store."""
 import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _same_image(a: Path, b: Path) -> bool:
+    """Same size and pixels (PNG metadata aside)."""
+    from matplotlib.image import imread
+
+    pixels_a, pixels_b = imread(a), imread(b)
+    return pixels_a.shape == pixels_b.shape and bool((pixels_a == pixels_b).all())
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +54,35 @@ def test_generate_cli_prints_the_greedy_continuation_of_the_checkpoint(text_chec
     assert out == "".join(f"=== {p}\n{tokenizer.decode(t)}\n" for p, t in zip(["ROMEO:", "To be"], expected))
 
 
-def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_checkpoint):
+@pytest.fixture
+def id_checkpoint(tmp_path) -> Path:
+    """A checkpoint as an MQAR run writes it: the LightningModule's hyperparameters hold no text tokenizer (the
+    data factory's spec for token-id data is None)."""
+    from arch_lab.data_factory import tokenizer_spec
+    from arch_lab.lit_module import LitHybridLM
+    from components.presets import preset
+
+    spec = tokenizer_spec({"kind": "mqar"}, tmp_path)
+    lit = LitHybridLM(preset("transformer", "tiny", vocab_size=64).to_dict(), {"lr": 1e-3}, tokenizer=spec)
+    torch.save({"hyper_parameters": dict(lit.hparams), "state_dict": lit.state_dict()}, tmp_path / "last.ckpt")
+    return tmp_path / "last.ckpt"
+
+
+def test_generate_cli_refuses_text_for_an_id_model_and_needs_a_prompt(text_checkpoint, id_checkpoint, capsys):
     run = subprocess.run([sys.executable, "-m", "arch_lab.generate", str(text_checkpoint)], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "give at least one --prompt or --ids" in run.stderr
+    # text for a model trained on token ids: no tokenizer could encode it
+    with pytest.raises(SystemExit) as stop:
+        generate_main([str(id_checkpoint), "--prompt", "x", "--device", "cpu"])
+    assert stop.value.code == 2
+    assert ("error: this checkpoint was trained on token ids (no text tokenizer): use --ids"
+            in capsys.readouterr().err)
+    # the same model takes ids, and prints the generated ids
+    assert generate_main([str(id_checkpoint), "--ids", "3,5", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    model = load_checkpoint(str(id_checkpoint), "cpu")[0]
+    expected = Generator(model).generate([[3, 5]], 3).tokens[0]
+    assert capsys.readouterr().out == f"=== 3,5\n{','.join(map(str, expected))}\n"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -126,11 +160,14 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("roadmap")
-    for model, accs in {"transformer_tiny": (0.30, 0.40), "roadmap_e_tiny": (0.50, 0.60)}.items():
-        for seed, acc in enumerate(accs):
+    # per row: (accuracy, decode tok/s, cache MB at 16k) of each seed's run
+    for model, seeds in {"transformer_tiny": ((0.30, 100.0, 4.0), (0.40, 300.0, 4.0)),
+                         "roadmap_e_tiny": ((0.50, 500.0, 1.0), (0.60, 700.0, 2.0))}.items():
+        for seed, (acc, tok_s, cache_mb) in enumerate(seeds):
             with mlflow.start_run(tags={"model": model, "task": "mqar", "seed": str(seed)}):
                 mlflow.log_params({"data.vocab_size": 256})
-                mlflow.log_metrics({"recall/mqar_acc": acc, "recall/mqar_acc_kv8": acc + 0.1,
+                mlflow.log_metrics({"throughput/decode_tok_s": tok_s, "cache/mb_16k": cache_mb,
+                                    "recall/mqar_acc": acc, "recall/mqar_acc_kv8": acc + 0.1,
                                     "recall/mqar_acc_kv64": acc - 0.1, "val/loss": 2.0 + seed,
                                     "analysis/erf": 3.0 + seed,
                                     "analysis/attn_entropy_layer0": 1.0, "analysis/attn_entropy_layer1": 2.0})
@@ -146,12 +183,21 @@ def test_report_builds_tables_and_plots_from_mlflow_runs(tmp_path):
     assert "| 35.0 ± 5.0 | 0/2 (0–66%) |" in transformer and transformer.endswith("| 39.98 | 2 | – / – |")
     row_e = next(line for line in tables.splitlines() if line.startswith("| E + meta tokens"))
     assert "| 55.0 ± 5.0 | 1/2 (9–91%) |" in row_e  # runs above 50% count as learned: 0.6 does, 0.5 does not
+    # without a bench store, speed and cache are the training runs' own: mean tok/s (× the Transformer's), mean MB
+    assert "| 200 (1.00×) |" in transformer and "| 4.0 |" in transformer
+    assert "| 600 (3.00×) |" in row_e and "| 1.5 ± 0.5 |" in row_e
     assert "MQAR chance (a uniform guess among the vocab/2 values): 0.78% at vocabulary 256" in tables
     # the slice table: one column per slice found in the runs, then the losses (text has no runs: "–")
     assert "| row | 8 pairs % | 64 pairs % | MQAR val loss | text val loss |" in tables
     slices_e = [line for line in tables.splitlines() if line.startswith("| E + meta tokens")][1]
     assert slices_e.startswith("| E + meta tokens | 65.0 ± 5.0 | 45.0 ± 5.0 | 2.50 ± 0.50 | – |")
-    assert (out / "fig1_accuracy_throughput_cache.png").stat().st_size > 0
+    # Fig. 1 plots those rows: its image is not the one drawn for the same runs without their speeds (only the
+    # chance line), which the report drew before any run logged throughput
+    runs = report._runs([uri], "roadmap")
+    without_speed = report.plot_fig1(runs.drop(columns=["metrics.throughput/decode_tok_s"]), None,
+                                     tmp_path / "without_speed.png")
+    assert not _same_image(out / "fig1_accuracy_throughput_cache.png", without_speed)
+    assert (out / "fig3_erf_vs_cache.png").read_bytes()[:4] == b"\x89PNG"  # ERF and cache of both rows
     assert (out / "fig9_entropy_per_layer_mqar.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "fig9_entropy_per_layer_text.png").exists()  # no text runs: no text figure
     assert report.mean_spread([1.0, 3.0]) == (2.0, 1.0)
@@ -307,10 +353,26 @@ def moved_bpe_checkpoint(tmp_path) -> Path:
     return ckpt
 
 
+def _expected_bpe_output(checkpoint: Path, tokenizer_json: Path, prompt: str, new_tokens: int) -> str:
+    """What generate prints for `prompt`: the checkpoint's weights, loaded here, decoded greedily and detokenized
+    with the given tokenizer.json."""
+    from arch_lab.data.tokenizers import BPETokenizer
+    from components.config import ModelConfig
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = HybridLM(ModelConfig.from_dict(ckpt["hyper_parameters"]["model_cfg"]))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    tokenizer = BPETokenizer.load(tokenizer_json)
+    tokens = Generator(model.eval()).generate([tokenizer.encode(prompt)], new_tokens, eos_id=tokenizer.eos_id,
+                                              vocab_limit=tokenizer.vocab_size).tokens[0]
+    return f"=== {prompt}\n{tokenizer.decode(tokens)}\n"
+
+
 def test_generate_finds_a_moved_bpe_runs_tokenizer_in_its_run_folder(moved_bpe_checkpoint, capsys):
-    assert generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--max-new-tokens", "2",
+    assert generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--max-new-tokens", "4",
                           "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.startswith("=== To be\n")
+    run = moved_bpe_checkpoint.parents[1]  # the run folder's tokenizer, not the byte one or another run's
+    assert capsys.readouterr().out == _expected_bpe_output(moved_bpe_checkpoint, run / "tokenizer.json", "To be", 4)
 
 
 def test_generate_takes_a_bpe_tokenizer_from_the_option_or_names_it(moved_bpe_checkpoint, tmp_path, capsys):
@@ -322,8 +384,9 @@ def test_generate_takes_a_bpe_tokenizer_from_the_option_or_names_it(moved_bpe_ch
     assert (f"error: the checkpoint's BPE tokenizer is neither at {tmp_path / 'run' / 'tokenizer.json'} nor at "
             f"{tmp_path / 'moved' / 'tokenizer.json'}: give its tokenizer.json with --tokenizer PATH"
             in capsys.readouterr().err)
-    assert generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--max-new-tokens", "2", "--device", "cpu",
+    assert generate_main([str(moved_bpe_checkpoint), "--prompt", "To be", "--max-new-tokens", "4", "--device", "cpu",
                           "--tokenizer", str(elsewhere)]) == 0
+    assert capsys.readouterr().out == _expected_bpe_output(moved_bpe_checkpoint, elsewhere, "To be", 4)
     with pytest.raises(SystemExit):
         generate_main([str(moved_bpe_checkpoint), "--ids", "3", "--tokenizer", str(tmp_path / "typo.json")])
     assert f"error: --tokenizer: no such file {tmp_path / 'typo.json'}" in capsys.readouterr().err
@@ -339,14 +402,22 @@ def test_generate_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
         assert stop.value.code == 2 and f"error: checkpoint: {path} {message}" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # the plot of a run with no losses
 def test_attention_maps_are_plotted_only_with_the_analysis(text_checkpoint, tmp_path, monkeypatch):
     """eval.analysis.enabled=false (as the fixture's run) skips the maps; with the analysis on, they are drawn."""
     import mlflow
 
-    from arch_lab.reporting import log_run_plots
+    from arch_lab.reporting import log_run_plots, plot_training_curves
     from components.presets import preset
 
-    assert (text_checkpoint.parents[1] / "plots" / "training_curves.png").is_file()
+    curves = text_checkpoint.parents[1] / "plots" / "training_curves.png"
+    # a PNG of the figure's size: 6 x 4 inches at 120 dpi (width and height from its IHDR chunk)
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", curves.read_bytes()[16:24]) == (720, 480)
+    # it draws the losses the run logged: redrawn from the run's MLflow history it is the same image
+    mlflow.set_tracking_uri(f"sqlite:///{text_checkpoint.parents[2]}/mlruns.db")
+    (trained,) = mlflow.search_runs(experiment_names=["arch_lab"], output_format="list")
+    assert _same_image(curves, plot_training_curves(trained.info.run_id, tmp_path / "redrawn.png"))
     assert not list((text_checkpoint.parents[1] / "plots").glob("*_map_layer*.png"))
 
     class Data:
@@ -357,6 +428,8 @@ def test_attention_maps_are_plotted_only_with_the_analysis(text_checkpoint, tmp_
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
     mlflow.set_experiment("plots")  # not the experiment id an earlier test left active in its own store
     model = HybridLM(preset("transformer", "tiny", vocab_size=64)).eval()
+    with mlflow.start_run() as empty:  # no losses logged: axes and labels only
+        assert not _same_image(curves, plot_training_curves(empty.info.run_id, tmp_path / "empty.png"))
     with mlflow.start_run() as run:
         mlflow.log_metric("train/loss", 3.0, step=0)
         plotted = {maps: [p.name for p in log_run_plots(run.info.run_id, model, Data(), {}, {}, tmp_path / str(maps),

@@ -20,7 +20,12 @@ def _composed(*overrides: str):
 def test_every_shipped_experiment_passes():
     for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
         check_values(_composed(f"experiment={path.stem}"))
+        # the same composition with one bad value is refused: the checks do run on each experiment's config
+        with pytest.raises(ConfigError, match=r"^optim\.lr must be a number > 0, got -1$"):
+            check_values(_composed(f"experiment={path.stem}", "optim.lr=-1"))
     check_values(_composed("trainer=gpu", "trainer.val_check_interval=0.5"))  # a fraction of an epoch is allowed
+    with pytest.raises(ConfigError, match=r"^trainer\.val_check_interval must be .* in \(0, 1\], got 1\.5$"):
+        check_values(_composed("trainer=gpu", "trainer.val_check_interval=1.5"))  # more than one epoch is not
 
 
 @pytest.mark.parametrize("override, message", [
@@ -71,6 +76,8 @@ def test_a_bad_value_names_its_key_and_what_is_allowed(override, message):
 
 def test_decode_settings_are_only_checked_when_decode_runs():
     check_values(_composed("eval.decode.enabled=false", "eval.decode.batch=0"))
+    with pytest.raises(ConfigError, match=r"^eval\.decode\.batch must be an integer >= 1, got 0$"):
+        check_values(_composed("eval.decode.enabled=true", "eval.decode.batch=0"))
 
 
 def test_a_checkpoint_path_that_cannot_resume_is_refused_before_training(tmp_path, monkeypatch):
