@@ -16,6 +16,7 @@ def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from arch_lab.checkpoints import resume_hint
     from arch_lab.errors import exit_with_message, failed_job
     from arch_lab.interrupts import InterruptedBeforeRun, interrupt_exit_status, is_interrupt
     from arch_lab.train import train
@@ -31,8 +32,7 @@ def main(cfg: DictConfig):
     except (KeyboardInterrupt, SystemExit) as stop:  # in fit, Lightning turns a SIGTERM and a second Ctrl-C into these
         if HydraConfig.get().mode == RunMode.MULTIRUN or not is_interrupt(stop):
             raise  # the sweeper marks the trial and its study's parent run KILLED
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        resume = f"; resume with ckpt_path='{last}'" if last.is_file() else ""
+        resume = resume_hint(Path(output_dir) / "checkpoints" / "last.ckpt", cfg.trainer.max_steps)
         status = interrupt_exit_status(stop)
         outcome = "before the MLflow run opened" if isinstance(stop, InterruptedBeforeRun) else \
             f"the MLflow run ended KILLED{resume}"

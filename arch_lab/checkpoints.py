@@ -134,6 +134,17 @@ def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.L
     _point_out_a_moved_schedule(ckpt, lit.hparams.optim_cfg, trainer.max_steps)
 
 
+def resume_hint(last: Path, max_steps: int) -> str:
+    """What the console adds after an interrupt: the checkpoint to resume from, or, when training had ended and
+    only the evaluation was cut short, that (a resume from it would be refused: nothing is left to train)."""
+    if not last.is_file():
+        return ""
+    step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
+    if step >= max_steps:
+        return f"; training had finished (step {step}), only its evaluation was cut short"
+    return f"; resume with ckpt_path='{last}'"
+
+
 def _point_out_a_moved_schedule(ckpt: dict, optim_cfg: dict, max_steps: int) -> None:
     """The schedule is laid out over trainer.max_steps: a resume with another one (to train on, say) continues at
     another learning rate than the checkpoint's run had reached, e.g. back at the peak after a finished decay."""
