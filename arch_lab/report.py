@@ -3,7 +3,8 @@
     python -m arch_lab.report --tracking-uri sqlite:///mlruns.db [sqlite:///more.db ...] --experiment roadmap \
         [--bench-uri sqlite:///bench.db --bench-experiment arch_lab] --out experiments/roadmap/report
 
-Several stores may be given (runs trained in parallel each keep their own SQLite file); their runs are pooled.
+Several stores may be given (runs trained in parallel each keep their own SQLite file); their FINISHED runs are
+pooled, but for those trained with trainer.fast_dev_run (smoke tests).
 `--experiment` and `--bench-experiment` default to the lab's experiment (`logger.experiment_name`, arch_lab); the
 roadmap study scripts log to `--experiment roadmap`. A run's task (its MQAR or text tables) is its `task` tag, else
 the `data` tag every `python -m arch_lab` run carries.
@@ -59,9 +60,17 @@ def _runs(tracking_uris: list[str], experiment: str):
             names = sorted(e.name for e in mlflow.search_experiments())
             raise SystemExit(f"{uri}: no experiment {experiment!r} in this store (it holds {names})")
         frame = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
-        frames.append(_with_task(frame).assign(store=uri))  # where each run's metric history lives
+        frames.append(_with_task(without_smoke_tests(frame)).assign(store=uri))  # where its metric history lives
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def without_smoke_tests(frame):
+    """Runs trained with trainer.fast_dev_run left out: a batch or a few, then a full evaluation, is no result."""
+    column = "params.trainer.fast_dev_run"
+    if column not in frame:
+        return frame
+    return frame[frame[column].isna() | frame[column].isin(["False", "0"])]
 
 
 def _with_task(frame):

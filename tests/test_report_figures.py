@@ -46,3 +46,11 @@ def test_a_run_without_the_metric_counts_in_no_column() -> None:
     assert collect(runs, "recall/mqar_acc", "mqar") == {"roadmap_e": [0.25, 0.75]}
     row = next(line for line in table1(runs, None).splitlines() if line.startswith("| E + meta tokens"))
     assert row.split(" | ")[1:3] == ["50.0 ± 25.0", "1/2 (9–91%)"] and row.split(" | ")[-2] == "2"
+
+
+def test_smoke_test_runs_are_no_results() -> None:
+    from arch_lab.report import without_smoke_tests
+
+    runs = pd.DataFrame({"params.trainer.fast_dev_run": ["False", "True", None, "0", "3"], "run": list("abcde")})
+    assert list(without_smoke_tests(runs)["run"]) == ["a", "c", "d"]
+    assert without_smoke_tests(runs.drop(columns="params.trainer.fast_dev_run")).equals(runs[["run"]])
