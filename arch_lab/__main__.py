@@ -3,7 +3,7 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from arch_lab.sweep import current_trial, register_sweeper
 
@@ -32,7 +32,8 @@ def main(cfg: DictConfig):
     except (KeyboardInterrupt, SystemExit) as stop:  # in fit, Lightning turns a SIGTERM and a second Ctrl-C into these
         if HydraConfig.get().mode == RunMode.MULTIRUN or not is_interrupt(stop):
             raise  # the sweeper marks the trial and its study's parent run KILLED
-        resume = resume_hint(Path(output_dir) / "checkpoints" / "last.ckpt", cfg.trainer.max_steps)
+        resume = resume_hint(Path(output_dir) / "checkpoints" / "last.ckpt",
+                             OmegaConf.to_container(cfg.trainer, resolve=True))
         status = interrupt_exit_status(stop)
         outcome = "before the MLflow run opened" if isinstance(stop, InterruptedBeforeRun) else \
             f"the MLflow run ended KILLED{resume}"
@@ -42,7 +43,7 @@ def main(cfg: DictConfig):
         if current_trial() is not None:
             raise  # the sweeper records the trial's reason
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise failed_job(log, error) from None  # the other jobs still run; Hydra raises it once they have
+            raise failed_job(log, error)  # the other jobs still run; Hydra raises it once they have
         exit_with_message(log, error)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

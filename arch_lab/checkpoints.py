@@ -111,48 +111,57 @@ def read_lab_checkpoint(path: str, key: str, mmap: bool = False) -> dict:
 
 
 def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule,
-                    trainer: L.Trainer) -> None:
+                    trainer_cfg: dict[str, Any]) -> None:
     """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint is one `python -m arch_lab`
-    wrote (read lazily), stops short of the run's trainer.max_steps and trainer.max_time, and holds this run's model,
-    optimizer and data settings (the checks that Lightning's restore repeats inside fit)."""
+    wrote (read lazily), leaves something to train within the run's trainer.max_steps and trainer.max_time, and
+    holds this run's model, optimizer and data settings (the checks that Lightning's restore repeats inside fit)."""
     if path is None:
         return
     ckpt = read_lab_checkpoint(path, "ckpt_path", mmap=True)
-    step = ckpt.get("global_step", 0)
-    if step >= trainer.max_steps:
-        raise CheckpointError(f"ckpt_path: the checkpoint is at step {step} and trainer.max_steps={trainer.max_steps}"
-                              f": nothing is left to train; raise trainer.max_steps to train on")
-    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
-    budget = timer.time_remaining() if timer is not None else None  # a Timer that has not started: all of it
-    trained = ckpt.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
-    if budget is not None and trained >= budget:  # Lightning's Timer resumes from the time already trained
-        raise CheckpointError(f"ckpt_path: the checkpoint has trained for {trained:.0f} s and trainer.max_time "
-                              f"allows {budget:.0f} s in all: nothing is left to train; raise trainer.max_time or "
-                              f"set it to null")
+    finished = training_finished(ckpt, trainer_cfg)
+    if finished:
+        why, remedy = finished
+        raise CheckpointError(f"ckpt_path: {why}: nothing is left to train; {remedy} to train on")
     lit.check_resumable(ckpt)
     datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__) or {})
-    _point_out_a_moved_schedule(ckpt, lit.hparams.optim_cfg, trainer.max_steps)
+    _point_out_a_moved_schedule(ckpt, lit.hparams.optim_cfg, trainer_cfg["max_steps"])
 
 
-def resume_hint(last: Path, max_steps: int) -> str:
+def training_finished(ckpt: dict, trainer_cfg: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """Why training from `ckpt` has no step left under the trainer settings' max_steps and max_time, and what would
+    leave some, or None.
+    Lightning's Timer resumes from the time the checkpoint already trained: max_time budgets a run and its resumes."""
+    step, max_steps, max_time = ckpt.get("global_step", 0), trainer_cfg["max_steps"], trainer_cfg.get("max_time")
+    if step >= max_steps:
+        return f"the checkpoint is at step {step} and trainer.max_steps={max_steps}", "raise trainer.max_steps"
+    budget = Timer(duration=max_time).time_remaining() if max_time else None  # a Timer not started: all of it
+    trained = ckpt.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
+    if budget is not None and trained >= budget:
+        return (f"the checkpoint has trained for {trained:.0f} s and trainer.max_time allows {budget:.0f} s in all",
+                "raise trainer.max_time (or set it to null)")
+    return None
+
+
+def resume_hint(last: Path, trainer_cfg: dict[str, Any]) -> str:
     """What the console adds after an interrupt: the checkpoint to resume from, or, when training had ended and
     only the evaluation was cut short, that (a resume from it would be refused: nothing is left to train)."""
     if not last.is_file():
         return ""
-    step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
-    if step >= max_steps:
-        return f"; training had finished (step {step}), only its evaluation was cut short"
-    return f"; resume with ckpt_path='{last}'"
+    finished = training_finished(torch.load(last, map_location="cpu", weights_only=True, mmap=True), trainer_cfg)
+    return f"; training had finished ({finished[0]}), only its evaluation was cut short" if finished else \
+        f"; resume with ckpt_path='{last}'"
 
 
 def _point_out_a_moved_schedule(ckpt: dict, optim_cfg: dict, max_steps: int) -> None:
     """The schedule is laid out over trainer.max_steps: a resume with another one (to train on, say) continues at
     another learning rate than the checkpoint's run had reached, e.g. back at the peak after a finished decay."""
+    def lr_at(step: int) -> float:
+        return optim_cfg["lr"] * lr_multiplier(step, max_steps, optim_cfg["schedule"], optim_cfg["warmup_steps"],
+                                               optim_cfg["decay_fraction"], optim_cfg["min_lr_ratio"])
+
     schedulers = ckpt.get("lr_schedulers") or [{}]
-    before = (schedulers[0].get("_last_lr") or [None])[0]
+    before = (schedulers[0].get("_last_lr") or [None])[0]  # what the restored optimizer trains the next step at
     step = ckpt.get("global_step", 0)
-    now = optim_cfg["lr"] * lr_multiplier(step, max_steps, optim_cfg["schedule"], optim_cfg["warmup_steps"],
-                                          optim_cfg["decay_fraction"], optim_cfg["min_lr_ratio"])
-    if before is not None and not math.isclose(before, now, rel_tol=1e-6):
-        log.warning("trainer.max_steps=%d lays the %s schedule out anew: training resumes at step %d with lr %.3g, "
-                    "where the checkpoint's run was at %.3g", max_steps, optim_cfg["schedule"], step, now, before)
+    if before is not None and not math.isclose(before, lr_at(step), rel_tol=1e-6):
+        log.warning("trainer.max_steps=%d lays the %s schedule out anew: step %d trains at the checkpoint's lr %.3g, "
+                    "step %d at %.3g", max_steps, optim_cfg["schedule"], step, before, step + 1, lr_at(step + 1))

@@ -22,11 +22,12 @@ def exit_with_message(log: logging.Logger, error: BaseException) -> NoReturn:
     raise SystemExit(1) from None
 
 
-def failed_job(log: logging.Logger, error: BaseException) -> MultirunJobError:
+def failed_job(log: logging.Logger, error: BaseException) -> BaseException:
     """Log a multirun job's failure as one line, and return the error that stops the multirun once every job has run
-    (Hydra's launcher keeps a job's exception until then, and names the job's overrides)."""
+    (Hydra's launcher keeps a job's exception until then, and names the job's overrides); HYDRA_FULL_ERROR=1 gets
+    `error` itself, traceback and all."""
     from hydra.core.hydra_config import HydraConfig
 
     message = f"job {HydraConfig.get().job.num} failed: {error}"
     log.error("%s", message)
-    return MultirunJobError(message)
+    return error if os.environ.get("HYDRA_FULL_ERROR") == "1" else MultirunJobError(message)

@@ -67,20 +67,19 @@ class LitHybridLM(L.LightningModule):
         return summed * self.trainer.world_size / totals[1], totals[0] / totals[1]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """val/loss (and val/mqar_acc) as token means over the labelled tokens of all validation batches on all
-        ranks, as the end-of-run evaluation computes them: MQAR batches label different numbers of tokens, and a
-        mean of batch means set the curve's last point apart from the evaluation's value of the same weights."""
+        """val/loss (and val/mqar_acc) as token means over the labelled tokens of all validation batches, as the
+        end-of-run evaluation computes them: MQAR batches label different numbers of tokens, and a mean of batch
+        means set the curve's last point apart from the evaluation's value of the same weights. (Every rank reads
+        the same validation batches: the datamodules do not shard them.)"""
         logits = self.model(batch["input_ids"]).float().flatten(0, 1)
         labels = batch["labels"].flatten()
         labelled = labels != -100
-        sums = [F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), labelled.sum()]
+        tokens = int(labelled.sum())  # Lightning's epoch mean weights each batch's value by its batch_size
+        loss = F.cross_entropy(logits, labels, ignore_index=-100)
+        self.log("val/loss", loss, batch_size=tokens, prog_bar=True, on_epoch=True, sync_dist=True)
         if "num_kv_pairs" in batch:
-            sums.append(((logits.argmax(-1) == labels) & labelled).sum())
-        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in sums]), reduce_op="sum")
-        tokens = int(sums[1].item())  # Lightning's epoch mean weights each batch's value by its batch_size
-        self.log("val/loss", sums[0] / sums[1], batch_size=tokens, prog_bar=True, on_epoch=True)
-        if "num_kv_pairs" in batch:
-            self.log("val/mqar_acc", sums[2] / sums[1], batch_size=tokens, prog_bar=True, on_epoch=True)
+            accuracy = ((logits.argmax(-1) == labels) & labelled).sum() / max(tokens, 1)
+            self.log("val/mqar_acc", accuracy, batch_size=tokens, prog_bar=True, on_epoch=True, sync_dist=True)
 
     def on_train_start(self) -> None:
         # Resumed: the shuffling sampler continues from the optimizer steps taken, not from Lightning's epoch
@@ -130,6 +129,11 @@ class LitHybridLM(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("_forward.")]:
             del state[key]
+        # Those written before StepCheckpoint had one state key keep its state under Lightning's key, which holds
+        # the checkpoint interval ("StepCheckpoint{'monitor': None, ...}"); the callbacks are restored after this.
+        callbacks = checkpoint.get("callbacks", {})
+        for key in [k for k in callbacks if k.startswith("StepCheckpoint{")]:
+            callbacks.setdefault("StepCheckpoint", callbacks.pop(key))
 
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches

@@ -161,7 +161,7 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
                       cfg.scan_kernel)
     probe = _probe_trainer(cfg, out)
-    check_resumable(cfg.ckpt_path, lit, datamodule, probe)
+    check_resumable(cfg.ckpt_path, lit, datamodule, OmegaConf.to_container(cfg.trainer, resolve=True))
     trial = current_trial()
     check_prune_metric(cfg.prune_metric, data_cfg["kind"], trial.directions if trial else None)
     if probe.world_size > 1 and _in_multirun():  # Lightning's launcher would re-run the whole multirun command

@@ -58,8 +58,9 @@ def test_a_tag_that_several_runs_have_lists_them_and_a_run_id_names_one(store, c
         mlflow.log_metric("train/loss", 3.0, step=0)
     with pytest.raises(SystemExit) as error:
         main(["--tracking-uri", store, "case=single", "case=ddp"])
-    assert re.fullmatch(rf"case=single: 2 runs have that tag \(second-single {second.info.run_id}, \S+ [0-9a-f]{{32}}\); "
-                        r"name one by its run id, or by a tag only it has", str(error.value)), error.value
+    listed = rf"second-single {second.info.run_id}, \S+ [0-9a-f]{{32}}"
+    assert re.fullmatch(rf"case=single: 2 runs have that tag \({listed}\); name one by its run id, or by a tag only it "
+                        r"has", str(error.value)), error.value
     assert main(["--tracking-uri", store, second.info.run_id, "case=ddp"]) == 0
     assert f"\n{second.info.run_id} (second-single, FINISHED): train/loss 3.0000" in capsys.readouterr().out
 

@@ -12,8 +12,6 @@ from arch_lab.data.mqar import (
     MQARConfig,
     count_shared_examples,
     generate_mqar,
-    mqar_accuracy,
-    mqar_accuracy_by_slice,
     mqar_slice_counts,
 )
 
@@ -142,14 +140,13 @@ def test_accuracy_by_slice_on_hand_made_logits():
     logits = torch.nn.functional.one_hot(predictions, num_classes=8).float()
     num_kv_pairs = torch.tensor([2, 2, 4])
     assert mqar_slice_counts(logits, labels, num_kv_pairs) == {2: (3, 4), 4: (2, 4)}
-    assert mqar_accuracy_by_slice(logits, labels, num_kv_pairs) == {2: 0.75, 4: 0.5}
-    assert mqar_accuracy(logits, labels) == 5 / 8
 
 
 def test_accuracy_of_an_oracle_is_one_per_slice(data):
     _, d = data
     logits = torch.nn.functional.one_hot(d["labels"].clamp_min(0), num_classes=VOCAB).float()
-    assert mqar_accuracy_by_slice(logits, d["labels"], d["num_kv_pairs"]) == {k: 1.0 for k in SLICES}
+    counts = mqar_slice_counts(logits, d["labels"], d["num_kv_pairs"])
+    assert sorted(counts) == list(SLICES) and all(correct == total > 0 for correct, total in counts.values())
 
 
 def test_count_shared_examples_finds_exact_copies():

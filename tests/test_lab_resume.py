@@ -72,6 +72,17 @@ def test_a_resume_may_change_how_often_it_checkpoints(runs, tmp_path):
         run_a.data.metrics["train/final_loss"], rel=REL)
 
 
+def test_a_checkpoint_from_before_the_callbacks_one_state_key_resumes_its_state(runs, tmp_path):
+    (a, _), _ = runs
+    ckpt = torch.load(_checkpoints(a) / f"epoch=0-step={EVERY}.ckpt", weights_only=True)
+    state = ckpt["callbacks"].pop("StepCheckpoint")
+    ckpt["callbacks"][f"StepCheckpoint{{'monitor': None, 'mode': 'min', 'every_n_train_steps': {EVERY}, "
+                      "'every_n_epochs': 0, 'train_time_interval': None}"] = state  # Lightning's key, as written then
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    proc = run_lab([*COMMON, f"ckpt_path={tmp_path / 'old.ckpt'}"], tmp_path / "resumed")
+    assert "callbacks used to create the checkpoint" not in proc.stdout + proc.stderr
+
+
 def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, tmp_path):
     (a, _), _ = runs
     intermediate = _checkpoints(a) / f"epoch=0-step={EVERY}.ckpt"
@@ -229,8 +240,14 @@ def test_resuming_a_run_whose_max_time_is_used_up_is_refused(tmp_path):
     messages = error_messages(proc)
     assert len(messages) == 1 and re.fullmatch(
         r"ckpt_path: the checkpoint has trained for \d+ s and trainer.max_time allows 2 s in all: nothing is left to "
-        r"train; raise trainer.max_time or set it to null", messages[0]), messages
+        r"train; raise trainer.max_time \(or set it to null\) to train on", messages[0]), messages
     assert lab_runs(tmp_path / "resumed") == []
+    # what a Ctrl-C in that run's evaluation says: not to resume from a checkpoint that would be refused
+    from arch_lab.checkpoints import resume_hint
+
+    assert resume_hint(last, {"max_steps": 100000, "max_time": "00:00:00:02"}).startswith(
+        "; training had finished (the checkpoint has trained for ")
+    assert resume_hint(last, {"max_steps": 100000, "max_time": None}) == f"; resume with ckpt_path='{last}'"
 
 
 def test_a_resume_whose_max_steps_moves_the_schedule_says_so(runs, caplog):
@@ -245,8 +262,8 @@ def test_a_resume_whose_max_steps_moves_the_schedule_says_so(runs, caplog):
         assert caplog.messages == []
         finished = {"global_step": 8, "lr_schedulers": [{"_last_lr": [0.0003, 0.0003]}]}  # decayed to 10%
         _point_out_a_moved_schedule(finished, {**optim, "warmup_steps": 0, "schedule": "wsd"}, 16)
-    assert caplog.messages == ["trainer.max_steps=16 lays the wsd schedule out anew: training resumes at step 8 with "
-                               "lr 0.003, where the checkpoint's run was at 0.0003"]
+    assert caplog.messages == ["trainer.max_steps=16 lays the wsd schedule out anew: step 8 trains at the "
+                               "checkpoint's lr 0.0003, step 9 at 0.003"]
 
 
 def test_resuming_a_checkpoint_at_max_steps_is_refused(runs, tmp_path):

@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 from optuna.trial import FixedTrial, TrialState
 
 from arch_lab.sweep import current_trial
-from arch_lab.sweep.optuna_sweeper import (Objectives, SamplerConf, _signals_deferred, _without_password,
-                                           make_sampler)
+from arch_lab.sweep.optuna_sweeper import (Objectives, OptunaSweeper, SamplerConf, _signals_deferred,
+                                           _without_password, make_sampler)
 from arch_lab.sweep.pareto import Objective, describe_trial
 from arch_lab.sweep.search_space import (
     CategoricalParam,
@@ -371,6 +371,32 @@ def test_a_study_without_results_is_started_again_with_corrected_overrides(workd
     new_id = old.data.tags["sweep.superseded_by"]
     assert old.info.status == "FAILED" and client.get_run(new_id).info.status == "FINISHED"
     assert [run.data.tags["trial.state"] for run in child_runs(client, new_id).values()] == ["COMPLETE"]
+
+
+def _sweeper(poll_interval: float = 0.01) -> OptunaSweeper:
+    return OptunaSweeper(study_name="s", storage=None, n_trials=1, n_jobs=1, sampler={}, pruner={},
+                         directions={"loss": "minimize"}, params={}, constraints=[], max_failed_trials=None,
+                         tracking_uri=None, experiment_name=None, heartbeat_interval=60, grace_period=None,
+                         poll_interval=poll_interval)
+
+
+def test_a_study_is_started_again_only_when_it_has_trials_and_all_failed(tmp_path: Path) -> None:
+    """A worker whose overrides differ from a study just created (no trial yet) by another is refused, not allowed
+    to delete and recreate it; a stale restart never deletes the study another worker has started again."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    objectives, sampler = Objectives.parse({"loss": "minimize"}), optuna.samplers.RandomSampler(seed=0)
+    pruner = optuna.pruners.NopPruner()
+    first, created = _sweeper()._open_study(storage, sampler, pruner, objectives, ["steps=2"])
+    assert created
+    with pytest.raises(SweepConfigError, match=r"^study 's' in its storage ran its trials with the overrides "
+                                               r"\['steps=2'\], this sweep has \['steps=1'\]"):
+        _sweeper()._open_study(storage, sampler, pruner, objectives, ["steps=1"])
+    first.tell(first.ask(), state=TrialState.FAIL)
+    stale = first.user_attrs["created_as"]  # the creation a racing worker judged before the others moved
+    again, created = _sweeper()._open_study(storage, sampler, pruner, objectives, ["steps=1"])  # all FAIL: restarted
+    assert created and again.user_attrs["fixed_overrides"] == ["steps=1"] and again.trials == []
+    _sweeper()._delete_if_unchanged(storage, stale)  # the racing worker's delete of the study it had read
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs == again.user_attrs
 
 
 def test_a_grid_point_whose_trial_was_interrupted_is_sampled_again() -> None:

@@ -8,8 +8,6 @@ from arch_lab.data.mqar import (
     MQARConfig,
     count_shared_examples,
     generate_mqar,
-    mqar_accuracy,
-    mqar_accuracy_by_slice,
     mqar_slice_counts,
 )
 from arch_lab.data.passkey import PasskeyExample, make_passkey_examples, passkey_accuracy_by_depth
@@ -41,8 +39,6 @@ __all__ = [
     "iter_documents",
     "iter_hf_documents",
     "make_passkey_examples",
-    "mqar_accuracy",
-    "mqar_accuracy_by_slice",
     "mqar_slice_counts",
     "pack_tokens",
     "passkey_accuracy_by_depth",

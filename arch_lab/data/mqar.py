@@ -226,18 +226,3 @@ def mqar_slice_counts(
         int(k): (int(correct[num_kv_pairs == k].sum()), int(total[num_kv_pairs == k].sum()))
         for k in torch.unique(num_kv_pairs).tolist()
     }
-
-
-def mqar_accuracy_by_slice(
-    logits: torch.Tensor, labels: torch.Tensor, num_kv_pairs: torch.Tensor
-) -> dict[int, float]:
-    """Accuracy of argmax at the supervised positions, per num_kv_pairs slice."""
-    counts = mqar_slice_counts(logits, labels, num_kv_pairs)
-    return {k: correct / total for k, (correct, total) in counts.items()}
-
-
-def mqar_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy of argmax over all supervised positions of the batch."""
-    _check_shapes(logits, labels)
-    supervised = labels != IGNORE_INDEX
-    return float(((logits.argmax(dim=-1) == labels) & supervised).sum() / supervised.sum())

@@ -88,8 +88,8 @@ def make_passkey_examples(
         filler_len = seq_len - len(needle) - len(question) - len(answer)
         if len(haystack) < filler_len:
             raise ConfigError(
-                f"eval.passkey.haystack_path: the haystack text has {len(haystack)} tokens, eval.passkey.seq_len={seq_len} "
-                f"needs {filler_len} tokens of filler"
+                f"eval.passkey.haystack_path: the haystack text has {len(haystack)} tokens, "
+                f"eval.passkey.seq_len={seq_len} needs {filler_len} tokens of filler"
             )
         offset = rng.randint(0, len(haystack) - filler_len)
         filler = haystack[offset : offset + filler_len]

@@ -16,8 +16,9 @@ import math
 import signal
 import threading
 import time
+import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -66,6 +67,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 FAIL_REASON_ATTR = "fail_reason"
 INTERRUPTED_ATTR = "interrupted"  # a FAIL trial stopped with its sweep (Ctrl-C, SIGTERM), not by its values
 FIXED_OVERRIDES_ATTR = "fixed_overrides"  # the overrides every trial of the study runs with
+CREATION_ATTR = "created_as"  # a mark unique to each creation of the study
 RUN_ID_ATTR = "mlflow_run_id"
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 _PARENT_WAIT_S = 120.0
@@ -349,7 +351,8 @@ class OptunaSweeper(Sweeper):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     study.set_metric_names(objectives.names)
-                study.set_user_attr(FIXED_OVERRIDES_ATTR, fixed)
+                study.set_user_attr(CREATION_ATTR, uuid.uuid4().hex)
+                study.set_user_attr(FIXED_OVERRIDES_ATTR, fixed)  # last: joining workers wait for it
                 return study, True
             except optuna.exceptions.DuplicatedStudyError:
                 study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner)
@@ -357,20 +360,33 @@ class OptunaSweeper(Sweeper):
             if mismatch is None:
                 return study, False
             trials = study.get_trials(deepcopy=False)
-            if any(t.state != TrialState.FAIL for t in trials):
+            if not trials or any(t.state != TrialState.FAIL for t in trials):
                 raise SweepConfigError(f"study '{self.study_name}' in its storage {mismatch}: resume it with the "
                                        "same overrides and directions, or start another study with "
                                        "hydra.sweeper.study_name=<name>")
             log.warning("study '%s' in its storage %s, and holds no result (%d trial(s), all FAIL): it is started "
                         "again", self.study_name, mismatch, len(trials))
-            self._superseded_parent = study.user_attrs.get(PARENT_RUN_ATTR)
-            try:
-                storage.delete_study(study._study_id)  # by id: a racing worker may have restarted it already
-            except KeyError:
-                pass
+            attrs = study.user_attrs  # read now: a Study reads its attributes from the storage at every access
+            self._superseded_parent = attrs.get(PARENT_RUN_ATTR)
+            self._delete_if_unchanged(storage, attrs.get(CREATION_ATTR))
+
+    def _delete_if_unchanged(self, storage: Any, creation: Optional[str]) -> None:
+        """Delete the study if it is still the creation that was judged, not one that a racing worker has started
+        again meanwhile (SQLite reuses a deleted study's id); either way the next pass creates or joins it."""
+        try:
+            current = optuna.load_study(study_name=self.study_name, storage=storage)
+        except KeyError:  # deleted meanwhile
+            return
+        if current.user_attrs.get(CREATION_ATTR) == creation:
+            with suppress(KeyError):
+                storage.delete_study(current._study_id)
 
     def _mismatch(self, study: optuna.Study, objectives: Objectives, fixed: list[str]) -> Optional[str]:
         """How a stored study differs from this sweep's objectives and fixed overrides (None: it does not)."""
+        deadline = time.monotonic() + _PARENT_WAIT_S
+        while FIXED_OVERRIDES_ATTR not in study.user_attrs and not study.get_trials(deepcopy=False) \
+                and time.monotonic() < deadline:
+            time.sleep(self.poll_interval)  # the worker that created the study is still writing what it runs with
         existing = [d.name.lower() for d in study.directions]
         names = study.metric_names
         if existing != objectives.directions or (names is not None and names != objectives.names):
