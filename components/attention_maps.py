@@ -24,8 +24,8 @@ def collect_attention_maps(model, input_ids: torch.Tensor) -> AttentionMaps:
                 recorders[(kind, i)] = heads
     try:
         model(input_ids)
-    finally:
         maps = {key: heads.captured_maps[0] for key, heads in recorders.items()}
+    finally:  # the heads stop recording whether or not the forward pass failed (its error is the news)
         for heads in recorders.values():
             heads.captured_maps = None
     return AttentionMaps(attention={i: m for (k, i), m in maps.items() if k == "attention"},

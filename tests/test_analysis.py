@@ -174,3 +174,18 @@ def test_plots_reject_bad_input(tmp_path):
         plot_attention_map(torch.eye(3), "x", tmp_path / "map.jpg")
     with pytest.raises(ValueError, match=r"shares_by_model\['m'\] must have exactly the keys"):
         plot_attention_share({"m": {"meta": 1.0}}, tmp_path / "share.png")
+
+
+def test_a_forward_that_fails_while_maps_are_collected_raises_its_own_error_and_stops_recording():
+    from components.attention_maps import collect_attention_maps
+    from model_factories import build_model, cpu_config, random_tokens
+
+    model = build_model(cpu_config("roadmap_e"), dtype=torch.float32)
+    ids = random_tokens(model.cfg.vocab_size, 1, 12)
+    assert set(collect_attention_maps(model, ids).attention)  # recorded when the forward pass succeeds
+    last = model.layers[-1]
+    last.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("kernel failed"))
+    with pytest.raises(RuntimeError, match="^kernel failed$"):  # not an IndexError over the empty recordings
+        collect_attention_maps(model, ids)
+    assert all(getattr(layer.mixer.attn, "captured_maps", None) is None and
+               getattr(layer.mixer.ssm, "captured_maps", None) is None for layer in model.layers)

@@ -149,7 +149,10 @@ def test_kernel_path_flex_attention_equals_dense_masked_softmax_without_tracing_
     lru_caches (it would trace through them, warning on every compiled model's first step)."""
     import warnings
 
-    hq, hkv, dqk, dv, window, meta = CASES["gqa_window_meta"]
+    from components.ops.attention import flex_takes
+
+    hq, hkv, dqk, dv, window, meta = 4, 2, 16, 32, 3, 2  # heads FlexAttention takes (CASES' are narrower)
+    assert flex_takes(dqk, dv)
     q, k, v = (t.float() for t in qkv(hq, hkv, dqk, dv))
     fn = torch.compile(kernel_sequence_attention, fullgraph=True) if compiled else kernel_sequence_attention
     with warnings.catch_warnings(record=True) as caught:
@@ -172,3 +175,11 @@ def test_hopper_flex_options_are_options_flex_attention_takes_and_stay_off_the_c
         prefix, _, option = key.partition("_")
         assert prefix in ("fwd", "bwd") and option in known, key
     assert _flex_options(torch.zeros(1)) is None
+
+
+def test_flex_attention_takes_only_power_of_two_heads_from_16_to_128():
+    from components.ops.attention import flex_takes
+
+    assert flex_takes(16, 16) and flex_takes(64, 128) and flex_takes(128, 32)
+    assert not flex_takes(16, 8) and not flex_takes(64, 256)  # Inductor's limits
+    assert not flex_takes(16, 26) and not flex_takes(48, 64)  # no kernel for a float32 batch (H200)

@@ -50,8 +50,15 @@ def _block_mask(seq_len: int, window: int, num_meta: int, device: str):
 
 # FlexAttention's Triton kernels keep a (block x head_dim) tile of V in shared memory; wider heads (the hybrid rows
 # tie v_head_dim to ssm_inner / n_heads) exceed it, and Inductor refuses heads narrower than 16 (a tiny model's
-# value heads of 8), so those take masked SDPA (memory-efficient kernel) instead.
+# value heads of 8). Widths that are no power of two (a budget-solved tiny model's value heads of 26) built in bf16
+# training but left Inductor no kernel for a float32 batch of 68 tokens (NoValidChoicesError, H200). Those heads
+# take masked SDPA (memory-efficient kernel) instead.
 FLEX_MIN_HEAD_DIM, FLEX_MAX_HEAD_DIM = 16, 128
+
+
+def flex_takes(qk_dim: int, v_dim: int) -> bool:
+    """Whether FlexAttention runs heads of these widths (else masked SDPA does)."""
+    return all(FLEX_MIN_HEAD_DIM <= d <= FLEX_MAX_HEAD_DIM and d & (d - 1) == 0 for d in (qk_dim, v_dim))
 
 
 def _dense_mask(seq_len: int, window: int, num_meta: int, device: str) -> torch.Tensor:
@@ -98,7 +105,7 @@ def kernel_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # the masks are built in the graph, and flex_attention is called as is, compiled with the model.
     compiling = torch.compiler.is_compiling()
     shape = (q.shape[2], window, num_meta, str(q.device))
-    if not FLEX_MIN_HEAD_DIM <= min(q.shape[-1], v.shape[-1]) <= max(q.shape[-1], v.shape[-1]) <= FLEX_MAX_HEAD_DIM:
+    if not flex_takes(q.shape[-1], v.shape[-1]):
         mask = _dense_mask(*shape) if compiling else _cached_dense_mask(*shape)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if compiling:
