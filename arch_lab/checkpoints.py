@@ -129,8 +129,8 @@ def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.L
 
 def training_finished(ckpt: dict, trainer_cfg: dict[str, Any]) -> Optional[tuple[str, str]]:
     """Why training from `ckpt` has no step left under the trainer settings' max_steps and max_time, and what would
-    leave some, or None.
-    Lightning's Timer resumes from the time the checkpoint already trained: max_time budgets a run and its resumes."""
+    leave some, or None. Lightning's Timer resumes from the time the checkpoint already trained: max_time budgets a
+    run and its resumes together."""
     step, max_steps, max_time = ckpt.get("global_step", 0), trainer_cfg["max_steps"], trainer_cfg.get("max_time")
     if step >= max_steps:
         return f"the checkpoint is at step {step} and trainer.max_steps={max_steps}", "raise trainer.max_steps"
