@@ -4,7 +4,8 @@
         [--bench-uri sqlite:///bench.db --bench-experiment arch_lab] --out experiments/roadmap/report
 
 Several stores may be given (runs trained in parallel each keep their own SQLite file); their FINISHED runs are
-pooled, but for those trained with trainer.fast_dev_run (smoke tests).
+pooled, but for those trained with trainer.fast_dev_run (smoke tests) and those a later run resumed from (its
+continuation counts instead).
 `--experiment` and `--bench-experiment` default to the lab's experiment (`logger.experiment_name`, arch_lab); the
 roadmap study scripts log to `--experiment roadmap`. A run's task (its MQAR or text tables) is its `task` tag, else
 the `data` tag every `python -m arch_lab` run carries.
@@ -31,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tracking import existing_store, lab_experiment  # noqa: E402
+from .tracking import RESUMED_FROM_TAG, existing_store, lab_experiment  # noqa: E402
 
 # DESIGN.md §5 / paper Table 1 (300M, 100B tokens, A100; cache at 16k fp16).
 PAPER_TABLE1 = {
@@ -62,7 +63,7 @@ def _runs(tracking_uris: list[str], experiment: str):
         frame = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
         frames.append(_with_task(without_smoke_tests(frame)).assign(store=uri))  # where its metric history lives
     frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return without_resumed_origins(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
 
 
 def without_smoke_tests(frame):
@@ -71,6 +72,15 @@ def without_smoke_tests(frame):
     if column not in frame:
         return frame
     return frame[frame[column].isna() | frame[column].isin(["False", "0"])]
+
+
+def without_resumed_origins(frame):
+    """Runs that a later run resumed from left out: the resumed run trained the same model on, and counting both
+    would count one seed twice."""
+    column = f"tags.{RESUMED_FROM_TAG}"
+    if column not in frame:
+        return frame
+    return frame[~frame["run_id"].isin(set(frame[column].dropna()))]
 
 
 def _with_task(frame):

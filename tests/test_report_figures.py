@@ -54,3 +54,12 @@ def test_smoke_test_runs_are_no_results() -> None:
     runs = pd.DataFrame({"params.trainer.fast_dev_run": ["False", "True", None, "0", "3"], "run": list("abcde")})
     assert list(without_smoke_tests(runs)["run"]) == ["a", "c", "d"]
     assert without_smoke_tests(runs.drop(columns="params.trainer.fast_dev_run")).equals(runs[["run"]])
+
+
+def test_a_run_that_a_later_run_resumed_from_counts_once() -> None:
+    from arch_lab.report import without_resumed_origins
+    from arch_lab.tracking import RESUMED_FROM_TAG
+
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], f"tags.{RESUMED_FROM_TAG}": [None, "a", None]})
+    assert list(without_resumed_origins(runs)["run_id"]) == ["b", "c"]
+    assert without_resumed_origins(runs[["run_id"]]).equals(runs[["run_id"]])
