@@ -20,6 +20,9 @@ if [[ -z ${ARCH_LAB_DEVICE_ENV:-} ]]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/lab/*.whl 2>&1 | grep -v "already exists" | tail -2
   ln -sfn "$PWD/arch_lab/sweep/hydra_plugin" /tmp/site/hydra_plugins/arch_lab_optuna_sweeper
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  python3 -c "import hydra_plugins.arch_lab_optuna_sweeper, mamba_ssm, causal_conv1d" || echo "device_env: imports failed"
-  export ARCH_LAB_DEVICE_ENV=1
+  if python3 -c "import hydra_plugins.arch_lab_optuna_sweeper, mamba_ssm, causal_conv1d"; then
+    export ARCH_LAB_DEVICE_ENV=1  # only once it works: a later `source` installs again
+  else
+    echo "device_env: imports failed" >&2
+  fi
 fi

@@ -4,7 +4,7 @@
 # the loss over 20 steps and the peak memory of each GPU; with FSDP_SINGLE=1 also one GPU at the same global batch,
 # compared curve against curve.
 #   (on this machine) mkdir -p .whl/lab && cp ../shared/wheels/device-cp312/*.whl .whl/ && cp ../shared/wheels/device-cp312/lab/*.whl .whl/lab/
-#   device run, kind nvidia-h100-x2, carry [".whl"]:  bash experiments/performance/ddp_check.sh [ddp|fsdp|all]
+#   device run, kind nvidia-h200-x2, carry [".whl"]:  bash experiments/performance/ddp_check.sh [ddp|fsdp|all]
 # Results go to $OUT: ddp.db (MLflow runs tagged study=ddp_check and case=single|ddp|fsdp), one log per run,
 # summary.txt (exit status and wall time of each run), ddp_compare.txt, fsdp.txt.
 set -uo pipefail

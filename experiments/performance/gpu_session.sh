@@ -39,8 +39,8 @@
 # or over two GPUs with A as in RESULTS.md; the larger half, TESTS_SELECT="not ($A)", took 336-429 s); TESTS_TIMEOUT_S
 # (default 540) stops them;
 # DECODE_ROWS picks the decode phase's rows (keep transformer among them: ratios are taken within one call). SEEDS
-# defaults to "0 1". Phases joined by "+" run side by side on the one GPU (e.g. text+head_ratio); the others run one
-# after another. Each study run gets SIGTERM after RUN_TIMEOUT_S
+# defaults to "0 1". The study phases (mqar, text, head_ratio) joined by "+" run side by side on the one GPU (e.g.
+# text+head_ratio); all other phases run one after another. Each study run gets SIGTERM after RUN_TIMEOUT_S
 # (default 500) and ends KILLED, so the stores come back whole even when MQAR_STEPS / TEXT_STEPS ask for more than a
 # device call holds; MQAR_DATA picks the MQAR data config (run_study.sh).
 # Results go to $OUT: bench_logs/ (one full log per bench, and the profile phases' step timelines beside it:
@@ -171,7 +171,9 @@ for phase in "$@"; do
         (cd "$study_dir" && bash "$repo/experiments/roadmap/run_study.sh" $task "${SEEDS:-0 1}") & ;;
       *) echo "unknown phase $task" \
            "(tests|decode|ratio|profile|train|train_profile|step|scan|scan_ncu|step_ncu|mqar|text|head_ratio)"
-         exit 2 ;;
+         wait  # the study tasks already started end as they would, and their stores still come back
+         unknown_phase=2
+         break 2 ;;
       esac
     done
     wait ;;
@@ -183,3 +185,4 @@ if [[ -n ${study_dir:-} ]]; then  # the stores and the runs' artifacts (plots, l
   (cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
 fi
 ls -la "$OUT"
+exit ${unknown_phase:-0}

@@ -12,8 +12,8 @@ for seed in "${seeds[@]}"; do
   for exp in roadmap_transformer roadmap_mamba roadmap_step1_sequential roadmap_step1 roadmap_step2_local_global \
              roadmap_step2 roadmap_step3; do
     python -m arch_lab experiment=$exp seed=$seed logger.experiment_name=roadmap +tags.seed=$seed +tags.task=mqar \
-      trainer.enable_progress_bar=false hydra.run.dir="runs/${exp}_s${seed}" 2>&1 | grep -E "finished|Error" | cut -c1-400
+      trainer.enable_progress_bar=false hydra.run.dir="runs/${exp}_s${seed}" 2>&1 | grep -E "finished|Error|\[ERROR\]" | cut -c1-400
   done
 done
 python -m arch_lab -m hparams_search=head_ratio experiment=roadmap_step2 logger.experiment_name=roadmap \
-  trainer.enable_progress_bar=false hydra.sweep.dir=runs/head_ratio 2>&1 | grep -E "finished|Error|HYDRA\] study" | cut -c1-400
+  trainer.enable_progress_bar=false hydra.sweep.dir=runs/head_ratio 2>&1 | grep -E "finished|Error|\[ERROR\]|HYDRA\] study" | cut -c1-400

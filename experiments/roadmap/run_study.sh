@@ -6,13 +6,13 @@
 #   bash experiments/roadmap/run_study.sh text "0 1" [rows...]     # perplexity (valid, gutenberg test, wikitext2),
 #                                                                    passkey
 #   bash experiments/roadmap/run_study.sh head_ratio "0 1"         # Table 9 rows 1-4: B with 0, 2, 3, 6 heads on MQAR
-# then:  python -m arch_lab.report --tracking-uri $STORES/*.db (as sqlite:/// URIs) --experiment roadmap \
+# then:  python -m arch_lab.report --tracking-uri $STORES/*.db but optuna_*.db (as sqlite:/// URIs) --experiment roadmap \
 #          --bench-uri ... --out <dir>
 #        python -m arch_lab.merge_stores --from <the same URIs> --to sqlite:///study.db --experiment roadmap
 # Decode speed measured here is not reported (parallel runs share the GPU; the sweep keeps it only as an objective):
 # Table 1 and Table 9 take it from the 300M bench (experiments/performance/gpu_session.sh decode ratio).
 set -uo pipefail
-task=${1:-mqar}; seeds=(${2:-0}); shift 2 || true
+task=${1:-mqar}; seeds=(${2:-0}); shift $(( $# < 2 ? $# : 2 ))
 OUT=${OUT:-/tmp/arch_lab_out}
 STORES=${STORES:-$OUT/stores}
 LOGS=${LOGS:-$OUT/logs}
@@ -67,4 +67,5 @@ else
   done
 fi
 wait
-grep -hE "finished|Error" "$LOGS"/*.log | cut -c1-300
+# each run's outcome: finished, or its one-line error or interrupt (a run past RUN_TIMEOUT_S ends KILLED)
+grep -hE "finished|Error|\[ERROR\]" "$LOGS"/*.log | cut -c1-300
