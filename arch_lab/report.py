@@ -75,12 +75,15 @@ def without_smoke_tests(frame):
 
 
 def without_resumed_origins(frame):
-    """Runs that a later run resumed from left out: the resumed run trained the same model on, and counting both
-    would count one seed twice."""
+    """One run per line of training: a run that a later run resumed from is left out, and of several runs resumed
+    from one checkpoint's run only the last started counts (counting more would count one seed twice)."""
     column = f"tags.{RESUMED_FROM_TAG}"
     if column not in frame:
         return frame
-    return frame[~frame["run_id"].isin(set(frame[column].dropna()))]
+    frame = frame[~frame["run_id"].isin(set(frame[column].dropna()))]
+    resumed = frame[column].notna()
+    latest = frame[resumed].sort_values("start_time").drop_duplicates(column, keep="last")
+    return frame[~resumed | frame["run_id"].isin(set(latest["run_id"]))]
 
 
 def _with_task(frame):
@@ -309,7 +312,7 @@ def _run_label(run) -> Optional[tuple[tuple, str]]:
         return None
     seed = run.get("tags.seed")
     seed = f" s{seed}" if isinstance(seed, str) else ""
-    heads = int(run["params.model.n_heads"]) if isinstance(run.get("tags.sweep.study_name"), str) else None
+    heads = int(run["params.model.n_heads"]) if run.get("tags.sweep.study_name") == "head_ratio" else None
     key = (heads is not None, list(PAPER_TABLE1).index(row), heads or 0, seed)
     return key, _short_label(row) + (f", {heads} heads" if heads is not None else "") + seed
 

@@ -16,12 +16,13 @@ def check_prune_metric(metric: str | None, data_kind: str, directions: list[str]
     if metric is None:
         return
     logged = {name: way for name, way in VALIDATION_METRICS.items() if name != "val/mqar_acc" or data_kind == "mqar"}
+    single = directions is not None and len(directions) == 1
+    same_way = [name for name, way in logged.items() if not single or way == directions[0]]
     if metric not in logged:
         raise ConfigError(f"prune_metric={metric!r} is not logged by validation on data.kind={data_kind}; allowed: "
-                          f"{', '.join(logged)}, or null")
-    if directions is not None and len(directions) == 1 and logged[metric] != directions[0]:
+                          f"{', '.join(same_way + ['null'])}")
+    if single and logged[metric] != directions[0]:
         better = {"minimize": "lower", "maximize": "higher"}
-        same_way = [name for name, way in logged.items() if way == directions[0]]
         raise ConfigError(f"prune_metric={metric} is better {better[logged[metric]]}, the study's objective "
                           f"{better[directions[0]]}: the pruner would stop the best trials; use "
                           f"{' or '.join(same_way) or 'null'}")

@@ -17,9 +17,11 @@ SEARCH = ["-m", "hparams_search=meta_tokens", "hydra.sweeper.pruner.kind=median"
 
 @pytest.mark.parametrize("metric, kind, directions, message", [
     ("val/acc", "mqar", None, "prune_metric='val/acc' is not logged by validation on data.kind=mqar; allowed: "
-                              "val/loss, val/mqar_acc, or null"),
+                              "val/loss, val/mqar_acc, null"),
+    ("val/acc", "mqar", ["maximize"], "prune_metric='val/acc' is not logged by validation on data.kind=mqar; "
+                                      "allowed: val/mqar_acc, null"),  # val/loss would be refused for this study
     ("val/mqar_acc", "text", None, "prune_metric='val/mqar_acc' is not logged by validation on data.kind=text; "
-                                   "allowed: val/loss, or null"),
+                                   "allowed: val/loss, null"),
     ("val/loss", "mqar", ["maximize"], "prune_metric=val/loss is better lower, the study's objective higher: the "
                                        "pruner would stop the best trials; use val/mqar_acc"),
     ("val/mqar_acc", "mqar", ["minimize"], "prune_metric=val/mqar_acc is better higher, the study's objective lower: "

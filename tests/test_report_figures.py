@@ -60,6 +60,19 @@ def test_a_run_that_a_later_run_resumed_from_counts_once() -> None:
     from arch_lab.report import without_resumed_origins
     from arch_lab.tracking import RESUMED_FROM_TAG
 
-    runs = pd.DataFrame({"run_id": ["a", "b", "c"], f"tags.{RESUMED_FROM_TAG}": [None, "a", None]})
-    assert list(without_resumed_origins(runs)["run_id"]) == ["b", "c"]
+    runs = pd.DataFrame({"run_id": ["a", "b", "c", "d", "e"], "start_time": [1, 2, 3, 4, 5],
+                         f"tags.{RESUMED_FROM_TAG}": [None, "a", None, "a", "c"]})
+    assert list(without_resumed_origins(runs)["run_id"]) == ["d", "e"]  # a resumed twice: the later resume counts
     assert without_resumed_origins(runs[["run_id"]]).equals(runs[["run_id"]])
+
+
+def test_only_head_ratio_trials_are_labelled_by_their_head_count() -> None:
+    from arch_lab.report import _run_label
+
+    def label(study: str | None) -> str:
+        run = pd.Series({"tags.model": "roadmap_e_tiny", "tags.seed": "0", "tags.sweep.study_name": study,
+                         "params.model.n_heads": "2"})
+        return _run_label(run)[1]
+
+    assert label("head_ratio") == "E, 2 heads s0"
+    assert label("meta_tokens") == label(None) == "E s0"  # another sweep's trial: its head count is not the point

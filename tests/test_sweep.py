@@ -299,6 +299,18 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(workdir: Path) -> Non
 
 
 @pytest.mark.slow
+def test_a_grid_whose_every_point_failed_ends_the_sweep_failed(workdir: Path) -> None:
+    """Trying every point of a grid is the end of a sweep, but not a finished one when no trial completed (it used
+    to end FINISHED, exit status 0, whenever n_trials covered the grid)."""
+    result = run_app(workdir, "hparams_search=grid", "knobs.fail_if_trial=0")  # one point, n_trials=4
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "every grid point's trial failed (1 trials); last failure: RuntimeError: injected failure" in result.stdout
+    assert [t.state for t in load_study(workdir, "grid").trials] == [TrialState.FAIL]
+    assert parent_run(mlflow_client(workdir), "grid").info.status == "FAILED"
+    assert_ok(run_app(workdir, "hparams_search=grid", "hydra.sweeper.study_name=grid_ok"))  # the point itself is fine
+
+
+@pytest.mark.slow
 def test_two_workers_sharing_one_storage_split_the_trials(tmp_path: Path) -> None:
     # Fresh optuna.db AND mlruns.db: both workers race to create both schemas.
     workdir = tmp_path

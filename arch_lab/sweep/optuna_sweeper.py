@@ -443,7 +443,9 @@ class OptunaSweeper(Sweeper):
             if done >= target:
                 return None
             if isinstance(study.sampler, GridSampler) and study.sampler.is_exhausted(study) and running + waiting == 0:
-                return None  # every grid point was tried; failed points are recorded, re-running them would repeat
+                # every grid point was tried; failed points are recorded, re-running them would repeat
+                return None if done else (f"every grid point's trial failed ({len(trials)} trials); last failure: "
+                                          f"{failures[-1] if failures else _last_fail_reason(trials)}")
             if len(failures) >= max_failed:
                 return (
                     f"{len(failures)} trials failed in this sweep (hydra.sweeper.max_failed_trials={max_failed}); "
@@ -733,6 +735,11 @@ def _never_returned(study: optuna.Study, trial: optuna.Trial, result: JobReturn,
 def _without_password(override: str) -> str:
     key, sep, value = override.partition("=")
     return f"{key}{sep}{redact_url(value)}" if "://" in value else override
+
+
+def _last_fail_reason(trials: Sequence[FrozenTrial]) -> str:
+    reasons = [t.user_attrs.get(FAIL_REASON_ATTR) for t in trials if t.state == TrialState.FAIL]
+    return next((reason for reason in reversed(reasons) if reason), "none recorded")
 
 
 def _interrupted(trial: FrozenTrial) -> bool:
