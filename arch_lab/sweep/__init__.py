@@ -17,7 +17,8 @@ The storage defaults to the SQLite file `optuna.db` in the launch directory (bes
 `mlruns.db`); any SQLAlchemy URL works (`hydra.sweeper.storage=postgresql://...`). A trial whose
 job raises, returns NaN or lacks an objective metric, breaks a constraint or repeats the values of
 another trial is recorded FAIL with the Optuna user attr `fail_reason`; the sweep goes on (up to
-`max_failed_trials`, default n_trials, then it stops FAILED). A run that lacks an objective before any trial
+`max_failed_trials`, default n_trials, then it stops FAILED; so does a grid whose every point failed).
+A run that lacks an objective before any trial
 of the study completed stops the sweep FAILED at once: its config, not the trial, dropped the metric (e.g.
 eval.decode.enabled=false drops throughput/decode_tok_s). With sampler kind grid, the grid points
 that differ only in an inactive conditional parameter repeat a trial and are recorded FAIL as such.
