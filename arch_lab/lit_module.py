@@ -37,13 +37,14 @@ class LitHybridLM(L.LightningModule):
         # Weight decay is chosen by parameter shape; FSDP flattens parameters before the optimizer is built.
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-mean loss over the labelled positions, and the float32 logits as (positions, vocabulary)."""
+        logits = self.model(batch["input_ids"]).float().flatten(0, 1)
+        return F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.trainer.world_size == 1:
-            loss = self._loss(batch)
+            loss, _ = self._loss(batch)
             logged = loss.detach()
         else:
             loss, logged = self._data_parallel_loss(batch)
@@ -71,14 +72,14 @@ class LitHybridLM(L.LightningModule):
         end-of-run evaluation computes them: MQAR batches label different numbers of tokens, and a mean of batch
         means set the curve's last point apart from the evaluation's value of the same weights. (Every rank reads
         the same validation batches: the datamodules do not shard them.)"""
-        logits = self.model(batch["input_ids"]).float().flatten(0, 1)
+        loss, logits = self._loss(batch)
         labels = batch["labels"].flatten()
         labelled = labels != -100
-        tokens = int(labelled.sum())  # Lightning's epoch mean weights each batch's value by its batch_size
-        loss = F.cross_entropy(logits, labels, ignore_index=-100)
+        # Lightning's epoch mean weights each batch's value by its batch_size; a tensor keeps the GPU from syncing
+        tokens = labelled.sum()
         self.log("val/loss", loss, batch_size=tokens, prog_bar=True, on_epoch=True, sync_dist=True)
         if "num_kv_pairs" in batch:
-            accuracy = ((logits.argmax(-1) == labels) & labelled).sum() / max(tokens, 1)
+            accuracy = ((logits.argmax(-1) == labels) & labelled).sum() / tokens.clamp_min(1)
             self.log("val/mqar_acc", accuracy, batch_size=tokens, prog_bar=True, on_epoch=True, sync_dist=True)
 
     def on_train_start(self) -> None:
@@ -116,7 +117,7 @@ class LitHybridLM(L.LightningModule):
         load in a hundred lines, and a different lr or schedule would be overridden by the restored optimizer and
         scheduler state while the run's params claimed it."""
         saved = checkpoint.get("hyper_parameters", {})
-        refuse_changed_resume([change for group, prefix in (("model_cfg", "model"), ("optim_cfg", "optim"))
+        refuse_changed_resume([change for group, prefix in (("model_cfg", "model."), ("optim_cfg", "optim."))
                                if saved.get(group)  # empty in a checkpoint written outside the lab's runs
                                for change in changed_settings(prefix, saved[group], self.hparams.get(group) or {})])
 

@@ -412,11 +412,13 @@ def attention_shares(runs, task: str) -> dict[str, dict[str, float]]:
     out."""
     from .evaluation.plots import SHARE_CATEGORIES
 
+    kinds = (("attn", "attention"), ("ssm", "SSM"))
+    by_row = {(kind, c): collect(runs, f"analysis/{kind}_share_{c}", task)
+              for kind, _ in kinds for c in SHARE_CATEGORIES}
     shares: dict[str, dict[str, float]] = {}
     for row in PAPER_TABLE1:
-        for kind, heads in (("attn", "attention"), ("ssm", "SSM")):
-            means = {c: mean_spread(collect(runs, f"analysis/{kind}_share_{c}", task).get(row, []))[0]
-                     for c in SHARE_CATEGORIES}
+        for kind, heads in kinds:
+            means = {c: mean_spread(by_row[kind, c].get(row, []))[0] for c in SHARE_CATEGORIES}
             if not any(math.isnan(mean) for mean in means.values()):
                 shares[f"{_short_label(row)}\n{heads}"] = means  # two lines: the bars are narrow
     return shares

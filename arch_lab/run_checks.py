@@ -178,8 +178,9 @@ def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
 
 
 def changed_settings(prefix: str, checkpoint: dict[str, Any], run: dict[str, Any]) -> list[str]:
-    """`<prefix>.<key>=<run's> (checkpoint: <checkpoint's>)` for every key whose value a resumed run changes."""
-    return [f"{prefix}.{key}={run.get(key)!r} (checkpoint: {checkpoint.get(key)!r})"
+    """`<prefix><key>=<run's> (checkpoint: <checkpoint's>)` for every key whose value a resumed run changes
+    (`prefix`: "model.", say, or "" for top-level keys)."""
+    return [f"{prefix}{key}={run.get(key)!r} (checkpoint: {checkpoint.get(key)!r})"
             for key in sorted(set(checkpoint) | set(run)) if checkpoint.get(key) != run.get(key)]
 
 

@@ -26,7 +26,7 @@ def test_compiled_training_module_matches_eager_and_keeps_parameter_names():
 
     losses = []
     for module in (eager, compiled):
-        loss = module._loss(batch)
+        loss, _ = module._loss(batch)
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)

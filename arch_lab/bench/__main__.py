@@ -398,7 +398,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from arch_lab.errors import exit_with_message
+    from arch_lab.errors import exit_with_message, failed_job
     from components.config import ConfigError
 
     # Read when CUDA first allocates. Without it, the caching allocator's fragmentation decides the halved batch:
@@ -408,7 +408,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
         return run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (BenchConfigError, ConfigError) as error:  # the bad key and what it allows are the news
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # a multirun goes on to its other jobs
+            raise failed_job(log, error)  # the other jobs still run; Hydra raises it once they have
         exit_with_message(log, error)
 
 

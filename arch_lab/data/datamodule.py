@@ -91,10 +91,8 @@ class SettingsInCheckpoints:
     def load_state_dict(self, state: dict) -> None:
         before = state.get("settings") or {}
         if before and self.settings:  # empty for a checkpoint or a datamodule from outside the lab's runs
-            changed = changed_settings("data", before, self.settings)
-            if state.get("seed", self.seed) != self.seed:
-                changed.insert(0, f"seed={self.seed} (checkpoint: {state['seed']})")
-            refuse_changed_resume(changed)
+            seeds = {"seed": state.get("seed", self.seed)}, {"seed": self.seed}  # none in older checkpoints
+            refuse_changed_resume(changed_settings("", *seeds) + changed_settings("data.", before, self.settings))
 
 
 class MQARDataModule(SettingsInCheckpoints, L.LightningDataModule):
