@@ -3,7 +3,6 @@ is allowed, where torch or Lightning would otherwise fail later with words of th
 "integer modulo by zero"). The model's keys are checked by components.config.ModelConfig.validate."""
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -161,9 +160,6 @@ def check_inputs_exist(cfg: DictConfig, data_cfg: dict[str, Any]) -> None:
                                 f"checkpoints, so give the checkpoint's path{newest}")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise MissingInputError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
-    if cfg.ckpt_path is not None and not zipfile.is_zipfile(cfg.ckpt_path):
-        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is not a checkpoint (torch.save's zip format): truncated, or "
-                          f"another kind of file")
     if data_cfg["kind"] == "text" and cfg.eval.commonsense.enabled:
         from .evaluation.commonsense import COMMONSENSE_TASKS
 

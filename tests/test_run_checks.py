@@ -81,6 +81,7 @@ def test_decode_settings_are_only_checked_when_decode_runs():
 
 
 def test_a_checkpoint_path_that_cannot_resume_is_refused_before_training(tmp_path, monkeypatch):
+    from arch_lab.checkpoints import check_resumable
     from arch_lab.run_checks import check_inputs_exist
 
     monkeypatch.chdir(tmp_path)
@@ -92,8 +93,8 @@ def test_a_checkpoint_path_that_cannot_resume_is_refused_before_training(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"; the newest here: ckpt_path='outputs/2026-11-29/10-00-00/"):
         check_inputs_exist(_composed("ckpt_path=last"), data)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=r"^ckpt_path: notes.txt is not a checkpoint \(torch.save's zip format\)"):
-        check_inputs_exist(_composed("ckpt_path=notes.txt"), data)
+    with pytest.raises(ValueError, match=r"^ckpt_path: notes.txt is not a checkpoint \(torch cannot load it\)$"):
+        check_resumable("notes.txt", None, None, {})
 
 
 @pytest.mark.parametrize("override, message", [

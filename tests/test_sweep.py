@@ -292,6 +292,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(workdir: Path) -> Non
     assert parent.data.metrics["best/loss"] == pytest.approx(study.best_value)
     # the console ends with the front and the counts
     console = result.stdout + result.stderr
+    assert console.count("Error executing job") == 1  # trial 1's raise; not the pruned trial's normal early stop
     assert f"single: FINISHED; 2 complete, 1 pruned, 3 failed of 3; MLflow parent run {parent.info.run_id}" in console
     best = describe_trial(study.best_trial, [Objective("loss", "minimize")])
     assert "single: the best of the 2 complete trials:" in console and f"\t{best}" in console

@@ -705,10 +705,10 @@ class _AskTellGridSampler(GridSampler):
 def _outcome(
     trial: optuna.Trial, result: JobReturn, objectives: Objectives
 ) -> tuple[TrialState, Optional[list[float]], Optional[str]]:
+    if result.status == JobStatus.FAILED and isinstance(result._return_value, optuna.TrialPruned):
+        return TrialState.PRUNED, None, None  # a normal early stop: Hydra's return_value says "Error executing job"
     try:
         returned = result.return_value
-    except optuna.TrialPruned:
-        return TrialState.PRUNED, None, None
     except Exception as error:
         if not isinstance(error, ConfigError):  # a config error's message, logged as the reason, names its key
             log.error("trial %d raised", trial.number, exc_info=error)
