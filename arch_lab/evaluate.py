@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from components.analysis import attention_entropy_per_layer, attention_share, effective_receptive_field
+from components.analysis import (attention_entropy_per_layer, attention_share, effective_receptive_field,
+                                 layer_last_rows)
 from components.attention_maps import collect_attention_maps
 from components.cache_accounting import paper_cache_mb
 from components.config import ConfigError, MissingInputError
@@ -103,10 +104,11 @@ def cache_metrics(model, lengths: list[int]) -> dict[str, float]:
 def analysis_metrics(model, input_ids: torch.Tensor) -> dict[str, float]:
     """ERF, attention entropy and attention share (paper §2.2.2, Fig. 8, Fig. 9) on one batch."""
     maps = collect_attention_maps(model, input_ids)
-    metrics: dict[str, float] = {}
+    branches = [[m for m in (maps.attention.get(i), maps.ssm.get(i)) if m is not None]
+                for i in sorted(set(maps.attention) | set(maps.ssm))]
+    metrics: dict[str, float] = {"analysis/erf": effective_receptive_field([layer_last_rows(b) for b in branches])}
     if maps.attention:
         layers = [maps.attention[i] for i in sorted(maps.attention)]
-        metrics["analysis/erf"] = effective_receptive_field(layers)
         entropy = attention_entropy_per_layer(layers, num_meta=maps.num_meta)
         metrics["analysis/attn_entropy"] = entropy.mean().item()
         for i, layer_entropy in zip(sorted(maps.attention), entropy):

@@ -6,7 +6,7 @@ columns (Hymba prepends learned meta tokens; the first real token, right after t
 Queries are the *last* ``q`` positions of the key axis, so both the full square map of
 ``[meta ; tokens]`` and a map with real-token rows only (``k = num_meta + q``) are accepted.
 
-- ``effective_receptive_field``: the ERF of paper §2.2.2 (Fig. 3).
+- ``effective_receptive_field``: the ERF of paper §2.2.2 (Fig. 3); ``layer_last_rows`` joins a layer's branches.
 - ``attention_entropy`` / ``attention_entropy_per_layer``: row entropy per head (App. D, Fig. 9).
 - ``attention_share``: the 'Meta' / 'BOS' / 'Self' / 'Cross' categories of App. C (Fig. 8).
 - ``normalize_implicit_attention``: turns an SSM's implicit attention matrix into rows of the
@@ -65,6 +65,14 @@ def _real_query_rows(attn: Tensor, num_meta: int, name: str) -> tuple[Tensor, Te
     return rows, positions
 
 
+def layer_last_rows(branch_maps: list[Tensor]) -> Tensor:
+    """A layer's heads as one map for the ERF: the last query row of each branch (attention heads, SSM heads)
+    averaged over its heads, then over the branches, as the hybrid mixer's fusion averages their outputs;
+    (b, 1, 1, keys)."""
+    rows = [m[:, :, -1:, :].float().mean(dim=1, keepdim=True) for m in branch_maps]
+    return torch.stack(rows).mean(dim=0)
+
+
 def effective_receptive_field(attn_maps: list[Tensor]) -> float:
     """Effective receptive field (ERF) of paper §2.2.2, in tokens.
 
@@ -79,7 +87,9 @@ def effective_receptive_field(attn_maps: list[Tensor]) -> float:
     attention distance: all mass on the last token gives 0, all mass on token 0 gives ``S``.
 
     Heads are averaged within each layer (the paper's 1/H), which also lets layers with different
-    head counts (e.g. SSM channels) be combined. All layers must share the key length ``S + 1``.
+    head counts be combined; ``attn_maps`` holds every layer of the model, SSM heads through their implicit
+    attention (Fig. 3 gives Mamba an ERF), and a hybrid layer as ``layer_last_rows`` of its two branches.
+    All layers must share the key length ``S + 1``.
     Following Ben-Kish et al. 2024 (DeciMamba), as cited by the paper.
     """
     if len(attn_maps) == 0:

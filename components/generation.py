@@ -49,7 +49,12 @@ class CUDAGraphDecoder:
     create the decoder before the prefill. `step` is the model's `forward_cached`, or a compiled version of it.
     """
 
+    capture_steps = 3  # two warm-up steps and the captured one, each run on the state
+
     def __init__(self, step, state: InferenceState, learned_init: InferenceState):
+        if state.max_len < self.capture_steps:
+            raise ValueError(f"capturing a decode step runs {self.capture_steps} steps on the inference state: give it "
+                             f"max_len >= {self.capture_steps}, got {state.max_len}")
         self.state = state
         self.tokens = torch.zeros(state.batch, 1, dtype=torch.long, device=state.pad.device)
         side = torch.cuda.Stream()
@@ -133,7 +138,8 @@ class Generator:
                  prefill_chunk: Optional[int] = None, vocab_limit: Optional[int] = None) -> GenerationOutput:
         """`vocab_limit`: only ids below it may be produced (a tokenizer smaller than the embedding table)."""
         ids, pad = left_pad(prompts, 0, self.device)  # any id: the padding is masked out
-        state = self.new_state(len(prompts), ids.shape[1] + max_new_tokens)
+        length = ids.shape[1] + max_new_tokens  # room for the decoder's capture, however short the request
+        state = self.new_state(len(prompts), max(length, CUDAGraphDecoder.capture_steps) if self.cuda_graph else length)
         decode = self.decoder(state)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         logits = self.prefill(state, ids, pad, prefill_chunk)

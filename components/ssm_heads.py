@@ -23,7 +23,7 @@ from .ops.causal_conv import causal_conv1d, causal_conv1d_step
 from .ops.custom_ops import mamba1_step_kernel
 from .ops.selective_scan import (DEFAULT_SCAN_KERNEL, selective_scan, selective_scan_implicit_attention,
                                  selective_state_update)
-from .ops.ssd import ssd_scan, ssd_step
+from .ops.ssd import ssd_implicit_attention, ssd_scan, ssd_step
 
 
 @dataclass
@@ -187,6 +187,7 @@ class Mamba2Heads(nn.Module):
         self.dt_bias = nn.Parameter(_dt_bias_init(self.n_heads))
         self.norm = RMSNorm(d_inner, eps, group_size=d_inner // n_groups)
         self.backend = "auto"
+        self.captured_maps: Optional[list] = None  # set to a list to record the implicit attention (analysis)
 
     def state_shapes(self, batch: int) -> tuple[tuple, tuple]:
         return (batch, self.conv_channels, self.d_conv - 1), (batch, self.n_heads, self.head_dim, self.d_state)
@@ -211,6 +212,9 @@ class Mamba2Heads(nn.Module):
             xbc = causal_conv1d(xbc.transpose(1, 2), weight, self.conv1d.bias, activation="silu",
                                 backend=self.backend).transpose(1, 2)
             x, B, C = self._split_xbc(xbc)
+            if self.captured_maps is not None:  # |implicit attention| averaged over heads, as Mamba1Heads records
+                alpha = ssd_implicit_attention(dt, A, B, C, self.dt_bias.float(), True)
+                self.captured_maps.append(normalize_implicit_attention(alpha.abs().mean(1, keepdim=True)))
             y = ssd_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(),
                          dt_softplus=True, backend=self.backend)
             return self._gated_out(y.reshape(b, l, self.d_inner), z)

@@ -11,6 +11,7 @@ from components.analysis import (
     attention_entropy_per_layer,
     attention_share,
     effective_receptive_field,
+    layer_last_rows,
     normalize_implicit_attention,
 )
 
@@ -48,6 +49,38 @@ def test_erf_two_layer_example_computed_by_hand():
     expected = (2 / 3) * (1.5 + 0.75) / 2 + (1 / 3) * (1.5 + 1.0) / 2  # = 7/6
     assert effective_receptive_field([layer1, layer2]) == pytest.approx(expected)
     assert expected == pytest.approx(7 / 6)
+
+
+def test_a_hybrid_layers_heads_are_averaged_per_branch_then_over_the_branches():
+    attention = torch.zeros(1, 2, 4, 4)  # two heads: last rows on tokens 0 and 3
+    attention[0, 0, 3, 0] = attention[0, 1, 3, 3] = 1.0
+    ssm = one_hot_rows(4, [0, 0, 1, 1])  # one (channel-averaged) head: last row on token 1
+    expected = torch.tensor([(0.5 + 0) / 2, (0 + 1) / 2, 0.0, (0.5 + 0) / 2]).view(1, 1, 1, 4)
+    assert torch.equal(layer_last_rows([attention, ssm]), expected)
+    assert torch.equal(layer_last_rows([ssm]), ssm[:, :, -1:])
+
+
+@pytest.mark.parametrize("name", ["roadmap_a", "roadmap_e", "mamba", "mamba2", "transformer"])
+def test_a_runs_erf_counts_every_layer_with_both_kinds_of_heads(name):
+    """Paper §2.2.2 sums over all N layers and Fig. 3 gives Mamba an ERF: the SSM heads count through their
+    implicit attention, and row A's attention layers (1, 3, 5 of 6) keep their places among the 6."""
+    from arch_lab.evaluate import analysis_metrics
+    from components.attention_maps import collect_attention_maps
+    from model_factories import build_model, cpu_config, random_tokens
+
+    model = build_model(cpu_config(name), dtype=torch.float32)
+    ids = random_tokens(model.cfg.vocab_size, 2, 12)
+    maps = collect_attention_maps(model, ids)
+    n_layers = len(model.layers)
+    assert sorted(set(maps.attention) | set(maps.ssm)) == list(range(n_layers))
+    last_rows = []
+    for i in range(n_layers):
+        branches = [m[:, :, -1].mean(dim=1) for m in (maps.attention.get(i), maps.ssm.get(i)) if m is not None]
+        last_rows.append(sum(branches) / len(branches))  # (b, keys)
+    distance = torch.arange(last_rows[0].shape[-1] - 1, -1, -1, dtype=torch.float32)
+    expected = sum(2 * (n_layers - n) / (n_layers * (n_layers + 1)) * (rows.mean(0) * distance).sum()
+                   for n, rows in enumerate(last_rows))
+    assert analysis_metrics(model, ids)["analysis/erf"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_erf_rejects_bad_input():

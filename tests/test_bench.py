@@ -336,11 +336,14 @@ def test_train_flops_per_token_by_hand():
     n_matmul = 2 * (in_proj + out_proj + conv + x_proj + dt_proj + ffn) + 10 * 8  # + LM head
     assert matmul_params(model) == n_matmul == 2224
     seq = 20
-    ctx_global, ctx_local = seq / 2 + 2, min(6, seq / 2) + 2
+    # query i of 20 sees i keys (global layer) or min(i, 6) (window 6), plus the 2 meta tokens
+    ctx_global, ctx_local = 210 / seq + 2, (21 + 6 * 14) / seq + 2
     attention = 2 * 2 * (4 + 8) * (ctx_global + ctx_local)
     scan = 2 * 9 * 16 * 4
-    assert train_flops_per_token(model, seq) == 6 * n_matmul + 3 * (attention + scan) == 19680
-    assert attention_context(100, 6, 2) == 8 and attention_context(8, 6, 2) == 6 and attention_context(8, None, 0) == 4
+    assert train_flops_per_token(model, seq) == pytest.approx(6 * n_matmul + 3 * (attention + scan)) == 19644
+    for length, window in ((100, 6), (8, 6), (8, None), (1, 4), (2048, 1024)):
+        seen = sum(min(i, window or length) for i in range(1, length + 1)) / length
+        assert attention_context(length, window, 2) == pytest.approx(seen + 2)
     mamba2 = build_on_meta(preset("mamba2", "tiny"))
     assert scan_flops_per_token(mamba2) == sum(6 * l.mixer.ssm.d_inner * l.mixer.ssm.d_state for l in mamba2.layers)
     assert scan_flops_per_token(build_on_meta(preset("transformer", "tiny"))) == 0

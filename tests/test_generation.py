@@ -105,6 +105,16 @@ def test_empty_prompt_is_rejected(model, prompts):
         Generator(model).generate(prompts, 3)
 
 
+def test_a_cuda_graph_needs_room_for_its_capture_steps(model):
+    from components.generation import CUDAGraphDecoder
+
+    generator = Generator(model, cuda_graph=False)
+    state = generator.new_state(1, 2)
+    with pytest.raises(ValueError, match=r"^capturing a decode step runs 3 steps on the inference state: give it "
+                                         r"max_len >= 3, got 2$"):
+        CUDAGraphDecoder(generator.decode_step, state, generator.learned_init)
+
+
 def test_sampling_needs_a_positive_temperature(model):
     with pytest.raises(ValueError, match=r"^temperature must be > 0 for sampling, got 0$"):
         Generator(model).generate([[1, 2]], 2, greedy=False, temperature=0)

@@ -134,6 +134,18 @@ def test_cuda_graph_decoding_matches_eager_and_full_forward(name):
     assert rel_err(torch.stack([s[2] for s in eager.step_logits]), full.float().cpu()) < 1e-3
 
 
+@pytest.mark.parametrize("prompt_len, new_tokens", [(1, 1), (1, 0), (2, 1), (1, 2)])
+def test_cuda_graph_decoding_of_requests_shorter_than_its_capture(prompt_len, new_tokens):
+    """Capturing the step runs 3 steps on the state: a request of fewer tokens still gets the eager result."""
+    pytest.importorskip("mamba_ssm")
+    torch.manual_seed(0)
+    model = gpu_model("roadmap_e", window=32).eval()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (prompt_len,)).tolist()]
+    graphed = Generator(model, cuda_graph=True).generate(prompts, new_tokens)
+    assert graphed.tokens == Generator(model, cuda_graph=False).generate(prompts, new_tokens).tokens
+    assert len(graphed.tokens[0]) == new_tokens
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "roadmap_e"])
 def test_compiled_cuda_graph_decoding_matches_eager(name):
     """compile_decode: the torch.compile'd step inside the CUDA graph gives the eager step's tokens and logits."""

@@ -15,7 +15,7 @@ from components.ops.selective_scan import (
     selective_scan_reference,
     selective_state_update,
 )
-from components.ops.ssd import segsum, ssd_naive, ssd_reference, ssd_scan, ssd_step
+from components.ops.ssd import segsum, ssd_implicit_attention, ssd_naive, ssd_reference, ssd_scan, ssd_step
 
 BATCH, DIM, DSTATE, SEQLEN = 2, 4, 3, 37  # 37: neither a square nor a multiple of the chunks used
 
@@ -278,6 +278,15 @@ def test_ssd_reference_matches_naive(ngroups: int, D: str | None, z: bool, state
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final_state, expected_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ssd_scan(**kwargs, chunk_size=chunk_size), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ssd_implicit_attention_reproduces_the_scan() -> None:
+    inputs = ssd_inputs(seed=14, seqlen=12)
+    alpha = ssd_implicit_attention(inputs["dt"], inputs["A"], inputs["B"], inputs["C"], inputs["dt_bias"], True)
+    assert alpha.shape == (BATCH, HEADS, 12, 12)
+    assert torch.all(alpha.triu(diagonal=1) == 0)
+    expected = ssd_naive(**ssd_kwargs(inputs, None, z=False, state=False))
+    torch.testing.assert_close(torch.einsum("bhts,bshp->bthp", alpha, inputs["x"]), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ssd_reference_gradients_match_naive() -> None:

@@ -57,9 +57,10 @@ def matmul_params(model) -> int:
 
 
 def attention_context(seq_len: int, window: int | None, num_meta: int) -> float:
-    """Keys an average query attends to: the causal half (capped by the window) plus the meta tokens."""
-    visible = seq_len / 2 if window is None else min(window, seq_len / 2)
-    return visible + num_meta
+    """Keys an average query attends to: query i (from 1) sees min(i, window) of the sequence's keys, itself
+    included, plus the meta tokens."""
+    span = seq_len if window is None else min(window, seq_len)
+    return span - span * (span - 1) / (2 * seq_len) + num_meta  # the mean of min(i, span) over i = 1..seq_len
 
 
 def attention_flops_per_token(model, seq_len: int) -> float:

@@ -131,6 +131,22 @@ def ssd_naive(
     return (out, h) if return_final_state else out
 
 
+def ssd_implicit_attention(
+    dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """The SSD's implicit attention matrix, as selective_scan_implicit_attention's for Mamba-1; float32,
+    (b, h, l, l), 0 above the diagonal:
+
+        alpha[b, h, t, s] = (C_t . B_s) exp(sum_{k=s+1..t} dt'_k A_h) dt'_s,   y_t = sum_s alpha[t, s] x_s (+ D x_t).
+    """
+    nheads = A.shape[0]
+    dt32 = discretization_step(dt, dt_bias, dt_softplus, channel_dim=-1).transpose(1, 2)  # (b, h, l)
+    Bh, Ch = _heads_from_groups(B.float(), nheads), _heads_from_groups(C.float(), nheads)  # (b, l, h, n)
+    decay = torch.exp(segsum(dt32 * A.float()[:, None]))  # (b, h, t, s); exp(-inf) = 0 above the diagonal
+    return torch.einsum("bthn,bshn->bhts", Ch, Bh) * decay * dt32[:, :, None, :]
+
+
 def ssd_reference(
     x: torch.Tensor,
     dt: torch.Tensor,
