@@ -6,6 +6,7 @@ Each file spells out every ModelConfig key, so `model.<key>=...` overrides work 
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,9 @@ def rendered_model_configs() -> dict[str, str]:
     return files
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m arch_lab.model_configs",
+                            description=f"Rewrite {CONF_MODEL_DIR} from components/presets.py.").parse_args(argv)
     CONF_MODEL_DIR.mkdir(parents=True, exist_ok=True)
     for file_name, text in rendered_model_configs().items():
         (CONF_MODEL_DIR / file_name).write_text(text)

@@ -85,6 +85,17 @@ def test_model_conf_files_match_the_presets():
     assert not drifted, f"conf/model/ drifted from components.presets: {drifted} (python -m arch_lab.model_configs)"
 
 
+def test_model_configs_writes_the_preset_files_and_its_help_writes_nothing(tmp_path, monkeypatch, capsys):
+    import arch_lab.model_configs as model_configs
+
+    monkeypatch.setattr(model_configs, "CONF_MODEL_DIR", tmp_path / "model")
+    with pytest.raises(SystemExit) as stop:
+        model_configs.main(["--help"])
+    assert stop.value.code == 0 and "Rewrite" in capsys.readouterr().out and not (tmp_path / "model").exists()
+    model_configs.main([])
+    assert {p.name: p.read_text() for p in (tmp_path / "model").iterdir()} == rendered_model_configs()
+
+
 @pytest.mark.parametrize("search", HPARAMS_SEARCHES)
 def test_hparams_search_selects_the_arch_lab_optuna_sweeper(search: str):
     register_sweeper()  # as `python -m arch_lab` does before Hydra composes
