@@ -30,15 +30,16 @@ def main(cfg: DictConfig):
                               f"(python -m arch_lab -m hparams_search={search} ...)")
         metrics = train(cfg, output_dir=output_dir)
     except (KeyboardInterrupt, SystemExit) as stop:  # in fit, Lightning turns a SIGTERM and a second Ctrl-C into these
-        if HydraConfig.get().mode == RunMode.MULTIRUN or not is_interrupt(stop):
+        if current_trial() is not None or not is_interrupt(stop):
             raise  # the sweeper marks the trial and its study's parent run KILLED
         resume = resume_hint(Path(output_dir) / "checkpoints" / "last.ckpt",
                              OmegaConf.to_container(cfg.trainer, resolve=True))
         status = interrupt_exit_status(stop)
         outcome = "before the MLflow run opened" if isinstance(stop, InterruptedBeforeRun) else \
             f"the MLflow run ended KILLED{resume}"
-        log.error("interrupted (%s): %s", "SIGTERM" if status == 143 else "Ctrl-C", outcome)
-        raise SystemExit(status) from None  # the shell's codes for them, without a traceback
+        job = f"job {HydraConfig.get().job.num}: " if HydraConfig.get().mode == RunMode.MULTIRUN else ""
+        log.error("interrupted (%s): %s%s", "SIGTERM" if status == 143 else "Ctrl-C", job, outcome)
+        raise SystemExit(status) from None  # the shell's codes, no traceback; a multirun's later jobs do not run
     except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
         if current_trial() is not None:
             raise  # the sweeper records the trial's reason

@@ -50,6 +50,8 @@ INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
 TERMINATED = "terminated"  # SIGTERM, as a scheduler stops a job
 INTERRUPTED_TWICE = "interrupted_twice"  # the second Ctrl-C aborts at once (Lightning exits inside fit)
 SWEEP_TERMINATED = "sweep_terminated"  # SIGTERM while a sweep's trial trains
+MULTIRUN_TERMINATED = "multirun_terminated"  # and while a plain multirun's first job trains
+MULTIRUN_INTERRUPTED = "multirun_interrupted"
 # what each case runs, the metric whose first value tells that the run reached the phase to interrupt, the signal
 # and how many times it is sent
 LONG_RUN = ["trainer.max_steps=100000", "trainer.log_every_n_steps=1"]
@@ -58,6 +60,8 @@ INTERRUPTIONS = {
     TERMINATED: (LONG_RUN, "train/loss", signal.SIGTERM, 1),
     INTERRUPTED_TWICE: (LONG_RUN, "train/loss", signal.SIGINT, 2),
     SWEEP_TERMINATED: (["-m", "hparams_search=head_ratio", *LONG_RUN], "train/loss", signal.SIGTERM, 1),
+    MULTIRUN_TERMINATED: (["-m", "seed=0,1", *LONG_RUN], "train/loss", signal.SIGTERM, 1),
+    MULTIRUN_INTERRUPTED: (["-m", "seed=0,1", *LONG_RUN], "train/loss", signal.SIGINT, 1),
     # MQAR accuracy is the stage before decode timing, which takes seconds at this batch and length
     INTERRUPTED_IN_EVALUATION: (["trainer.max_steps=2", "trainer.val_check_interval=100", "eval.decode.batch=32",
                                  "eval.decode.new_tokens=850"], "recall/mqar_acc", signal.SIGINT, 1),
@@ -282,6 +286,20 @@ def test_a_sweep_terminated_while_a_trial_trains_records_the_trial_interrupted(o
     assert statuses == {run_id: "KILLED", client(workdir).get_run(run_id).data.tags["mlflow.parentRunId"]: "KILLED"}
     console = (workdir / "lab.log").read_text()
     assert "Traceback" not in console and "interrupted (SIGTERM): the trials in flight are recorded" in console
+
+
+@pytest.mark.parametrize("case, status, name", [(MULTIRUN_TERMINATED, 143, "SIGTERM"),
+                                                (MULTIRUN_INTERRUPTED, 130, "Ctrl-C")])
+def test_a_plain_multirun_stopped_while_a_job_trains_exits_with_the_shells_code_naming_the_job(outcomes, case,
+                                                                                                status, name):
+    workdir, future = outcomes[case]
+    returncode, run_id = future.result()
+    assert returncode == status  # a SIGTERM's multirun used to exit 0, a Ctrl-C's with Hydra's traceback
+    assert [(run.info.run_id, run.info.status) for run in lab_runs(workdir)] == [(run_id, "KILLED")]  # job 1 never ran
+    console = (workdir / "lab.log").read_text()
+    assert "Traceback" not in console
+    assert re.search(rf"interrupted \({name}\): job 0: the MLflow run ended KILLED; resume with ckpt_path='.*last.ckpt'",
+                     console)
 
 
 def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):
