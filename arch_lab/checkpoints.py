@@ -17,6 +17,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from components.config import ConfigError
 
+from .run_checks import changed_settings, refuse_changed_resume
+
 from .optim import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -111,10 +113,13 @@ def read_lab_checkpoint(path: str, key: str, mmap: bool = False) -> dict:
 
 
 def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.LightningDataModule,
-                    trainer_cfg: dict[str, Any]) -> None:
+                    trainer: L.Trainer, trainer_cfg: dict[str, Any]) -> None:
     """Before the run opens, so a refused resume leaves no FAILED run: the checkpoint is one `python -m arch_lab`
     wrote (read lazily), leaves something to train within the run's trainer.max_steps and trainer.max_time, and
-    holds this run's model, optimizer and data settings (the checks that Lightning's restore repeats inside fit)."""
+    holds this run's model, optimizer and data settings (the checks that Lightning's restore repeats inside fit),
+    and as many batches a step as `trainer` (the run's, as configured) takes."""
+    from .lit_module import STEP_BATCHES_KEY, step_batches
+
     if path is None:
         return
     ckpt = read_lab_checkpoint(path, "ckpt_path", mmap=True)
@@ -123,6 +128,8 @@ def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.L
         why, remedy = finished
         raise CheckpointError(f"ckpt_path: {why}: nothing is left to train; {remedy} to train on")
     lit.check_resumable(ckpt)
+    if STEP_BATCHES_KEY in ckpt:  # not in checkpoints written before it was recorded
+        refuse_changed_resume(changed_settings("trainer.", ckpt[STEP_BATCHES_KEY], step_batches(trainer)))
     datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__) or {})
     _point_out_a_moved_schedule(ckpt, lit.hparams.optim_cfg, trainer_cfg["max_steps"])
 

@@ -20,6 +20,13 @@ from .tracking import RESUMED_FROM_TAG
 
 log = logging.getLogger(__name__)
 RUN_ID_KEY = "mlflow_run_id"  # in a checkpoint: the MLflow run that wrote it
+STEP_BATCHES_KEY = "batches_per_step"  # in a checkpoint: how many batches an optimizer step took (step_batches)
+
+
+def step_batches(trainer: L.Trainer) -> dict[str, int]:
+    """What decides the batches one optimizer step takes besides data.batch_size: a resumed sampler skips the
+    batches of the steps done, counted with the resumed run's values (on_train_start)."""
+    return {"accumulate_grad_batches": trainer.accumulate_grad_batches, "world_size": trainer.world_size}
 
 
 class LitHybridLM(L.LightningModule):
@@ -111,6 +118,7 @@ class LitHybridLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if isinstance(self.logger, MLFlowLogger):  # fast_dev_run swaps in a DummyLogger
             checkpoint[RUN_ID_KEY] = self.logger.run_id  # a run resumed from it is tagged with its origin
+        checkpoint[STEP_BATCHES_KEY] = step_batches(self.trainer)
 
     def check_resumable(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run must train the checkpoint's model with its optimizer settings: a different shape fails to

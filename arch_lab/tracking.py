@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from components.config import ConfigError
+
 RESUMED_FROM_TAG = "resumed_from_run"  # a resumed run's tag: the id of the run whose checkpoint it resumed
 _MAX_PARAM_LEN = 500  # MLflow's limit on a param value is larger; long lists are truncated for readability
 
@@ -28,7 +30,13 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
     passwords in URLs hidden."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     roots = _data_roots(resolved.get("data_root"))
-    return {key: _loggable(str(value), roots)[:_MAX_PARAM_LEN] for key, value in flatten(resolved).items()}
+    return {key: _param_text(value, roots)[:_MAX_PARAM_LEN] for key, value in flatten(resolved).items()}
+
+
+def _param_text(value: Any, roots: list[str]) -> str:
+    if isinstance(value, list):  # each element made loggable: any of them may be a path
+        return str([_loggable(item, roots) if isinstance(item, str) else item for item in value])
+    return _loggable(str(value), roots)
 
 
 def loggable_config_yaml(cfg: DictConfig) -> str:
@@ -80,7 +88,7 @@ def hide_absolute_path(text: str) -> str:
     scheme, sep, rest = text.partition(":///")
     if sep and (os.path.isabs(rest) or scheme == "file"):  # file:///home/x is /home/x; sqlite:///x.db is relative
         return f"{scheme}:///<abs>/{Path(rest).name}"
-    if os.path.isabs(text.split(",")[0].strip("[]' ")):
+    if os.path.isabs(text):
         return "<abs>/" + Path(text).name
     return text
 
@@ -108,11 +116,50 @@ def existing_store(uri: str, flag: str) -> str:
     elif uri.startswith("sqlite:"):
         path = sqlite_path(uri)
     else:
+        try:
+            check_tracking_uri(uri, flag, file_store_ok=True)
+        except ConfigError as error:
+            raise SystemExit(str(error)) from None
         return uri
     if path is not None and not path.exists():
         raise SystemExit(f"{flag} {uri}: no MLflow store there ({path} does not exist)")
     check_sqlite_store(uri, flag)
     return uri
+
+
+def check_tracking_uri(uri: str, key: str, file_store_ok: bool = False) -> None:
+    """Refuse, in one line naming the setting (`key`, e.g. logger.tracking_uri or --tracking-uri), a tracking URI that
+    MLflow would fail on only once a run opens, with a long traceback: a scheme it has no store for, a path or
+    file: URI (MLflow refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true; readers may pass `file_store_ok`),
+    or a server that does not answer (MLflow retries for minutes before it gives up)."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    named = f"{key}={redact_url(uri)}"
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme in ("", "file") and not (file_store_ok or MLFLOW_ALLOW_FILE_STORE.get()):
+        local = uri if uri.endswith(".db") and scheme == "" else "mlruns.db"
+        raise ConfigError(f"{named}: MLflow refuses file stores (a path or file: URI) unless MLFLOW_ALLOW_FILE_STORE="
+                          f"true; use sqlite:///{local} for a local store, or http(s)://<host>:<port> for a server")
+    known = sorted(s for s in _tracking_store_registry._registry if s)  # MLflow's stores by URI scheme
+    if scheme not in known + [""]:
+        raise ConfigError(f"{named}: MLflow has no store for {scheme}:// URIs; allowed schemes: {', '.join(known)}")
+    if scheme in ("http", "https"):
+        _check_server_answers(uri, named)
+
+
+def _check_server_answers(uri: str, named: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # a server answered (one behind a login, say): MLflow's own calls will tell the rest
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"{named}: no server answers there ({reason}); start one (mlflow server --host 127.0.0.1 "
+                          f"--port <port>) or give another URI") from None
 
 
 def check_sqlite_store(uri: str, flag: str, empty_ok: bool = False) -> None:

@@ -115,8 +115,8 @@ def _probe_trainer(cfg: DictConfig, out: Path):
     try:
         trainer_cfg = _trainer_kwargs(cfg)
         return _new_trainer(trainer_cfg, out, False, [_step_checkpoint(trainer_cfg, out)])
-    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from None
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError, ImportError) as error:  # ImportError: an
+        raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from None  # accelerator's package
     finally:
         device_report.disabled = False
 
@@ -146,6 +146,7 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     if cfg.get("gpu_only") and not torch.cuda.is_available():
         raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
                                f"device is visible")
+    tracking.check_tracking_uri(cfg.logger.tracking_uri, "logger.tracking_uri")
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ModelConfig.from_dict(model_cfg).validate()
@@ -161,7 +162,7 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     lit = LitHybridLM(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), cfg.backend, cfg.compile, spec,
                       cfg.scan_kernel)
     probe = _probe_trainer(cfg, out)
-    check_resumable(cfg.ckpt_path, lit, datamodule, OmegaConf.to_container(cfg.trainer, resolve=True))
+    check_resumable(cfg.ckpt_path, lit, datamodule, probe, OmegaConf.to_container(cfg.trainer, resolve=True))
     trial = current_trial()
     check_prune_metric(cfg.prune_metric, data_cfg["kind"], trial.directions if trial else None)
     if probe.world_size > 1 and _in_multirun():  # Lightning's launcher would re-run the whole multirun command

@@ -187,7 +187,9 @@ def test_bad_bench_keys_are_named(override: str, message: str):
 
 
 @pytest.mark.parametrize("override, message", [("batch=0", "batch must be an integer >= 1, got 0"),
-                                               ("model.window=-3", "model.window: must be an int >= 1 or null")])
+                                               ("model.window=-3", "model.window: must be an int >= 1 or null"),
+                                               ("logger.tracking_uri=bogus://x", "logger.tracking_uri=bogus://x: "
+                                                                                "MLflow has no store for bogus://")])
 @pytest.mark.parametrize("full_error", [False, True])
 def test_a_bad_key_is_one_line_unless_hydra_full_error(tmp_path: Path, override: str, message: str,
                                                        full_error: bool):
@@ -196,9 +198,9 @@ def test_a_bad_key_is_one_line_unless_hydra_full_error(tmp_path: Path, override:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
                **({"HYDRA_FULL_ERROR": "1"} if full_error else {}))
-    proc = subprocess.run([sys.executable, "-m", "arch_lab.bench", override, f"hydra.run.dir={tmp_path / 'run'}",
-                           f"logger.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "arch_lab.bench", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"logger.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}", override],  # the last value wins
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     output = proc.stdout + proc.stderr
     assert message in output

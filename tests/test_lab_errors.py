@@ -40,10 +40,15 @@ CASES: dict[str, list[str]] = {
                                  "trainer.limit_val_batches=1", "eval.passkey.haystack_path=/nope"],
     # Lightning's and the data's own checks, run before the MLflow run opens (each used to leave a FAILED run)
     "trainer_refused": [*TINY, "trainer.accelerator=tpuu"],
+    "trainer_without_its_package": [*TINY, "trainer.accelerator=tpu"],
     "batch_too_large": [*TINY, "data.batch_size=100000"],
     "passkey_too_short": [*TINY_TEXT, "eval.passkey.seq_len=64"],
     "search_without_multirun": ["hparams_search=head_ratio"],
     "multirun_on_two_devices": ["-m", "trainer.devices=2,1", *TINY],  # job 0 is refused, job 1 runs
+    # MLflow would fail once the run opens (after the data and model are built), or retry a dead server for minutes
+    "file_store_tracking_uri": [*TINY, "logger.tracking_uri=mlruns.db"],
+    "unknown_tracking_scheme": [*TINY, "logger.tracking_uri=bogus://x"],
+    "unreachable_tracking_server": [*TINY, "logger.tracking_uri=http://127.0.0.1:1"],
 }
 INTERRUPTED = "interrupted"  # the Ctrl-C cases, run in the same pool
 INTERRUPTED_IN_EVALUATION = "interrupted_in_evaluation"
@@ -210,6 +215,7 @@ def test_unknown_commonsense_task_is_caught_before_training(outcomes):
 @pytest.mark.parametrize("case, message", [
     ("trainer_refused", "trainer: Lightning refuses these settings: You selected an invalid accelerator name: "
                         "`accelerator='tpuu'`. Available names are: "),
+    ("trainer_without_its_package", "trainer: Lightning refuses these settings: "),
     ("batch_too_large", "the training set (192 examples, set by data.train_examples) holds no full batch of "
                         "data.batch_size=100000 per device on 1 device(s): lower data.batch_size"),
     ("passkey_too_short", "eval.passkey.seq_len must be >= 104 to hold the needle, the question, the answer and "
@@ -221,6 +227,23 @@ def test_what_lightning_the_data_or_the_search_refuse_fails_before_the_run_opens
     workdir, proc = _result(outcomes, case)
     assert _only_error(proc).startswith(message)
     assert lab_runs(workdir) == []
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file_store_tracking_uri", "logger.tracking_uri=mlruns.db: MLflow refuses file stores (a path or file: URI) "
+                                "unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlruns.db for a local store, or "
+                                "http(s)://<host>:<port> for a server"),
+    ("unknown_tracking_scheme", "logger.tracking_uri=bogus://x: MLflow has no store for bogus:// URIs; allowed "
+                                "schemes: databricks, databricks-uc, file, http, https, mssql, mysql, postgresql, "
+                                "sqlite, uc"),
+    ("unreachable_tracking_server", "logger.tracking_uri=http://127.0.0.1:1: no server answers there ([Errno 111] "
+                                    "Connection refused); start one (mlflow server --host 127.0.0.1 --port <port>) "
+                                    "or give another URI"),
+])
+def test_a_tracking_uri_mlflow_cannot_use_is_refused_before_the_run(outcomes, case, message):
+    workdir, proc = _result(outcomes, case)
+    assert _only_error(proc) == message
+    assert lab_runs(workdir) == [] and not (workdir / "mlruns").exists()
 
 
 def test_missing_passkey_haystack_is_caught_before_training(outcomes):

@@ -98,8 +98,14 @@ def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, t
     # and the seed, which also draws MQAR's examples and held-out sets
     proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "seed=5"], tmp_path / "seed", check=False)
     assert error_messages(proc)[0].startswith("ckpt_path: this run changes seed=5 (checkpoint: 0); resume")
+    # and the batches a step takes: the sampler would skip as many batches a step as the resumed run takes
+    proc = run_lab([*COMMON, f"ckpt_path='{intermediate}'", "trainer.accumulate_grad_batches=2"], tmp_path / "accum",
+                   check=False)
+    assert error_messages(proc)[0].startswith("ckpt_path: this run changes trainer.accumulate_grad_batches=2 "
+                                              "(checkpoint: 1); resume")
     # refused before the MLflow run opens: no FAILED run left behind
     assert lab_runs(tmp_path) == lab_runs(tmp_path / "data") == lab_runs(tmp_path / "seed") == []
+    assert lab_runs(tmp_path / "accum") == []
 
 
 def test_a_saved_state_dict_is_not_a_checkpoint_to_resume(runs, tmp_path):

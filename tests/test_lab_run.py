@@ -284,8 +284,11 @@ def test_float32_matmul_precision_holds_for_a_cuda_run_only_and_is_put_back(monk
 def test_logged_params_hide_a_password_in_a_url():
     from arch_lab.tracking import loggable_params
 
-    cfg = OmegaConf.create({"data_root": None, "logger": {"tracking_uri": "postgresql://alice:s3cret@db.example/ml"}})
-    assert loggable_params(cfg)["logger.tracking_uri"] == "postgresql://alice:***@db.example/ml"
+    cfg = OmegaConf.create({"data_root": None, "logger": {"tracking_uri": "postgresql://alice:s3cret@db.example/ml"},
+                            "paths": ["rel/a.txt", "/home/me/b.txt", 3]})
+    params = loggable_params(cfg)
+    assert params["logger.tracking_uri"] == "postgresql://alice:***@db.example/ml"
+    assert params["paths"] == "['rel/a.txt', '<abs>/b.txt', 3]"  # every element, not the first one only
 
 
 def test_the_config_artifact_hides_passwords_and_absolute_paths_and_keeps_interpolations():

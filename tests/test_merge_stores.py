@@ -141,14 +141,26 @@ def test_a_missing_store_is_named_and_nothing_is_created(tmp_path):
 
 
 def test_existing_store_reads_sqlite_file_and_directory_uris(tmp_path, sources):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
     from arch_lab.tracking import existing_store
 
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)  # answers every request with an error status
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "mlruns").mkdir(exist_ok=True)
-    for uri in (sources["a"], f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
-                "http://127.0.0.1:5000"):  # a server: left to MLflow
-        assert existing_store(uri, "--from") == uri
+    try:
+        for uri in (sources["a"], f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
+                    f"http://127.0.0.1:{server.server_port}"):  # a server that answers: the rest is MLflow's
+            assert existing_store(uri, "--from") == uri
+    finally:
+        server.shutdown()
     for uri in (f"sqlite:///{tmp_path / 'c.db'}", f"file://{tmp_path / 'runs'}", str(tmp_path / "runs")):
         with pytest.raises(SystemExit, match="no MLflow store there"):
+            existing_store(uri, "--from")
+    for uri, message in (("http://127.0.0.1:1", r"^--from=http://127.0.0.1:1: no server answers there \("),
+                         ("bogus://x", r"^--from=bogus://x: MLflow has no store for bogus:// URIs; allowed schemes")):
+        with pytest.raises(SystemExit, match=message):
             existing_store(uri, "--from")
 
 

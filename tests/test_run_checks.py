@@ -94,7 +94,7 @@ def test_a_checkpoint_path_that_cannot_resume_is_refused_before_training(tmp_pat
         check_inputs_exist(_composed("ckpt_path=last"), data)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"^ckpt_path: notes.txt is not a checkpoint \(torch cannot load it\)$"):
-        check_resumable("notes.txt", None, None, {})
+        check_resumable("notes.txt", None, None, None, {})
 
 
 @pytest.mark.parametrize("override, message", [

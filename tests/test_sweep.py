@@ -345,9 +345,17 @@ def test_a_config_that_drops_an_objective_stops_the_sweep_after_one_trial(workdi
 
 
 @pytest.mark.slow
-def test_malformed_search_space_names_the_key_before_any_trial(workdir: Path) -> None:
-    result = run_app(workdir, "hparams_search=single", "hydra.sweeper.params.x.high=null")
-    assert "hydra.sweeper.params.x.high must be a finite number, got None" in stopped_console(result)
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.params.x.high=null", "hydra.sweeper.params.x.high must be a finite number, got None"),
+    # Hydra instantiates the sweeper with its own wrapped error around what the constructor raises
+    ("hydra.sweeper.n_trials=0", "] hydra.sweeper.n_trials must be a positive integer, got 0\n"),
+    # a study made before the tracking store was refused would hold the bad URI among its fixed overrides
+    ("hydra.sweeper.tracking_uri=mlruns.db", "hydra.sweeper.tracking_uri=mlruns.db: MLflow refuses file stores"),
+    ("hydra.sweeper.storage=bogus://x", "hydra.sweeper.storage=bogus://x: Can't load plugin: sqlalchemy.dialects:bogus"),
+])
+def test_malformed_sweeper_settings_name_the_key_before_any_study(workdir: Path, override: str, message: str) -> None:
+    result = run_app(workdir, "hparams_search=single", override)
+    assert message in stopped_console(result)
     assert not (workdir / "optuna.db").exists()
 
 
@@ -402,7 +410,8 @@ def test_a_study_is_started_again_only_when_it_has_trials_and_all_failed(tmp_pat
     first, created = _sweeper()._open_study(storage, sampler, pruner, objectives, ["steps=2"])
     assert created
     with pytest.raises(SweepConfigError, match=r"^study 's' in its storage ran its trials with the overrides "
-                                               r"\['steps=2'\], this sweep has \['steps=1'\]"):
+                                               r"\['steps=2'\], this sweep has \['steps=1'\]: .*; it has no trial yet: "
+                                               r"if no sweep runs it, delete it \(optuna delete-study --study-name s "):
         _sweeper()._open_study(storage, sampler, pruner, objectives, ["steps=1"])
     first.tell(first.ask(), state=TrialState.FAIL)
     stale = first.user_attrs["created_as"]  # the creation a racing worker judged before the others moved

@@ -355,6 +355,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     settings = BenchSettings.from_cfg(cfg, torch.cuda.is_available())
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)).validate()
     settings.check_lengths(model_cfg.max_seq_len)
+    tracking.check_tracking_uri(cfg.logger.tracking_uri, "logger.tracking_uri")
     device = torch.device(settings.device)
     device_name = describe_device(device)
     torch.manual_seed(cfg.seed)

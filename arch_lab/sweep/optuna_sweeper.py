@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -55,7 +56,7 @@ from arch_lab.sweep.study_tracking import (
     resolve_tracking_uri,
     sweep_environment,
 )
-from arch_lab.tracking import hide_absolute_path, redact_url
+from arch_lab.tracking import check_tracking_uri, hide_absolute_path, redact_url
 from components.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -193,19 +194,11 @@ class OptunaSweeper(Sweeper):
         poll_interval: float,
     ) -> None:
         super().__init__()
-        for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs), ("heartbeat_interval", heartbeat_interval)):
-            if not isinstance(value, int) or value < 1:
-                raise SweepConfigError(f"hydra.sweeper.{key} must be a positive integer, got {value!r}")
-        if max_failed_trials is not None and (not isinstance(max_failed_trials, int) or max_failed_trials < 1):
-            raise SweepConfigError(
-                f"hydra.sweeper.max_failed_trials must be a positive integer or null, got {max_failed_trials!r}"
-            )
         self.study_name = study_name
         self.storage = storage
         self.n_trials = n_trials
         self.n_jobs = n_jobs
-        self.sampler_conf = _dataclass_from(SamplerConf, sampler, "hydra.sweeper.sampler")
-        self.pruner_conf = _dataclass_from(PrunerConf, pruner, "hydra.sweeper.pruner")
+        self.sampler, self.pruner = sampler, pruner  # checked by sweep (Hydra would wrap an error raised here)
         self.directions = directions
         self.params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else params
         self.constraints = list(constraints or [])
@@ -235,7 +228,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         try:
             return self._sweep(arguments)
-        except (SweepConfigError, SweepFailedError) as error:  # the message says it all
+        except (SweepConfigError, SweepFailedError, ConfigError) as error:  # the message says it all
             exit_with_message(log, error)
         except (KeyboardInterrupt, SystemExit) as stop:
             from arch_lab.interrupts import interrupt_exit_status, is_interrupt
@@ -247,8 +240,22 @@ class OptunaSweeper(Sweeper):
                       "same command", "SIGTERM" if status == 143 else "Ctrl-C")
             raise SystemExit(status) from None
 
+    def _check_settings(self) -> None:
+        """The sweeper's own keys, checked as the sweep starts: Hydra instantiates the sweeper with its
+        traceback-wrapped InstantiationError around anything the constructor raises."""
+        for key in ("n_trials", "n_jobs", "heartbeat_interval"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise SweepConfigError(f"hydra.sweeper.{key} must be a positive integer, got {value!r}")
+        failed = self.max_failed_trials
+        if failed is not None and (not isinstance(failed, int) or failed < 1):
+            raise SweepConfigError(f"hydra.sweeper.max_failed_trials must be a positive integer or null, got {failed!r}")
+        self.sampler_conf = _dataclass_from(SamplerConf, self.sampler, "hydra.sweeper.sampler")
+        self.pruner_conf = _dataclass_from(PrunerConf, self.pruner, "hydra.sweeper.pruner")
+
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        self._check_settings()
         space, fixed_arguments = self._search_space(arguments)
         self._check_composes(space, fixed_arguments)
         objectives = Objectives.parse(self.directions)
@@ -270,11 +277,16 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
+        tracking_uri = resolve_tracking_uri(self.tracking_uri, Path.cwd())
+        check_tracking_uri(tracking_uri, "hydra.sweeper.tracking_uri")  # before the study: a refusal leaves none
         storage_url = resolve_storage_url(self.storage, Path.cwd())
-        storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period,
-                               on_stale=lambda trial: self._stale.append(trial.number))
+        try:
+            storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period,
+                                   on_stale=lambda trial: self._stale.append(trial.number))
+        except (ImportError, sqlalchemy.exc.SQLAlchemyError) as error:  # no such dialect, no driver for it
+            raise SweepConfigError(f"hydra.sweeper.storage={redact_url(storage_url)}: {error}") from None
         study, created = self._open_study(storage, sampler, pruner, objectives, fixed_arguments)
-        tracker = SweepTracker(resolve_tracking_uri(self.tracking_uri, Path.cwd()))
+        tracker = SweepTracker(tracking_uri)
         parent_run_id = self._parent_run(study, created, tracker, storage_url, space, objectives, target)
         log.info(
             "study %s in %s: %s, directions %s, target %d trials, parent MLflow run %s",
@@ -361,9 +373,12 @@ class OptunaSweeper(Sweeper):
                 return study, False
             trials = study.get_trials(deepcopy=False)
             if not trials or any(t.state != TrialState.FAIL for t in trials):
+                # no trial yet: another worker may be starting it, or its sweep stopped before its first trial
+                unused = "" if trials else (f"; it has no trial yet: if no sweep runs it, delete it (optuna "
+                                            f"delete-study --study-name {self.study_name} --storage <its storage>)")
                 raise SweepConfigError(f"study '{self.study_name}' in its storage {mismatch}: resume it with the "
                                        "same overrides and directions, or start another study with "
-                                       "hydra.sweeper.study_name=<name>")
+                                       f"hydra.sweeper.study_name=<name>{unused}")
             log.warning("study '%s' in its storage %s, and holds no result (%d trial(s), all FAIL): it is started "
                         "again", self.study_name, mismatch, len(trials))
             attrs = study.user_attrs  # read now: a Study reads its attributes from the storage at every access
