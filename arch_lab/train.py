@@ -177,6 +177,9 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     if cfg.optim.warmup_steps > cfg.trainer.max_steps:  # a debug-sized run with the recipe's warmup, say
         log.warning("optim.warmup_steps=%d > trainer.max_steps=%d: the learning rate never reaches optim.lr=%g",
                     cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.lr)
+    if model_cfg.get("window") and model_cfg["window"] >= data_cfg["seq_len"]:  # the plan still says local(window)
+        log.warning("model.window=%d >= data.seq_len=%d: the local layers see every token of a training sequence, "
+                    "as the global ones do", model_cfg["window"], data_cfg["seq_len"])
     return _Prepared(data_cfg, model_cfg, tokenizer, passkey, datamodule, lit, trial)
 
 

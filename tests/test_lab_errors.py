@@ -206,6 +206,15 @@ def test_a_warmup_longer_than_the_run_is_pointed_out_once_the_run_passed_its_che
     assert warning not in proc.stdout
 
 
+def test_a_window_as_long_as_the_training_sequences_is_pointed_out(tmp_path):
+    proc = run_lab([*TINY, "model.window=32", "trainer.max_steps=1", "eval.decode.enabled=false",
+                    "eval.analysis.enabled=false"], tmp_path)
+    assert proc.stdout.count("model.window=32 >= data.seq_len=32: the local layers see every token of a training "
+                             "sequence, as the global ones do") == 1
+    assert "model.window=" not in run_lab([*TINY, "trainer.max_steps=1", "eval.decode.enabled=false",
+                                           "eval.analysis.enabled=false"], tmp_path / "default").stdout
+
+
 def test_unknown_commonsense_task_is_caught_before_training(outcomes):
     workdir, proc = _result(outcomes, "unknown_commonsense_task")
     assert _only_error(proc).startswith("eval.commonsense.tasks: unknown task(s) ['nope']; allowed: [")
