@@ -330,8 +330,8 @@ def test_a_plain_multirun_stopped_while_a_job_trains_exits_with_the_shells_code_
     assert [(run.info.run_id, run.info.status) for run in lab_runs(workdir)] == [(run_id, "KILLED")]  # job 1 never ran
     console = (workdir / "lab.log").read_text()
     assert "Traceback" not in console
-    assert re.search(rf"interrupted \({name}\): job 0: the MLflow run ended KILLED; resume with ckpt_path='.*last.ckpt'",
-                     console)
+    assert re.search(rf"interrupted \({name}\): job 0: the MLflow run ended KILLED; resume with "
+                     rf"ckpt_path='.*last.ckpt'", console)
 
 
 def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):

@@ -249,7 +249,8 @@ class OptunaSweeper(Sweeper):
                 raise SweepConfigError(f"hydra.sweeper.{key} must be a positive integer, got {value!r}")
         failed = self.max_failed_trials
         if failed is not None and (not isinstance(failed, int) or failed < 1):
-            raise SweepConfigError(f"hydra.sweeper.max_failed_trials must be a positive integer or null, got {failed!r}")
+            raise SweepConfigError(f"hydra.sweeper.max_failed_trials must be a positive integer or null, "
+                                   f"got {failed!r}")
         self.sampler_conf = _dataclass_from(SamplerConf, self.sampler, "hydra.sweeper.sampler")
         self.pruner_conf = _dataclass_from(PrunerConf, self.pruner, "hydra.sweeper.pruner")
 
