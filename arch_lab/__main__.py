@@ -37,8 +37,9 @@ def main(cfg: DictConfig):
         status = interrupt_exit_status(stop)
         outcome = "before the MLflow run opened" if isinstance(stop, InterruptedBeforeRun) else \
             f"the MLflow run ended KILLED{resume}"
-        job = f"job {HydraConfig.get().job.num}: " if HydraConfig.get().mode == RunMode.MULTIRUN else ""
-        log.error("interrupted (%s): %s%s", "SIGTERM" if status == 143 else "Ctrl-C", job, outcome)
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        job, rest = (f"job {HydraConfig.get().job.num}: ", "; the jobs after it do not run") if multirun else ("", "")
+        log.error("interrupted (%s): %s%s%s", "SIGTERM" if status == 143 else "Ctrl-C", job, outcome, rest)
         raise SystemExit(status) from None  # the shell's codes, no traceback; a multirun's later jobs do not run
     except (ConfigError, FloatingPointError) as error:  # a bad value's key, or a diverged loss's step, is the news
         if current_trial() is not None:

@@ -19,6 +19,7 @@ from components.config import ConfigError
 
 from .run_checks import changed_settings, refuse_changed_resume
 
+from .lit_module import STEP_BATCHES_KEY, step_batches
 from .optim import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,6 @@ def check_resumable(path: Optional[str], lit: L.LightningModule, datamodule: L.L
     wrote (read lazily), leaves something to train within the run's trainer.max_steps and trainer.max_time, and
     holds this run's model, optimizer and data settings (the checks that Lightning's restore repeats inside fit),
     and as many batches a step as `trainer` (the run's, as configured) takes."""
-    from .lit_module import STEP_BATCHES_KEY, step_batches
-
     if path is None:
         return
     ckpt = read_lab_checkpoint(path, "ckpt_path", mmap=True)

@@ -26,7 +26,7 @@ STEP_BATCHES_KEY = "batches_per_step"  # in a checkpoint: how many batches an op
 def step_batches(trainer: L.Trainer) -> dict[str, int]:
     """What decides the batches one optimizer step takes besides data.batch_size: a resumed sampler skips the
     batches of the steps done, counted with the resumed run's values (on_train_start)."""
-    return {"accumulate_grad_batches": trainer.accumulate_grad_batches, "world_size": trainer.world_size}
+    return {"accumulate_grad_batches": trainer.accumulate_grad_batches, "devices*num_nodes": trainer.world_size}
 
 
 class LitHybridLM(L.LightningModule):

@@ -30,13 +30,8 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
     passwords in URLs hidden."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     roots = _data_roots(resolved.get("data_root"))
-    return {key: _param_text(value, roots)[:_MAX_PARAM_LEN] for key, value in flatten(resolved).items()}
-
-
-def _param_text(value: Any, roots: list[str]) -> str:
-    if isinstance(value, list):  # each element made loggable: any of them may be a path
-        return str([_loggable(item, roots) if isinstance(item, str) else item for item in value])
-    return _loggable(str(value), roots)
+    return {key: (value if isinstance(value, str) else str(value))[:_MAX_PARAM_LEN]
+            for key, value in flatten(_path_free(resolved, roots)).items()}
 
 
 def loggable_config_yaml(cfg: DictConfig) -> str:
@@ -45,15 +40,16 @@ def loggable_config_yaml(cfg: DictConfig) -> str:
     import yaml
 
     roots = _data_roots(OmegaConf.select(cfg, "data_root"))
+    return yaml.safe_dump(_path_free(OmegaConf.to_container(cfg, resolve=False), roots), sort_keys=False)
 
-    def clean(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {key: clean(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [clean(value) for value in node]
-        return _loggable(node, roots) if isinstance(node, str) else node
 
-    return yaml.safe_dump(clean(OmegaConf.to_container(cfg, resolve=False)), sort_keys=False)
+def _path_free(node: Any, roots: list[str]) -> Any:
+    """`node` with every string in it, at any depth, made loggable (_loggable)."""
+    if isinstance(node, dict):
+        return {key: _path_free(value, roots) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_path_free(value, roots) for value in node]
+    return _loggable(node, roots) if isinstance(node, str) else node
 
 
 def _data_roots(root: Any) -> list[str]:
@@ -127,39 +123,41 @@ def existing_store(uri: str, flag: str) -> str:
     return uri
 
 
-def check_tracking_uri(uri: str, key: str, file_store_ok: bool = False) -> None:
+def check_tracking_uri(uri: str, key: str, file_store_ok: bool = False, probe_server: bool = True) -> None:
     """Refuse, in one line naming the setting (`key`, e.g. logger.tracking_uri or --tracking-uri), a tracking URI that
     MLflow would fail on only once a run opens, with a long traceback: a scheme it has no store for, a path or
     file: URI (MLflow refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true; readers may pass `file_store_ok`),
-    or a server that does not answer (MLflow retries for minutes before it gives up)."""
+    or a server whose host and port take no connection (MLflow retries for minutes before it gives up)."""
     from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.utils.uri import get_uri_scheme
 
     named = f"{key}={redact_url(uri)}"
-    scheme = uri.partition("://")[0] if "://" in uri else ""
+    known = sorted(s for s in _tracking_store_registry._registry if s)  # MLflow's stores by URI scheme
+    # as MLflow reads a URI: "databricks" alone names a store, postgresql+psycopg2:// is postgresql's
+    scheme = uri if uri in known else get_uri_scheme(uri)
     if scheme in ("", "file") and not (file_store_ok or MLFLOW_ALLOW_FILE_STORE.get()):
         local = uri if uri.endswith(".db") and scheme == "" else "mlruns.db"
         raise ConfigError(f"{named}: MLflow refuses file stores (a path or file: URI) unless MLFLOW_ALLOW_FILE_STORE="
                           f"true; use sqlite:///{local} for a local store, or http(s)://<host>:<port> for a server")
-    known = sorted(s for s in _tracking_store_registry._registry if s)  # MLflow's stores by URI scheme
     if scheme not in known + [""]:
         raise ConfigError(f"{named}: MLflow has no store for {scheme}:// URIs; allowed schemes: {', '.join(known)}")
-    if scheme in ("http", "https"):
-        _check_server_answers(uri, named)
+    if scheme in ("http", "https") and probe_server:
+        _check_server_listens(uri, named)
 
 
-def _check_server_answers(uri: str, named: str) -> None:
-    import urllib.error
-    import urllib.request
+def _check_server_listens(uri: str, named: str) -> None:
+    """A TCP connection to the server's host and port: its login, TLS and paths stay MLflow's business."""
+    import socket
+    from urllib.parse import urlsplit
 
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
-    except urllib.error.HTTPError:
-        return  # a server answered (one behind a login, say): MLflow's own calls will tell the rest
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise ConfigError(f"{named}: no server answers there ({reason}); start one (mlflow server --host 127.0.0.1 "
-                          f"--port <port>) or give another URI") from None
+        parts = urlsplit(uri)
+        address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        socket.create_connection(address, timeout=10).close()
+    except (OSError, ValueError) as error:  # refused, no such host, a timeout; a port that is no number
+        raise ConfigError(f"{named}: no server takes connections there ({error}); start one (mlflow server --host "
+                          f"127.0.0.1 --port <port>) or give another URI") from None
 
 
 def check_sqlite_store(uri: str, flag: str, empty_ok: bool = False) -> None:

@@ -146,7 +146,8 @@ def _prepare(cfg: DictConfig, out: Path) -> _Prepared:
     if cfg.get("gpu_only") and not torch.cuda.is_available():
         raise GPURequiredError(f"model={cfg.model.name} is GPU-only (experiment sets gpu_only=true) and no CUDA "
                                f"device is visible")
-    tracking.check_tracking_uri(cfg.logger.tracking_uri, "logger.tracking_uri")
+    tracking.check_tracking_uri(cfg.logger.tracking_uri, "logger.tracking_uri",  # the sweeper probed a trial's server
+                                probe_server=current_trial() is None and not _launched_worker())
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ModelConfig.from_dict(model_cfg).validate()

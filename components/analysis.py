@@ -67,8 +67,8 @@ def _real_query_rows(attn: Tensor, num_meta: int, name: str) -> tuple[Tensor, Te
 
 def layer_last_rows(branch_maps: list[Tensor]) -> Tensor:
     """A layer's heads as one map for the ERF: the last query row of each branch (attention heads, SSM heads)
-    averaged over its heads, then over the branches, as the hybrid mixer's fusion averages their outputs;
-    (b, 1, 1, keys)."""
+    averaged over its heads, then over the branches, each given equal weight as the mixer's mean fusion gives its
+    two outputs; (b, 1, 1, keys)."""
     rows = [m[:, :, -1:, :].float().mean(dim=1, keepdim=True) for m in branch_maps]
     return torch.stack(rows).mean(dim=0)
 

@@ -83,7 +83,7 @@ def lab_command(args: Sequence[str], workdir: Path, run_dir: Optional[Path] = No
     """`python -m arch_lab ARGS` plus the overrides that keep a run inside `workdir`, but for a key ARGS set."""
     keep_inside = {"data_root": DATA_ROOT, "logger.tracking_uri": tracking_uri(workdir),
                    "hydra.run.dir": run_dir or workdir / RUN_DIR_NAME, "trainer.enable_progress_bar": "false"}
-    given = {arg.split("=", 1)[0] for arg in args}
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in args}
     return [sys.executable, "-m", "arch_lab", *args, *(f"{k}={v}" for k, v in keep_inside.items() if k not in given)]
 
 

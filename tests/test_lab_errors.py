@@ -224,7 +224,7 @@ def test_unknown_commonsense_task_is_caught_before_training(outcomes):
 @pytest.mark.parametrize("case, message", [
     ("trainer_refused", "trainer: Lightning refuses these settings: You selected an invalid accelerator name: "
                         "`accelerator='tpuu'`. Available names are: "),
-    ("trainer_without_its_package", "trainer: Lightning refuses these settings: "),
+    ("trainer_without_its_package", "trainer: Lightning refuses these settings: Requirement 'torch_xla"),
     ("batch_too_large", "the training set (192 examples, set by data.train_examples) holds no full batch of "
                         "data.batch_size=100000 per device on 1 device(s): lower data.batch_size"),
     ("passkey_too_short", "eval.passkey.seq_len must be >= 104 to hold the needle, the question, the answer and "
@@ -243,15 +243,12 @@ def test_what_lightning_the_data_or_the_search_refuse_fails_before_the_run_opens
                                 "unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlruns.db for a local store, or "
                                 "http(s)://<host>:<port> for a server"),
     ("unknown_tracking_scheme", "logger.tracking_uri=bogus://x: MLflow has no store for bogus:// URIs; allowed "
-                                "schemes: databricks, databricks-uc, file, http, https, mssql, mysql, postgresql, "
-                                "sqlite, uc"),
-    ("unreachable_tracking_server", "logger.tracking_uri=http://127.0.0.1:1: no server answers there ([Errno 111] "
-                                    "Connection refused); start one (mlflow server --host 127.0.0.1 --port <port>) "
-                                    "or give another URI"),
+                                "schemes: databricks, "),
+    ("unreachable_tracking_server", "logger.tracking_uri=http://127.0.0.1:1: no server takes connections there ("),
 ])
 def test_a_tracking_uri_mlflow_cannot_use_is_refused_before_the_run(outcomes, case, message):
     workdir, proc = _result(outcomes, case)
-    assert _only_error(proc) == message
+    assert _only_error(proc).startswith(message)
     assert lab_runs(workdir) == [] and not (workdir / "mlruns").exists()
 
 
@@ -331,7 +328,7 @@ def test_a_plain_multirun_stopped_while_a_job_trains_exits_with_the_shells_code_
     console = (workdir / "lab.log").read_text()
     assert "Traceback" not in console
     assert re.search(rf"interrupted \({name}\): job 0: the MLflow run ended KILLED; resume with "
-                     rf"ckpt_path='.*last.ckpt'", console)
+                     rf"ckpt_path='.*last.ckpt'; the jobs after it do not run", console)
 
 
 def test_run_interrupted_in_evaluation_ends_killed_after_the_stage_and_keeps_what_it_measured(outcomes):

@@ -103,9 +103,17 @@ def test_resuming_with_other_model_optimizer_or_data_settings_is_refused(runs, t
                    check=False)
     assert error_messages(proc)[0].startswith("ckpt_path: this run changes trainer.accumulate_grad_batches=2 "
                                               "(checkpoint: 1); resume")
+    # or the devices: the checkpoint of a 2-device run, resumed on one
+    ckpt = torch.load(intermediate, weights_only=True)
+    assert ckpt["batches_per_step"] == {"accumulate_grad_batches": 1, "devices*num_nodes": 1}
+    ckpt["batches_per_step"]["devices*num_nodes"] = 2
+    torch.save(ckpt, tmp_path / "two_devices.ckpt")
+    proc = run_lab([*COMMON, f"ckpt_path={tmp_path / 'two_devices.ckpt'}"], tmp_path / "devices", check=False)
+    assert error_messages(proc)[0].startswith("ckpt_path: this run changes trainer.devices*num_nodes=1 (checkpoint: "
+                                              "2); resume")
     # refused before the MLflow run opens: no FAILED run left behind
     assert lab_runs(tmp_path) == lab_runs(tmp_path / "data") == lab_runs(tmp_path / "seed") == []
-    assert lab_runs(tmp_path / "accum") == []
+    assert lab_runs(tmp_path / "accum") == lab_runs(tmp_path / "devices") == []
 
 
 def test_a_saved_state_dict_is_not_a_checkpoint_to_resume(runs, tmp_path):

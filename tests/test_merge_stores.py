@@ -155,10 +155,11 @@ def test_existing_store_reads_sqlite_file_and_directory_uris(tmp_path, sources):
             assert existing_store(uri, "--from") == uri
     finally:
         server.shutdown()
+        server.server_close()
     for uri in (f"sqlite:///{tmp_path / 'c.db'}", f"file://{tmp_path / 'runs'}", str(tmp_path / "runs")):
         with pytest.raises(SystemExit, match="no MLflow store there"):
             existing_store(uri, "--from")
-    for uri, message in (("http://127.0.0.1:1", r"^--from=http://127.0.0.1:1: no server answers there \("),
+    for uri, message in (("http://127.0.0.1:1", r"^--from=http://127.0.0.1:1: no server takes connections there \("),
                          ("bogus://x", r"^--from=bogus://x: MLflow has no store for bogus:// URIs; allowed schemes")):
         with pytest.raises(SystemExit, match=message):
             existing_store(uri, "--from")

@@ -351,8 +351,7 @@ def test_a_config_that_drops_an_objective_stops_the_sweep_after_one_trial(workdi
     ("hydra.sweeper.n_trials=0", "] hydra.sweeper.n_trials must be a positive integer, got 0\n"),
     # a study made before the tracking store was refused would hold the bad URI among its fixed overrides
     ("hydra.sweeper.tracking_uri=mlruns.db", "hydra.sweeper.tracking_uri=mlruns.db: MLflow refuses file stores"),
-    ("hydra.sweeper.storage=bogus://x",
-     "hydra.sweeper.storage=bogus://x: Can't load plugin: sqlalchemy.dialects:bogus"),
+    ("hydra.sweeper.storage=bogus://x", "hydra.sweeper.storage=bogus://x: "),  # then SQLAlchemy's words
 ])
 def test_malformed_sweeper_settings_name_the_key_before_any_study(workdir: Path, override: str, message: str) -> None:
     result = run_app(workdir, "hparams_search=single", override)

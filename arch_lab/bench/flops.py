@@ -15,8 +15,9 @@ model does, like padding, and are not credited):
   Hoffmann et al. 2022 (Chinchilla, App. F).
 - Attention scores and values: a query against ctx_eff keys costs 2 * qk_dim (QK^T) + 2 * v_dim (AV) FLOPs per
   head; forward, times 3 for forward + backward. KV-consumer layers compute attention too, so they count.
-  ctx_eff = L/2 for full causal attention (the average causal prefix) or min(window, L/2) for a sliding
-  window, plus the meta tokens, which every query sees.
+  ctx_eff = the mean over queries i = 1..L of the keys each sees, itself included: min(i, window), which is
+  (L + 1) / 2 for full causal attention and w - w(w - 1) / (2L) for a window w < L; plus the meta tokens, which
+  every query sees.
 - SSM scan: c_scan * d_inner * d_state per token forward, times 3. Mamba-1: c_scan = 9 (the selective scan's
   9·B·L·D·N count in Gu & Dao 2023, §3.3: discretize with exp, update, read out). Mamba-2: c_scan = 6 (the decay
   is one scalar per head, so only the x·B outer product, the decay-and-add and the C readout, 2 each, remain).

@@ -284,7 +284,8 @@ class OptunaSweeper(Sweeper):
         try:
             storage = open_storage(storage_url, self.heartbeat_interval, self.grace_period,
                                    on_stale=lambda trial: self._stale.append(trial.number))
-        except (ImportError, sqlalchemy.exc.SQLAlchemyError) as error:  # no such dialect, no driver for it
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as error:  # no such
+            # dialect, no driver for it, no URL
             raise SweepConfigError(f"hydra.sweeper.storage={redact_url(storage_url)}: {error}") from None
         study, created = self._open_study(storage, sampler, pruner, objectives, fixed_arguments)
         tracker = SweepTracker(tracking_uri)
@@ -721,8 +722,9 @@ class _AskTellGridSampler(GridSampler):
 def _outcome(
     trial: optuna.Trial, result: JobReturn, objectives: Objectives
 ) -> tuple[TrialState, Optional[list[float]], Optional[str]]:
+    # JobReturn's field (Hydra 1.3): its return_value property writes "Error executing job" before it raises
     if result.status == JobStatus.FAILED and isinstance(result._return_value, optuna.TrialPruned):
-        return TrialState.PRUNED, None, None  # a normal early stop: Hydra's return_value says "Error executing job"
+        return TrialState.PRUNED, None, None  # a normal early stop
     try:
         returned = result.return_value
     except Exception as error:
