@@ -17,10 +17,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from components.config import ConfigError
 
-from .run_checks import changed_settings, refuse_changed_resume
-
 from .lit_module import STEP_BATCHES_KEY, step_batches
 from .optim import lr_multiplier
+from .run_checks import changed_settings, refuse_changed_resume
 
 log = logging.getLogger(__name__)
 

@@ -115,8 +115,9 @@ def _probe_trainer(cfg: DictConfig, out: Path):
     try:
         trainer_cfg = _trainer_kwargs(cfg)
         return _new_trainer(trainer_cfg, out, False, [_step_checkpoint(trainer_cfg, out)])
-    except (MisconfigurationException, TypeError, ValueError, RuntimeError, ImportError) as error:  # ImportError: an
-        raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from None  # accelerator's package
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError, ImportError) as error:
+        # ImportError: an accelerator without its package (tpu without torch_xla)
+        raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from None
     finally:
         device_report.disabled = False
 
