@@ -16,7 +16,7 @@ from components.ops.selective_scan import DEFAULT_SCAN_KERNEL
 
 from .optim import build_optimizer
 from .run_checks import changed_settings, refuse_changed_resume
-from .tracking import RESUMED_FROM_TAG
+from .tracking import RESUMED_FROM_TAG, end_if_its_process_died
 
 log = logging.getLogger(__name__)
 RUN_ID_KEY = "mlflow_run_id"  # in a checkpoint: the MLflow run that wrote it
@@ -132,7 +132,11 @@ class LitHybridLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resumable(checkpoint)
         if RUN_ID_KEY in checkpoint and isinstance(self.logger, MLFlowLogger):
-            self.logger.experiment.set_tag(self.logger.run_id, RESUMED_FROM_TAG, checkpoint[RUN_ID_KEY])
+            origin, client = checkpoint[RUN_ID_KEY], self.logger.experiment
+            client.set_tag(self.logger.run_id, RESUMED_FROM_TAG, origin)
+            if end_if_its_process_died(client, origin, self.logger.run_id):
+                log.warning("run %s, whose checkpoint this run resumes, was still RUNNING though its process is "
+                            "gone (killed): it is marked KILLED", origin)
         # Checkpoints written before compile=true compiled in place hold a second copy of every weight under
         # "_forward."; drop it so that those runs still resume.
         state = checkpoint["state_dict"]

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from components.config import ConfigError
 
 RESUMED_FROM_TAG = "resumed_from_run"  # a resumed run's tag: the id of the run whose checkpoint it resumed
+PROCESS_TAG = "process"  # a run's tag: <host>:<pid> of the process that trains it
 _MAX_PARAM_LEN = 500  # MLflow's limit on a param value is larger; long lists are truncated for readability
 
 
@@ -177,6 +178,36 @@ def check_sqlite_store(uri: str, flag: str, empty_ok: bool = False) -> None:
     if "experiments" not in tables and (tables or not empty_ok):
         held = f"its tables: {', '.join(sorted(tables))}" if tables else "an empty database"
         raise SystemExit(f"{flag} {uri}: {path} is not an MLflow SQLite store ({held})")
+
+
+def this_process() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def end_if_its_process_died(client: Any, run_id: str, resumed_by: str) -> bool:
+    """Mark KILLED a run that is still RUNNING although its process, on this host, is gone: a SIGKILL (or a lost
+    machine) ends a process without a word to MLflow. Only a resume, which knows the run it continues, finds out.
+    A run of another host or store, or whose process id is alive (perhaps reused), is left as it is."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # the checkpoint's run is in another store
+        return False
+    host, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
+    if run.info.status != "RUNNING" or host != this_process().rpartition(":")[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        return False
+    except PermissionError:  # it exists, under another user
+        return False
+    except ProcessLookupError:
+        client.set_terminated(run_id, "KILLED")
+        client.set_tag(run_id, "ended_by", f"its process was gone when run {resumed_by} resumed it")
+        return True
 
 
 def git_commit() -> str:

@@ -236,6 +236,7 @@ def train(cfg: DictConfig, output_dir: Optional[str] = None) -> dict[str, float]
     tokenizer, trial, model = prepared.tokenizer, prepared.trial, prepared.lit.model
     tags = {"model": cfg.model.name, "data": cfg.data.kind, "data_config": _data_config_name(cfg),
             "seed": str(cfg.seed), "git_commit": tracking.git_commit(),
+            tracking.PROCESS_TAG: tracking.this_process(),  # a resume marks the run KILLED if this process is gone
             "backend": cfg.backend,  # the choice; the `backends` tag says which kernels could run here
             **{str(k): str(v) for k, v in (cfg.tags or {}).items()}}
     worker = _launched_worker()

@@ -15,7 +15,8 @@ from typing import Optional
 import pytest
 import torch
 
-from lab_helpers import RUN_DIR_NAME, error_messages, lab_runs, last_logged, metric_history, only_run, run_lab
+from lab_helpers import (RUN_DIR_NAME, client, error_messages, lab_runs, last_logged, metric_history, only_run, run_lab,
+                         start_lab)
 
 N_STEPS, EVERY = 8, 4
 COMMON = [f"trainer.max_steps={N_STEPS}", f"trainer.val_check_interval={EVERY}", "trainer.log_every_n_steps=1",
@@ -288,3 +289,38 @@ def test_resuming_a_checkpoint_at_max_steps_is_refused(runs, tmp_path):
     assert error_messages(proc) == [f"ckpt_path: the checkpoint is at step {EVERY} and trainer.max_steps={EVERY}: "
                                     f"nothing is left to train; raise trainer.max_steps to train on"]
     assert lab_runs(tmp_path) == []
+
+
+def test_a_resume_marks_killed_the_run_whose_process_was_killed(tmp_path):
+    """SIGKILL ends a run's process without a word to MLflow, which keeps the run RUNNING; a resume of its checkpoint
+    finds the process gone and marks the run KILLED."""
+    import signal
+    import time
+
+    killed = tmp_path / "killed"
+    proc = start_lab([*COMMON, "trainer.max_steps=100000", "trainer.val_check_interval=2"], killed)
+    last = _checkpoints(killed) / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, (killed / "lab.log").read_text()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (origin,) = lab_runs(killed)
+    assert origin.info.status == "RUNNING"  # what MLflow keeps after a SIGKILL
+    step = torch.load(last, weights_only=True)["global_step"]
+    resumed = tmp_path / "resumed"
+    proc = run_lab([*COMMON, f"trainer.max_steps={step + 2}", f"ckpt_path='{last}'",
+                    f"logger.tracking_uri=sqlite:///{killed / 'mlruns.db'}"], resumed)
+    assert f"run {origin.info.run_id}, whose checkpoint this run resumes, was still RUNNING though its process is " \
+           "gone (killed): it is marked KILLED" in proc.stdout
+    runs = {run.info.run_id: run for run in lab_runs(killed)}
+    assert runs[origin.info.run_id].info.status == "KILLED"
+    (new,) = [run for run_id, run in runs.items() if run_id != origin.info.run_id]
+    assert new.info.status == "FINISHED" and new.data.tags["resumed_from_run"] == origin.info.run_id
+    assert runs[origin.info.run_id].data.tags["ended_by"] == \
+        f"its process was gone when run {new.info.run_id} resumed it"
+    # a finished origin is left as it is
+    proc = run_lab([*COMMON, f"trainer.max_steps={step + 2}", f"ckpt_path='{last}'",
+                    f"logger.tracking_uri=sqlite:///{killed / 'mlruns.db'}"], tmp_path / "again")
+    assert "was still RUNNING" not in proc.stdout
