@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -181,8 +182,6 @@ def check_sqlite_store(uri: str, flag: str, empty_ok: bool = False) -> None:
 
 
 def this_process() -> str:
-    import socket
-
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -197,7 +196,7 @@ def end_if_its_process_died(client: Any, run_id: str, resumed_by: str) -> bool:
     except MlflowException:  # the checkpoint's run is in another store
         return False
     host, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
-    if run.info.status != "RUNNING" or host != this_process().rpartition(":")[0] or not pid.isdigit():
+    if run.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
